@@ -1,0 +1,43 @@
+"""The `grip` command line.
+
+One subcommand per stage. Each lives in its own module under `train/` exposing
+`main(argv: list[str]) -> int`; the table below maps the name to that module and a
+one-line help. Modules are imported only when their subcommand runs, so `grip --help`
+stays instant even though the stages pull in torch, faiss and transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module with `main(argv) -> int`, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "env": ("train.cmd_env", "print versions and which optional GPU paths (faiss-gpu, megablocks) work"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    width = max(len(n) for n in COMMANDS)
+    listing = "\n".join(f"  {n:<{width}}  {h}" for n, (_, h) in COMMANDS.items())
+    p = argparse.ArgumentParser(
+        prog="grip",
+        description="GRIP closed-loop data sampler for LLM pretraining.",
+        epilog=f"commands:\n{listing}\n\nRun `grip COMMAND --help` for the options of one command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND", help="one of the commands below")
+    p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ns = _parser().parse_args(argv[:1] if argv and not argv[0].startswith("-") else argv)
+    module = importlib.import_module(COMMANDS[ns.command][0])
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
