@@ -1,0 +1,147 @@
+"""`manifest.json`: the index of a prepared corpus, written last by `grip prepare`.
+
+The manifest is the only file training reads to learn what exists: per-cluster sizes,
+geometry (sigma_k), static quality (Q_k), probe documents and the shard lists of each
+selection order. It is written to `manifest.json.tmp` and renamed, so its presence means
+every shard it lists was finished. `load_manifest` checks it before training starts and
+raises `ManifestError` naming the file and the fix, instead of failing mid-run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+class ManifestError(ValueError):
+    """A prepared corpus is missing, stale or inconsistent. The message names the file and the fix."""
+
+
+@dataclass
+class ShardInfo:
+    path: str  # relative to the prepared directory
+    n_docs: int
+    n_tokens: int
+
+
+@dataclass
+class ClusterInfo:
+    id: int
+    n_docs: int
+    n_tokens: int
+    mean_length: float
+    sigma: float
+    quality: float  # Q_k on [0, 1]: mean rubric score / 10
+    quality_scores: dict[str, float] = field(default_factory=dict)  # per rubric dimension, 0-10
+    probe_ids: list[str] = field(default_factory=list)
+    probe_shards: list[ShardInfo] = field(default_factory=list)
+    shards: dict[str, list[ShardInfo]] = field(default_factory=dict)  # order name -> shards
+    examples: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Manifest:
+    schema_version: int
+    corpus_fingerprint: str
+    tokenizer: dict  # path, vocab_size, eos_id, token_dtype, sha256
+    encoder: dict  # name, dim, max_tokens, pooling
+    k: int
+    seed: int
+    orders: list[str]
+    clusters: list[ClusterInfo]
+    config: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def sizes(self) -> list[int]:
+        return [c.n_docs for c in self.clusters]
+
+    @property
+    def n_docs(self) -> int:
+        return sum(self.sizes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, *, source: str = "manifest") -> Manifest:
+        try:
+            clusters = [
+                ClusterInfo(
+                    **{
+                        **c,
+                        "probe_shards": [ShardInfo(**s) for s in c.get("probe_shards", [])],
+                        "shards": {o: [ShardInfo(**s) for s in ss] for o, ss in c.get("shards", {}).items()},
+                    }
+                )
+                for c in d["clusters"]
+            ]
+            return cls(**{**d, "clusters": clusters})
+        except (KeyError, TypeError) as exc:
+            raise ManifestError(
+                f"{source}: malformed manifest ({type(exc).__name__}: {exc}); re-run `grip prepare`"
+            ) from None
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write `<directory>/manifest.json` atomically (temp file, fsync, rename)."""
+        final = Path(directory) / MANIFEST_NAME
+        tmp = final.with_name(MANIFEST_NAME + ".tmp")
+        with open(tmp, "w") as fh:
+            json.dump(self.to_dict(), fh, indent=2, sort_keys=False)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        return final
+
+
+def load_manifest(directory: str | os.PathLike, *, check_files: bool = True) -> Manifest:
+    """Read and validate `<directory>/manifest.json`.
+
+    Checks the schema version, that cluster ids are 0..K-1, that each order's shard
+    counts add up to the cluster's N_k, and (with `check_files`) that every listed shard
+    exists. Any failure raises ManifestError naming the file and saying to re-run prepare.
+    """
+    directory = Path(directory)
+    path = directory / MANIFEST_NAME
+    fix = f"re-run `grip prepare --out {directory}`"
+    if not path.is_file():
+        partial = (
+            " (a manifest.json.tmp exists: the run was interrupted)"
+            if path.with_suffix(".json.tmp").exists()
+            else ""
+        )
+        raise ManifestError(f"{path}: not found{partial}; {fix}")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{path}: unreadable JSON ({exc}); {fix}") from None
+    version = raw.get("schema_version") if isinstance(raw, dict) else None
+    if version != SCHEMA_VERSION:
+        raise ManifestError(
+            f"{path}: schema version {version!r}, this grip-loop reads version {SCHEMA_VERSION}; {fix}"
+        )
+    m = Manifest.from_dict(raw, source=str(path))
+    if m.k != len(m.clusters) or [c.id for c in m.clusters] != list(range(m.k)):
+        raise ManifestError(f"{path}: k={m.k} but clusters are {[c.id for c in m.clusters]}; {fix}")
+    for c in m.clusters:
+        for order in m.orders:
+            shards = c.shards.get(order)
+            if shards is None:
+                raise ManifestError(f"{path}: cluster {c.id} has no shards for order {order!r}; {fix}")
+            n = sum(s.n_docs for s in shards)
+            if n != c.n_docs:
+                raise ManifestError(
+                    f"{path}: cluster {c.id} order {order!r} lists {n} documents in its shards "
+                    f"but n_docs={c.n_docs}; {fix}"
+                )
+        if check_files:
+            for s in [s for ss in c.shards.values() for s in ss] + list(c.probe_shards):
+                if not (directory / s.path).is_file():
+                    raise ManifestError(f"{directory / s.path}: shard listed in {path} is missing; {fix}")
+    return m

@@ -1,0 +1,182 @@
+"""Per-cluster WebDataset shards: the on-disk form of a prepared corpus.
+
+One sample per document, grouped by its `__key__` (the document's index in the corpus,
+zero-padded, so keys sort and never collide):
+
+    <key>.ids    token ids, raw little-endian bytes of the manifest's `token_dtype`
+                 (uint16 when the vocabulary fits, else uint32: 2 or 4 bytes a token,
+                 against ~8 for .npy int64 or ~4 per digit in JSON)
+    <key>.txt    the document text, UTF-8 (kept for inspection, judges and debugging)
+    <key>.json   metadata: doc_id, length, lang, path, cluster, position
+
+These are plain tar files that `webdataset` (and `tar`) read as they are. Shards are
+written to `<name>.tar.tmp` and renamed when complete, so an interrupted writer never
+leaves a file that looks like a finished shard.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from grip_loop.manifest import ManifestError, ShardInfo
+
+TOKEN_DTYPES = ("uint16", "uint32")
+
+
+def token_dtype_for(vocab_size: int) -> str:
+    """The narrowest dtype that holds every token id of a `vocab_size` vocabulary."""
+    if vocab_size <= 0:
+        raise ValueError(f"vocab_size: must be > 0, got {vocab_size}")
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+@dataclass
+class Doc:
+    """One document read back from a shard."""
+
+    key: str
+    tokens: np.ndarray
+    text: str
+    meta: dict = field(default_factory=dict)
+
+
+def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    info.mode = 0o444
+    tar.addfile(info, io.BytesIO(payload))
+
+
+class ShardWriter:
+    """Writes documents into `<directory>/<prefix>-NNNNNN.tar`, rolling over by count or size.
+
+    Use as a context manager; `close()` returns one `ShardInfo` per finished shard, with
+    `path` relative to `directory` (callers re-base it onto the prepared output root).
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        token_dtype: str = "uint16",
+        prefix: str = "shard",
+        max_docs: int = 10_000,
+        max_bytes: int = 256 << 20,
+    ) -> None:
+        if token_dtype not in TOKEN_DTYPES:
+            raise ValueError(f"token_dtype: must be one of {TOKEN_DTYPES}, got {token_dtype!r}")
+        if max_docs < 1 or max_bytes < 1:
+            raise ValueError("max_docs and max_bytes must be >= 1")
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.dtype = np.dtype(token_dtype).newbyteorder("<")
+        self.prefix, self.max_docs, self.max_bytes = prefix, max_docs, max_bytes
+        self.finished: list[ShardInfo] = []
+        self._tar: tarfile.TarFile | None = None
+        self._tmp: Path | None = None
+        self._docs = self._tokens = self._bytes = 0
+
+    def _open(self) -> None:
+        name = f"{self.prefix}-{len(self.finished):06d}.tar"
+        self._tmp = self.directory / (name + ".tmp")
+        self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
+        self._docs = self._tokens = self._bytes = 0
+
+    def _finish(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        final = self._tmp.with_suffix("")  # drop ".tmp"
+        os.replace(self._tmp, final)
+        self.finished.append(ShardInfo(path=final.name, n_docs=self._docs, n_tokens=self._tokens))
+        self._tar = self._tmp = None
+
+    def write(self, key: str, tokens: np.ndarray, text: str, meta: dict) -> None:
+        if not key or "." in key or "/" in key:
+            raise ValueError(f"key: must be non-empty without '.' or '/', got {key!r}")
+        tokens = np.asarray(tokens)
+        if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(self.dtype).max):
+            raise ValueError(f"tokens: ids out of range for {self.dtype.name}")
+        if self._tar is None:
+            self._open()
+        ids = tokens.astype(self.dtype, copy=False).tobytes()
+        txt = text.encode("utf-8")
+        js = json.dumps(meta, sort_keys=True).encode("utf-8")
+        _add(self._tar, f"{key}.ids", ids)
+        _add(self._tar, f"{key}.txt", txt)
+        _add(self._tar, f"{key}.json", js)
+        self._docs += 1
+        self._tokens += int(tokens.size)
+        self._bytes += len(ids) + len(txt) + len(js) + 3 * 512
+        if self._docs >= self.max_docs or self._bytes >= self.max_bytes:
+            self._finish()
+
+    def close(self) -> list[ShardInfo]:
+        self._finish()
+        return list(self.finished)
+
+    def abort(self) -> None:
+        """Drop the shard being written (its temp file) without publishing it."""
+        if self._tar is not None:
+            self._tar.close()
+            self._tmp.unlink(missing_ok=True)
+            self._tar = self._tmp = None
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def iter_shard(path: str | os.PathLike, token_dtype: str, *, with_text: bool = True) -> Iterator[Doc]:
+    """Stream the documents of one shard in stored order.
+
+    Reads the tar sequentially (mode "r|", no seeking), as WebDataset does. A truncated or
+    corrupt shard raises ManifestError naming the file. `with_text=False` skips decoding
+    the text (the training hot path only needs token ids).
+    """
+    path = Path(path)
+    dtype = np.dtype(token_dtype).newbyteorder("<")
+    try:
+        with open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
+            cur: str | None = None
+            parts: dict[str, bytes] = {}
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.rpartition("/")[2].partition(".")
+                if cur is not None and key != cur:
+                    yield _doc(cur, parts, dtype, with_text, path)
+                    parts = {}
+                cur = key
+                if ext == "txt" and not with_text:
+                    tar.members = []  # streaming mode: keep no member list
+                    continue
+                parts[ext] = tar.extractfile(member).read()
+                tar.members = []
+            if cur is not None:
+                yield _doc(cur, parts, dtype, with_text, path)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise ManifestError(
+            f"{path}: unreadable shard ({type(exc).__name__}: {exc}); re-run `grip prepare` to rebuild it"
+        ) from exc
+
+
+def _doc(key: str, parts: dict[str, bytes], dtype: np.dtype, with_text: bool, path: Path) -> Doc:
+    if "ids" not in parts or "json" not in parts:
+        raise ManifestError(f"{path}: sample {key!r} lacks .ids or .json; re-run `grip prepare`")
+    tokens = np.frombuffer(parts["ids"], dtype=dtype)
+    text = parts["txt"].decode("utf-8") if with_text and "txt" in parts else ""
+    return Doc(key=key, tokens=tokens, text=text, meta=json.loads(parts["json"]))

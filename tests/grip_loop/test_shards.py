@@ -1,0 +1,145 @@
+"""Shard format and manifest: round trips, atomic writes, and errors that name the file."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from grip_loop.manifest import (
+    SCHEMA_VERSION,
+    ClusterInfo,
+    Manifest,
+    ManifestError,
+    ShardInfo,
+    load_manifest,
+)
+from grip_loop.shards import ShardWriter, iter_shard, token_dtype_for
+
+
+def _write(tmp_path, docs, **kw):
+    with ShardWriter(tmp_path / "s", **kw) as w:
+        for i, toks in enumerate(docs):
+            w.write(f"{i:09d}", toks, f"doc {i} ü", {"doc_id": str(i), "length": len(toks)})
+    return w.finished
+
+
+@pytest.mark.parametrize("dtype,vocab", [("uint16", 65536), ("uint32", 200_000)])
+def test_round_trip_preserves_tokens_text_meta_and_order(tmp_path, dtype, vocab):
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, vocab, size=rng.integers(0, 50)) for _ in range(23)]
+    infos = _write(tmp_path, docs, token_dtype=dtype, max_docs=5)
+    assert [s.n_docs for s in infos] == [5, 5, 5, 5, 3]
+    assert sum(s.n_tokens for s in infos) == sum(len(d) for d in docs)
+    got = [d for s in infos for d in iter_shard(tmp_path / "s" / s.path, dtype)]
+    assert [d.key for d in got] == [f"{i:09d}" for i in range(23)]
+    for i, d in enumerate(got):
+        np.testing.assert_array_equal(d.tokens, docs[i])
+        assert d.text == f"doc {i} ü" and d.meta == {"doc_id": str(i), "length": len(docs[i])}
+
+
+def test_with_text_false_skips_text_only(tmp_path):
+    infos = _write(tmp_path, [np.arange(4), np.arange(2)])
+    docs = list(iter_shard(tmp_path / "s" / infos[0].path, "uint16", with_text=False))
+    assert [d.text for d in docs] == ["", ""] and [len(d.tokens) for d in docs] == [4, 2]
+
+
+def test_shards_are_readable_by_webdataset(tmp_path):
+    wds = pytest.importorskip("webdataset")
+    infos = _write(tmp_path, [np.arange(3, dtype=np.int64)] * 4)
+    samples = list(wds.WebDataset(str(tmp_path / "s" / infos[0].path), shardshuffle=False))
+    assert len(samples) == 4
+    assert np.frombuffer(samples[0]["ids"], dtype="<u2").tolist() == [0, 1, 2]
+
+
+def test_interrupted_writer_leaves_no_finished_shard(tmp_path):
+    with pytest.raises(RuntimeError):
+        with ShardWriter(tmp_path / "s") as w:
+            w.write("000000000", np.arange(3), "x", {})
+            raise RuntimeError("killed")
+    assert list((tmp_path / "s").iterdir()) == []
+
+
+def test_truncated_shard_error_names_file(tmp_path):
+    infos = _write(tmp_path, [np.arange(1000)] * 10)
+    path = tmp_path / "s" / infos[0].path
+    path.write_bytes(path.read_bytes()[:3000])
+    with pytest.raises(ManifestError, match=str(path.name)):
+        list(iter_shard(path, "uint16"))
+
+
+def test_token_dtype_for_and_range_checks(tmp_path):
+    assert token_dtype_for(50_000) == "uint16" and token_dtype_for(65_536) == "uint16"
+    assert token_dtype_for(65_537) == "uint32"
+    with pytest.raises(ValueError, match="tokens"):
+        with ShardWriter(tmp_path / "s", token_dtype="uint16") as w:
+            w.write("000000000", np.array([70_000]), "", {})
+    with pytest.raises(ValueError, match="key"):
+        ShardWriter(tmp_path / "t").write("a.b", np.arange(2), "", {})
+
+
+def _manifest(tmp_path, n=(3, 2)):
+    clusters = []
+    for k, nk in enumerate(n):
+        infos = _write(tmp_path / f"c{k}", [np.arange(4)] * nk)
+        shards = [ShardInfo(f"c{k}/s/{s.path}", s.n_docs, s.n_tokens) for s in infos]
+        clusters.append(
+            ClusterInfo(
+                id=k,
+                n_docs=nk,
+                n_tokens=4 * nk,
+                mean_length=4.0,
+                sigma=0.1,
+                quality=0.5,
+                shards={"grip": shards},
+            )
+        )
+    return Manifest(
+        schema_version=SCHEMA_VERSION,
+        corpus_fingerprint="abc",
+        tokenizer={"vocab_size": 16, "eos_id": 0, "token_dtype": "uint16"},
+        encoder={"name": "x"},
+        k=len(n),
+        seed=0,
+        orders=["grip"],
+        clusters=clusters,
+    )
+
+
+def test_manifest_round_trip_is_atomic_and_validated(tmp_path):
+    m = _manifest(tmp_path)
+    m.save(tmp_path)
+    assert not (tmp_path / "manifest.json.tmp").exists()
+    back = load_manifest(tmp_path)
+    assert back == m and back.sizes == [3, 2] and back.n_docs == 5
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda d: d.update(schema_version=0), "schema version"),
+        (lambda d: d["clusters"][0].update(n_docs=7), "lists 3 documents"),
+        (lambda d: d.update(k=5), "k=5"),
+        (lambda d: d["clusters"][1].pop("sigma"), "malformed"),
+    ],
+)
+def test_hand_edited_manifest_is_rejected_with_file_and_fix(tmp_path, edit, match):
+    _manifest(tmp_path).save(tmp_path)
+    raw = json.loads((tmp_path / "manifest.json").read_text())
+    edit(raw)
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match=match) as err:
+        load_manifest(tmp_path)
+    assert "manifest.json" in str(err.value) and "grip prepare" in str(err.value)
+
+
+def test_missing_shard_and_missing_manifest(tmp_path):
+    m = _manifest(tmp_path)
+    m.save(tmp_path)
+    (tmp_path / m.clusters[1].shards["grip"][0].path).unlink()
+    with pytest.raises(ManifestError, match="missing"):
+        load_manifest(tmp_path)
+    load_manifest(tmp_path, check_files=False)
+    with pytest.raises(ManifestError, match="not found"):
+        load_manifest(tmp_path / "nowhere")
