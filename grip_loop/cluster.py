@@ -26,6 +26,7 @@ def spherical_kmeans(
     *,
     seed: int = 0,
     niter: int = 25,
+    nredo: int = 1,
     sample_size: int | None = 200_000,
     use_gpu: bool | None = None,
     verbose: bool = False,
@@ -47,6 +48,7 @@ def spherical_kmeans(
         x.shape[1],
         k,
         niter=niter,
+        nredo=nredo,  # restarts from other random inits; the best objective wins
         seed=int(seed) & 0x7FFFFFFF,
         spherical=True,
         gpu=bool(gpu),

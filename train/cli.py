@@ -15,6 +15,14 @@ import sys
 # name -> (module with `main(argv) -> int`, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "env": ("train.cmd_env", "print versions and which optional GPU paths (faiss-gpu, megablocks) work"),
+    "prepare": (
+        "train.cmd_prepare",
+        "corpus -> tokenizer, embeddings, clusters, probe, quality, ordered shards",
+    ),
+    "inspect": (
+        "train.cmd_inspect",
+        "print a prepared corpus's manifest as a table and plot the length pathology",
+    ),
 }
 
 

@@ -1,0 +1,90 @@
+"""`grip inspect DIR`: the manifest as a table, and a PNG of the length pathology (paper Fig. 2)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+
+def table(manifest, top: int = 3) -> str:
+    """One row per cluster: size, tokens, sigma, Q, mean length, first documents of the first order."""
+    rows = [
+        f"{'k':>4} {'N_k':>8} {'tokens':>10} {'sigma':>6} {'Q':>5} {'mean_len':>9} {'probe':>5}  examples"
+    ]
+    for c in manifest.clusters:
+        rows.append(
+            f"{c.id:>4} {c.n_docs:>8} {c.n_tokens:>10} {c.sigma:>6.3f} {c.quality:>5.2f} "
+            f"{c.mean_length:>9.1f} {len(c.probe_ids):>5}  {', '.join(c.examples[:top])}"
+        )
+    s = manifest.stats
+    rows.append(
+        f"total {manifest.n_docs} documents, {s.get('n_tokens', '?')} tokens, K={manifest.k}, "
+        f"orders {manifest.orders}, encoder {manifest.encoder.get('name')}, "
+        f"tokenizer vocab {manifest.tokenizer.get('vocab_size')}"
+    )
+    return "\n".join(rows)
+
+
+def plot_pathology(directory: Path, png: Path, bins: int = 12) -> Path:
+    """Scatter of mean kNN distance (normalised by its median) against token length, log x, with binned medians."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = np.load(directory / "stats" / "length_knn.npz")
+    length = np.maximum(d["length"], 1)
+    dist = d["knn_distance"] / max(float(np.median(d["knn_distance"])), 1e-12)
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    ax[0].scatter(length, dist, s=6, alpha=0.4)
+    edges = np.unique(np.geomspace(length.min(), length.max() + 1, bins + 1))
+    which = np.digitize(length, edges) - 1
+    mids = [
+        (np.sqrt(edges[b] * edges[b + 1]), np.median(dist[which == b]))
+        for b in range(len(edges) - 1)
+        if (which == b).any()
+    ]
+    if mids:
+        ax[0].plot(*zip(*mids, strict=True), color="C3", marker="o", label="binned median")
+        ax[0].legend()
+    ax[0].set(
+        xscale="log",
+        xlabel="length l(x) (tokens)",
+        ylabel="kNN distance / median",
+        title="length vs kNN distance",
+    )
+    ax[1].hist(length, bins=np.geomspace(length.min(), length.max() + 1, 30))
+    ax[1].set(
+        xscale="log",
+        yscale="log",
+        xlabel="length l(x) (tokens)",
+        ylabel="documents",
+        title="length distribution",
+    )
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="grip inspect", description=__doc__)
+    p.add_argument("dir", help="a prepared corpus (the --out of grip prepare)")
+    p.add_argument(
+        "--png",
+        default=None,
+        help="where to write the length-pathology plot (default: DIR/length_pathology.png)",
+    )
+    p.add_argument("--top", type=int, default=3, help="example paths shown per cluster")
+    a = p.parse_args(argv)
+
+    from grip_loop.manifest import load_manifest
+
+    directory = Path(a.dir)
+    m = load_manifest(directory)
+    print(table(m, a.top))
+    png = plot_pathology(directory, Path(a.png) if a.png else directory / "length_pathology.png")
+    print(f"wrote {png}")
+    return 0
