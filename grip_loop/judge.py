@@ -20,7 +20,7 @@ schema). Three implementations, picked by `JudgeConfig.kind` from the `JUDGES` r
 Q_k (`cluster_quality`) is the mean over the cluster's probe documents of the mean of the
 four scores, divided by 10: on [0, 1], as `grip_loop.budget` expects. Unscored documents
 are left out; a cluster with no scored document gets the mean Q of the other clusters
-(neutral: neither favoured nor gated).
+(neutral: neither favoured nor gated), and if nothing was scored every Q_k is 0.5.
 """
 
 from __future__ import annotations

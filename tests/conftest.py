@@ -19,3 +19,6 @@ def rng() -> np.random.Generator:
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+from tests.prepared import prepared, stdlib_corpus  # noqa: E402,F401  (session fixtures)

@@ -3,6 +3,7 @@ import pytest
 
 from grip_loop.cluster import assign, spherical_kmeans
 from tests.conftest import unit_rows
+from tests.devices import requires_faiss_gpu
 
 
 def _blobs(seed, k=5, per=60, d=16):
@@ -35,3 +36,11 @@ def test_deterministic_for_a_seed_and_assign_streams_in_blocks():
 def test_k_larger_than_corpus_is_an_error():
     with pytest.raises(ValueError, match="k:"):
         spherical_kmeans(np.eye(3, dtype=np.float32), 4)
+
+
+@pytest.mark.gpu
+@requires_faiss_gpu
+def test_gpu_assignment_matches_cpu():
+    x, _ = _blobs(4)
+    centroids, labels = spherical_kmeans(x, 5, seed=0, use_gpu=True)
+    assert np.array_equal(labels, assign(x, centroids, use_gpu=False))

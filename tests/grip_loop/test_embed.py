@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from grip_loop.embed import Encoder, EncoderConfig, embed_corpus
+from tests.devices import requires_gpu
 
 TEXTS = [
     "def add(a, b):\n    return a + b\n",
@@ -89,3 +90,10 @@ def test_bad_encoder_name_is_a_clear_error():
         Encoder(EncoderConfig(name="/no/such/encoder"))
     with pytest.raises(ValueError, match="encoder.max_tokens"):
         EncoderConfig(max_tokens=2)
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_cuda_embedding_matches_cpu(encoder):
+    gpu = Encoder(EncoderConfig(max_tokens=32, max_chunks=3, batch_size=4, device="cuda"))
+    assert np.allclose(gpu.embed(TEXTS), encoder.embed(TEXTS), atol=1e-4)

@@ -1,0 +1,224 @@
+"""End to end on a real corpus: 120 small files of the running Python's standard library, on CPU."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from grip_loop.manifest import load_manifest
+from grip_loop.prepare import PrepareConfig, load_config, prepare, probe_sizes
+from grip_loop.shards import iter_shard
+from tests.prepared import N_DOCS, TINY, _cfg
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _comparable(directory):
+    m = json.loads((Path(directory) / "manifest.json").read_text())
+    m["stats"].pop("timings")
+    m["config"].pop("out")
+    return m
+
+
+def _shard_docs(directory, m, order, k):
+    return [
+        (d.key, d.tokens.tolist(), d.meta)
+        for s in m.clusters[k].shards[order]
+        for d in iter_shard(Path(directory) / s.path, m.tokenizer["token_dtype"])
+    ]
+
+
+@pytest.mark.slow
+def test_end_to_end_manifest_and_shards(prepared):
+    m = load_manifest(prepared)
+    cfg = PrepareConfig.from_dict(m.config)
+    assert m.n_docs == m.stats["n_docs"] == N_DOCS
+    assert m.stats["read"]["skipped"] == {"binary": 1, "empty": 1}
+    assert m.k == 8 and m.orders == ["grip", "diversity", "random"]
+    emb = np.load(prepared / "work" / "embeddings.npy")
+    labels = np.load(prepared / "work" / "labels.npy")
+    centroids = np.load(prepared / "centroids.npy")
+    assert emb.shape == (N_DOCS, 384) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    assert np.array_equal(labels, np.argmax(emb @ centroids.T, axis=1))
+    docs = [json.loads(line) for line in open(prepared / "work" / "docs.jsonl")]
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(prepared / m.tokenizer["path"]))
+    assert m.tokenizer["eos_id"] == tok.token_to_id("<|endoftext|>")
+    n_probe = probe_sizes(np.array(m.sizes), np.array([c.sigma for c in m.clusters]), 0.02, 3)
+    for c in m.clusters:
+        members = np.flatnonzero(labels == c.id)
+        assert c.n_docs == len(members)
+        assert 0 <= c.quality <= 1 and 0 < c.sigma < 2
+        assert len(c.probe_ids) == n_probe[c.id] >= min(3, c.n_docs)
+        member_ids = {docs[i]["id"] for i in members}
+        assert set(c.probe_ids) <= member_ids
+        probe = [d for s in c.probe_shards for d in iter_shard(prepared / s.path, m.tokenizer["token_dtype"])]
+        assert [d.meta["doc_id"] for d in probe] == c.probe_ids
+        per_order = {}
+        for order in m.orders:
+            got = _shard_docs(prepared, m, order, c.id)
+            assert [meta["position"] for _, _, meta in got] == list(range(c.n_docs))
+            assert {int(key) for key, _, _ in got} == set(members.tolist())
+            for key, ids, meta in got[:5]:  # stored ids are the tokenizer's ids of the text
+                assert ids == tok.encode(docs[int(key)]["text"], add_special_tokens=False).ids
+                assert meta["length"] == len(ids) and meta["cluster"] == c.id
+            per_order[order] = [int(key) for key, _, _ in got]
+        assert c.examples == [docs[i]["path"] for i in per_order["grip"][: cfg.n_examples]]
+        assert sum(len(v) for v in per_order.values()) == 3 * c.n_docs
+    assert sum(c.n_tokens for c in m.clusters) == m.stats["n_tokens"]
+    assert m.stats["probe_docs"] == n_probe.sum() >= round(0.02 * N_DOCS)
+
+
+@pytest.mark.slow
+def test_grip_order_is_the_es_order_of_eq10_weights(prepared):
+    """Rebuild cluster 0's orders from the saved embeddings with the library math: same stream."""
+    from grip_loop.prepare import _seed, cluster_orders
+
+    m = load_manifest(prepared)
+    emb = np.load(prepared / "work" / "embeddings.npy")
+    labels = np.load(prepared / "work" / "labels.npy")
+    offsets = np.load(prepared / "work" / "tokens.npz")["offsets"]
+    k = int(np.argmax(m.sizes))
+    members = np.flatnonzero(labels == k)
+    orders = cluster_orders(
+        emb[members], np.diff(offsets)[members], m.orders, beta=0.3, knn_k=10, seed=_seed(0, k, 0)
+    )
+    for order in m.orders:
+        assert [int(key) for key, _, _ in _shard_docs(prepared, m, order, k)] == members[
+            orders[order]
+        ].tolist()
+    assert orders["grip"].tolist() != orders["random"].tolist()
+
+
+@pytest.mark.slow
+def test_deterministic_for_a_fixed_seed(prepared, stdlib_corpus, tmp_path):
+    """Every stage after embedding redone from scratch (embeddings are checked by test_embed)."""
+    again = tmp_path / "again"
+    (again / "work").mkdir(parents=True)
+    for f in ("embeddings.npy", "embeddings.done.npy", "embeddings.json"):
+        shutil.copy(prepared / "work" / f, again / "work" / f)
+    prepare(_cfg(stdlib_corpus, again))
+    assert _comparable(again) == _comparable(prepared)
+    m = load_manifest(again)
+    for k in range(m.k):
+        assert _shard_docs(again, m, "grip", k) == _shard_docs(prepared, m, "grip", k)
+    assert (again / "tokenizer" / "tokenizer.json").read_bytes() == (
+        prepared / "tokenizer" / "tokenizer.json"
+    ).read_bytes()
+    other = tmp_path / "other"
+    shutil.copytree(again / "work", other / "work")
+    prepare(_cfg(stdlib_corpus, other, seed=1))
+    assert _comparable(other)["clusters"] != _comparable(prepared)["clusters"]
+
+
+@pytest.mark.slow
+def test_resume_after_interruption(prepared, stdlib_corpus, tmp_path, monkeypatch):
+    from grip_loop.embed import Encoder
+    from grip_loop.shards import ShardWriter
+
+    out = tmp_path / "resumed"
+    real_embed, real_write = Encoder.embed, ShardWriter.write
+    calls = {"embed": 0, "write": 0}
+
+    def embed_then_die(self, texts):
+        calls["embed"] += 1
+        if calls["embed"] == 2:
+            raise KeyboardInterrupt("killed in embed")
+        return real_embed(self, texts)
+
+    def write_then_die(self, *a, **kw):
+        calls["write"] += 1
+        if calls["write"] == 100:
+            raise KeyboardInterrupt("killed in write")
+        return real_write(self, *a, **kw)
+
+    monkeypatch.setattr(Encoder, "embed", embed_then_die)
+    monkeypatch.setattr(ShardWriter, "write", write_then_die)
+    with pytest.raises(KeyboardInterrupt, match="embed"):
+        prepare(_cfg(stdlib_corpus, out))
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(KeyboardInterrupt, match="write"):
+        prepare(_cfg(stdlib_corpus, out))
+    assert calls["embed"] == 2 + 1  # 2 blocks of 64: the finished one was not redone
+    assert not (out / "manifest.json").exists()
+    assert list(out.rglob("*.tmp")) == []  # the shard being written was dropped
+    with pytest.raises(Exception, match="re-run `grip prepare"):
+        load_manifest(out)
+    prepare(_cfg(stdlib_corpus, out))
+    assert calls["embed"] == 3  # nothing re-embedded
+    assert _comparable(out) == _comparable(prepared)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one(prepared, stdlib_corpus, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "train",
+    ]
+    cmd += [
+        "prepare",
+        "--corpus",
+        str(stdlib_corpus),
+        "--out",
+        str(out),
+        "--config",
+        str(TINY),
+        "--no-progress",
+    ]
+    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    one = np.load(prepared / "work" / "embeddings.npy")
+    two = np.load(out / "work" / "embeddings.npy")
+    assert np.allclose(one, two, atol=1e-5)
+    assert _comparable(out) == _comparable(prepared)
+
+
+def test_bad_inputs_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        prepare(PrepareConfig(corpus=str(tmp_path / "nope"), out=str(tmp_path / "o")))
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "bin.py").write_bytes(b"\x00\x00")
+    with pytest.raises(ValueError, match="no readable documents"):
+        prepare(PrepareConfig(corpus=str(tmp_path / "c"), out=str(tmp_path / "o"), progress=False))
+    with pytest.raises(ValueError, match="orders"):
+        PrepareConfig(orders=["grip", "best"])
+    with pytest.raises(ValueError, match="unknown field"):
+        PrepareConfig.from_dict({"kk": 3})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("encoder: {max_tokens: 2}\n")
+    with pytest.raises(ValueError, match="bad.yaml: encoder.max_tokens"):
+        load_config(bad)
+
+
+def test_probe_sizes_floor_and_neyman():
+    sizes, sigma = np.array([1000, 10, 2, 0]), np.array([0.5, 0.5, 0.1, 0.0])
+    n = probe_sizes(sizes, sigma, 0.01, 4)
+    assert n.tolist() == [4, 4, 2, 0]  # B_probe = round(0.01 * 1012) = 10 = the sum of the floors
+    n = probe_sizes(sizes, sigma, 0.1, 4)  # B = 101: the floors, the rest to the big spread cluster
+    assert n.sum() == 101 and n.tolist()[1:] == [4, 2, 0]
+    from grip_loop.budget import probe_allocation
+
+    big = np.array([5000, 3000, 2000])
+    assert np.array_equal(
+        probe_sizes(big, np.array([0.2, 0.4, 0.9]), 0.01, 1), probe_allocation(big, [0.2, 0.4, 0.9], 100)
+    )
+
+
+def test_every_prepare_config_parses():
+    for path in sorted((ROOT / "configs" / "prepare").glob("*.yaml")):
+        cfg = load_config(path, corpus="x", out="y")
+        assert cfg.k >= 1

@@ -1,0 +1,21 @@
+import pytest
+
+from train import cli
+
+
+@pytest.mark.slow
+def test_inspect_prints_table_and_writes_png(prepared, capsys, tmp_path):
+    assert cli.main(["inspect", str(prepared), "--png", str(tmp_path / "p.png")]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line[:4].strip().isdigit()]
+    assert len(rows) == 8
+    assert "total 120 documents" in out
+    png = (tmp_path / "p.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_inspect_on_unprepared_dir_names_the_fix(tmp_path):
+    from grip_loop.manifest import ManifestError
+
+    with pytest.raises(ManifestError, match="grip prepare"):
+        cli.main(["inspect", str(tmp_path)])
