@@ -1,0 +1,76 @@
+"""A synthetic prepared corpus (shards + manifest) whose tokens say where they came from.
+
+Document p of cluster k holds tokens [MARK + k, POS + p, filler...] so a test can decode,
+from packed blocks, exactly which documents were read. EOS is 0.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from grip_loop.manifest import SCHEMA_VERSION, ClusterInfo, Manifest, ShardInfo
+from grip_loop.shards import ShardWriter
+
+EOS, MARK, POS = 0, 1, 1000
+
+
+def make_prepared(
+    root: Path, sizes, *, seed: int = 0, orders=("grip",), max_docs: int = 7, max_len: int = 20
+):
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    clusters = []
+    for k, nk in enumerate(sizes):
+        lengths = rng.integers(0, max_len, size=nk)
+        shards = {}
+        for order in orders:
+            out = root / "shards" / order / f"cluster-{k:05d}"
+            with ShardWriter(out, max_docs=max_docs) as w:
+                for p in range(nk):
+                    toks = np.concatenate([[MARK + k, POS + p], rng.integers(100, 900, size=lengths[p])])
+                    w.write(f"{k:03d}{p:06d}", toks, f"doc {k}/{p}", {"cluster": k, "position": p})
+            shards[order] = [
+                ShardInfo(f"shards/{order}/cluster-{k:05d}/{s.path}", s.n_docs, s.n_tokens)
+                for s in w.finished
+            ]
+        n_tok = int(sum(s.n_tokens for s in shards[orders[0]]))
+        clusters.append(
+            ClusterInfo(
+                id=k,
+                n_docs=int(nk),
+                n_tokens=n_tok,
+                mean_length=n_tok / max(nk, 1),
+                sigma=0.5,
+                quality=0.6,
+                shards=shards,
+            )
+        )
+    m = Manifest(
+        schema_version=SCHEMA_VERSION,
+        corpus_fingerprint="synthetic",
+        tokenizer={"vocab_size": 4096, "eos_id": EOS, "token_dtype": "uint16"},
+        encoder={"name": "none"},
+        k=len(sizes),
+        seed=seed,
+        orders=list(orders),
+        clusters=clusters,
+    )
+    m.save(root)
+    return m
+
+
+def decode_docs(blocks):
+    """(cluster, position) of every document start in a sequence of blocks (one partition)."""
+    stream = np.concatenate(
+        [np.concatenate([[b["input_ids"][0].item()], b["labels"].numpy()]) for b in blocks]
+    )
+    docs, i = [], 0
+    # documents start at index 0 and after each EOS
+    starts = [0] + (np.flatnonzero(stream == EOS) + 1).tolist()
+    for s in starts:
+        if s + 1 < len(stream) and stream[s] >= MARK and stream[s] < POS:
+            docs.append((int(stream[s] - MARK), int(stream[s + 1] - POS)))
+        i += 1
+    return docs
