@@ -174,14 +174,9 @@ class GripIterableDataset(IterableDataset):
         super().__init__()
         self.root = Path(root)
         self.manifest = manifest or load_manifest(self.root)
-        if order not in self.manifest.orders:
-            raise ValueError(
-                f"order: {order!r} was not prepared in {self.root / 'manifest.json'} "
-                f"(has {self.manifest.orders}); add it to `orders` in the prepare config and re-run"
-            )
         if seq_len < 1:
             raise ValueError(f"seq_len: must be >= 1, got {seq_len}")
-        self.order, self.seq_len, self.seed = order, int(seq_len), int(seed)
+        self.seq_len, self.seed = int(seq_len), int(seed)
         self.sizes = np.array(self.manifest.sizes, dtype=np.int64)
         self.k = len(self.sizes)
         self.eos_id = int(self.manifest.tokenizer["eos_id"])
@@ -193,11 +188,23 @@ class GripIterableDataset(IterableDataset):
         self._table[1:] = torch.from_numpy(n)
         self._readers: list[ClusterReader] | None = None
         self._part: _Partition | None = None
+        self.set_order(order)
         self._pending_state: dict | None = None
         self._chunk_tag: tuple | None = None
         self._chunk: np.ndarray | None = None
         self.rank: int | None = None
         self.world_size: int | None = None
+
+    def set_order(self, order: str) -> None:
+        """Switch the selection order (only before iteration starts: the callback does it at setup)."""
+        if order not in self.manifest.orders:
+            raise ValueError(
+                f"order: {order!r} was not prepared in {self.root / 'manifest.json'} "
+                f"(has {self.manifest.orders}); add it to `orders` in the prepare config and re-run"
+            )
+        if self._part is not None or self._readers is not None:
+            raise RuntimeError("set_order: the dataset is already being iterated")
+        self.order = order
 
     # ------------------------------------------------------------------ budgets
     def _check_budgets(self, budgets) -> np.ndarray:
