@@ -14,9 +14,9 @@ rank: g = rank * num_workers + worker_id, G = world_size * num_workers):
    selection order, e.g. the Efraimidis–Spirakis order of Eq. 10). Positions [0, n_k) are
    the selected subset; n_k > N_k wraps around (replay). Across all partitions each v is
    visited once per pass: no duplicates, no gaps.
-4. Documents (+ EOS) are concatenated and cut into blocks of seq_len + 1 tokens;
-   input_ids = block[:-1], labels = block[1:]. A block carries the cluster of each token,
-   its majority cluster and the budget version it was drawn under.
+4. Documents (+ EOS) are concatenated and cut into blocks of seq_len tokens; labels =
+   input_ids (the Hugging Face convention: the model shifts). A block carries the cluster
+   of each token, its majority cluster and the budget version it was drawn under.
 
 Budget updates: `publish(budgets)` writes a shared-memory table (version + n_k) that every
 worker reads before it starts a block, so a worker switches within one block of the
@@ -323,7 +323,7 @@ class GripIterableDataset(IterableDataset):
         return out
 
     def _block(self, p: _Partition) -> dict[str, torch.Tensor]:
-        need = self.seq_len + 1
+        need = self.seq_len
         pieces, clusters, have = [], [], 0
         while have < need:
             if p.carry is not None:
@@ -338,11 +338,11 @@ class GripIterableDataset(IterableDataset):
             have += take
             p.carry = (k, pos, off + take) if take < len(doc) else None
         block = torch.from_numpy(np.concatenate(pieces))
-        tok_cluster = torch.from_numpy(np.concatenate(clusters)[1:])
+        tok_cluster = torch.from_numpy(np.concatenate(clusters))
         p.blocks += 1
         return {
-            "input_ids": block[:-1].clone(),
-            "labels": block[1:].clone(),
+            "input_ids": block,
+            "labels": block.clone(),
             "token_cluster_ids": tok_cluster,
             "cluster_ids": torch.bincount(tok_cluster, minlength=self.k).argmax(),
             "weights_version": torch.tensor(p.version),

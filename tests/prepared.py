@@ -72,5 +72,4 @@ def decode_docs(blocks):
     for s in starts:
         if s + 1 < len(stream) and stream[s] >= MARK and stream[s] < POS:
             docs.append((int(stream[s] - MARK), int(stream[s + 1] - POS)))
-        i += 1
     return docs
