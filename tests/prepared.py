@@ -63,10 +63,8 @@ def make_prepared(
 
 def decode_docs(blocks):
     """(cluster, position) of every document start in a sequence of blocks (one partition)."""
-    stream = np.concatenate(
-        [np.concatenate([[b["input_ids"][0].item()], b["labels"].numpy()]) for b in blocks]
-    )
-    docs, i = [], 0
+    stream = np.concatenate([b["input_ids"].numpy() for b in blocks])
+    docs = []
     # documents start at index 0 and after each EOS
     starts = [0] + (np.flatnonzero(stream == EOS) + 1).tolist()
     for s in starts:
