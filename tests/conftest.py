@@ -21,4 +21,4 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-from tests.prepared import prepared, stdlib_corpus  # noqa: E402,F401  (session fixtures)
+from tests.stdlib_prepared import stdlib_corpus, stdlib_prepared  # noqa: E402,F401  (session fixtures)

@@ -1,59 +1,73 @@
-"""Session fixtures: a small real corpus (stdlib files) and one `grip prepare` run of it on CPU.
+"""A synthetic prepared corpus (shards + manifest) whose tokens say where they came from.
 
-Imported by tests/conftest.py so every test module shares the one prepared directory.
+Document p of cluster k holds tokens [MARK + k, POS + p, filler...] so a test can decode,
+from packed blocks, exactly which documents were read. EOS is 0.
 """
 
-import shutil
-import sysconfig
+from __future__ import annotations
+
 from pathlib import Path
 
-import pytest
+import numpy as np
 
-from grip_loop.prepare import load_config, prepare
+from grip_loop.manifest import SCHEMA_VERSION, ClusterInfo, Manifest, ShardInfo
+from grip_loop.shards import ShardWriter
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "prepare" / "tiny.yaml"
-PACKAGES = [
-    "json",
-    "email",
-    "asyncio",
-    "concurrent",
-    "importlib",
-    "logging",
-    "http",
-    "urllib",
-    "xml",
-    "unittest",
-]
-PACKAGES += ["multiprocessing", "collections", "sqlite3", "wsgiref"]
-N_DOCS = 120  # 2 embedding blocks of 64 (tiny.yaml); ~10 s of MiniLM on 2 CPU cores
+EOS, MARK, POS = 0, 1, 1000
 
 
-def _cfg(corpus, out, **kw):
-    return load_config(TINY, corpus=str(corpus), out=str(out), **kw)
+def make_prepared(
+    root: Path, sizes, *, seed: int = 0, orders=("grip",), max_docs: int = 7, max_len: int = 20
+):
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    clusters = []
+    for k, nk in enumerate(sizes):
+        lengths = rng.integers(0, max_len, size=nk)
+        shards = {}
+        for order in orders:
+            out = root / "shards" / order / f"cluster-{k:05d}"
+            with ShardWriter(out, max_docs=max_docs) as w:
+                for p in range(nk):
+                    toks = np.concatenate([[MARK + k, POS + p], rng.integers(100, 900, size=lengths[p])])
+                    w.write(f"{k:03d}{p:06d}", toks, f"doc {k}/{p}", {"cluster": k, "position": p})
+            shards[order] = [
+                ShardInfo(f"shards/{order}/cluster-{k:05d}/{s.path}", s.n_docs, s.n_tokens)
+                for s in w.finished
+            ]
+        n_tok = int(sum(s.n_tokens for s in shards[orders[0]]))
+        clusters.append(
+            ClusterInfo(
+                id=k,
+                n_docs=int(nk),
+                n_tokens=n_tok,
+                mean_length=n_tok / max(nk, 1),
+                sigma=0.5,
+                quality=0.6,
+                shards=shards,
+            )
+        )
+    m = Manifest(
+        schema_version=SCHEMA_VERSION,
+        corpus_fingerprint="synthetic",
+        tokenizer={"vocab_size": 4096, "eos_id": EOS, "token_dtype": "uint16"},
+        encoder={"name": "none"},
+        k=len(sizes),
+        seed=seed,
+        orders=list(orders),
+        clusters=clusters,
+    )
+    m.save(root)
+    return m
 
 
-@pytest.fixture(scope="session")
-def stdlib_corpus(tmp_path_factory):
-    src = Path(sysconfig.get_paths()["stdlib"])
-    dst = tmp_path_factory.mktemp("stdlib")
-    files = [f for p in PACKAGES for f in sorted((src / p).rglob("*.py")) if 200 < f.stat().st_size < 16_000]
-    assert len(files) >= N_DOCS
-    for f in files[:N_DOCS]:
-        t = dst / f.relative_to(src)
-        t.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(f, t)
-    (dst / "junk.py").write_bytes(b"\x00\x01\x02 binary")
-    (dst / "empty.py").write_text("")
-    return dst
-
-
-def _cfg(corpus, out, **kw):
-    return load_config(TINY, corpus=str(corpus), out=str(out), **kw)
-
-
-@pytest.fixture(scope="session")
-def prepared(stdlib_corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("prepared")
-    prepare(_cfg(stdlib_corpus, out))
-    return out
+def decode_docs(blocks):
+    """(cluster, position) of every document start in a sequence of blocks (one partition)."""
+    stream = np.concatenate([b["input_ids"].numpy() for b in blocks])
+    docs = []
+    # documents start at index 0 and after each EOS
+    starts = [0] + (np.flatnonzero(stream == EOS) + 1).tolist()
+    for s in starts:
+        if s + 1 < len(stream) and stream[s] >= MARK and stream[s] < POS:
+            docs.append((int(stream[s] - MARK), int(stream[s + 1] - POS)))
+    return docs

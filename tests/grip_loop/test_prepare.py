@@ -13,7 +13,7 @@ import pytest
 from grip_loop.manifest import load_manifest
 from grip_loop.prepare import PrepareConfig, load_config, prepare, probe_sizes
 from grip_loop.shards import iter_shard
-from tests.prepared import N_DOCS, TINY, _cfg
+from tests.stdlib_prepared import N_DOCS, TINY, _cfg
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,21 +34,21 @@ def _shard_docs(directory, m, order, k):
 
 
 @pytest.mark.slow
-def test_end_to_end_manifest_and_shards(prepared):
-    m = load_manifest(prepared)
+def test_end_to_end_manifest_and_shards(stdlib_prepared):
+    m = load_manifest(stdlib_prepared)
     cfg = PrepareConfig.from_dict(m.config)
     assert m.n_docs == m.stats["n_docs"] == N_DOCS
     assert m.stats["read"]["skipped"] == {"binary": 1, "empty": 1}
     assert m.k == 8 and m.orders == ["grip", "diversity", "random"]
-    emb = np.load(prepared / "work" / "embeddings.npy")
-    labels = np.load(prepared / "work" / "labels.npy")
-    centroids = np.load(prepared / "centroids.npy")
+    emb = np.load(stdlib_prepared / "work" / "embeddings.npy")
+    labels = np.load(stdlib_prepared / "work" / "labels.npy")
+    centroids = np.load(stdlib_prepared / "centroids.npy")
     assert emb.shape == (N_DOCS, 384) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
     assert np.array_equal(labels, np.argmax(emb @ centroids.T, axis=1))
-    docs = [json.loads(line) for line in open(prepared / "work" / "docs.jsonl")]
+    docs = [json.loads(line) for line in open(stdlib_prepared / "work" / "docs.jsonl")]
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(prepared / m.tokenizer["path"]))
+    tok = Tokenizer.from_file(str(stdlib_prepared / m.tokenizer["path"]))
     assert m.tokenizer["eos_id"] == tok.token_to_id("<|endoftext|>")
     n_probe = probe_sizes(np.array(m.sizes), np.array([c.sigma for c in m.clusters]), 0.02, 3)
     for c in m.clusters:
@@ -58,11 +58,15 @@ def test_end_to_end_manifest_and_shards(prepared):
         assert len(c.probe_ids) == n_probe[c.id] >= min(3, c.n_docs)
         member_ids = {docs[i]["id"] for i in members}
         assert set(c.probe_ids) <= member_ids
-        probe = [d for s in c.probe_shards for d in iter_shard(prepared / s.path, m.tokenizer["token_dtype"])]
+        probe = [
+            d
+            for s in c.probe_shards
+            for d in iter_shard(stdlib_prepared / s.path, m.tokenizer["token_dtype"])
+        ]
         assert [d.meta["doc_id"] for d in probe] == c.probe_ids
         per_order = {}
         for order in m.orders:
-            got = _shard_docs(prepared, m, order, c.id)
+            got = _shard_docs(stdlib_prepared, m, order, c.id)
             assert [meta["position"] for _, _, meta in got] == list(range(c.n_docs))
             assert {int(key) for key, _, _ in got} == set(members.tolist())
             for key, ids, meta in got[:5]:  # stored ids are the tokenizer's ids of the text
@@ -76,49 +80,49 @@ def test_end_to_end_manifest_and_shards(prepared):
 
 
 @pytest.mark.slow
-def test_grip_order_is_the_es_order_of_eq10_weights(prepared):
+def test_grip_order_is_the_es_order_of_eq10_weights(stdlib_prepared):
     """Rebuild cluster 0's orders from the saved embeddings with the library math: same stream."""
     from grip_loop.prepare import _seed, cluster_orders
 
-    m = load_manifest(prepared)
-    emb = np.load(prepared / "work" / "embeddings.npy")
-    labels = np.load(prepared / "work" / "labels.npy")
-    offsets = np.load(prepared / "work" / "tokens.npz")["offsets"]
+    m = load_manifest(stdlib_prepared)
+    emb = np.load(stdlib_prepared / "work" / "embeddings.npy")
+    labels = np.load(stdlib_prepared / "work" / "labels.npy")
+    offsets = np.load(stdlib_prepared / "work" / "tokens.npz")["offsets"]
     k = int(np.argmax(m.sizes))
     members = np.flatnonzero(labels == k)
     orders = cluster_orders(
         emb[members], np.diff(offsets)[members], m.orders, beta=0.3, knn_k=10, seed=_seed(0, k, 0)
     )
     for order in m.orders:
-        assert [int(key) for key, _, _ in _shard_docs(prepared, m, order, k)] == members[
+        assert [int(key) for key, _, _ in _shard_docs(stdlib_prepared, m, order, k)] == members[
             orders[order]
         ].tolist()
     assert orders["grip"].tolist() != orders["random"].tolist()
 
 
 @pytest.mark.slow
-def test_deterministic_for_a_fixed_seed(prepared, stdlib_corpus, tmp_path):
+def test_deterministic_for_a_fixed_seed(stdlib_prepared, stdlib_corpus, tmp_path):
     """Every stage after embedding redone from scratch (embeddings are checked by test_embed)."""
     again = tmp_path / "again"
     (again / "work").mkdir(parents=True)
     for f in ("embeddings.npy", "embeddings.done.npy", "embeddings.json"):
-        shutil.copy(prepared / "work" / f, again / "work" / f)
+        shutil.copy(stdlib_prepared / "work" / f, again / "work" / f)
     prepare(_cfg(stdlib_corpus, again))
-    assert _comparable(again) == _comparable(prepared)
+    assert _comparable(again) == _comparable(stdlib_prepared)
     m = load_manifest(again)
     for k in range(m.k):
-        assert _shard_docs(again, m, "grip", k) == _shard_docs(prepared, m, "grip", k)
+        assert _shard_docs(again, m, "grip", k) == _shard_docs(stdlib_prepared, m, "grip", k)
     assert (again / "tokenizer" / "tokenizer.json").read_bytes() == (
-        prepared / "tokenizer" / "tokenizer.json"
+        stdlib_prepared / "tokenizer" / "tokenizer.json"
     ).read_bytes()
     other = tmp_path / "other"
     shutil.copytree(again / "work", other / "work")
     prepare(_cfg(stdlib_corpus, other, seed=1))
-    assert _comparable(other)["clusters"] != _comparable(prepared)["clusters"]
+    assert _comparable(other)["clusters"] != _comparable(stdlib_prepared)["clusters"]
 
 
 @pytest.mark.slow
-def test_resume_after_interruption(prepared, stdlib_corpus, tmp_path, monkeypatch):
+def test_resume_after_interruption(stdlib_prepared, stdlib_corpus, tmp_path, monkeypatch):
     from grip_loop.embed import Encoder
     from grip_loop.shards import ShardWriter
 
@@ -152,11 +156,11 @@ def test_resume_after_interruption(prepared, stdlib_corpus, tmp_path, monkeypatc
         load_manifest(out)
     prepare(_cfg(stdlib_corpus, out))
     assert calls["embed"] == 3  # nothing re-embedded
-    assert _comparable(out) == _comparable(prepared)
+    assert _comparable(out) == _comparable(stdlib_prepared)
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_equal_one(prepared, stdlib_corpus, tmp_path):
+def test_torchrun_two_processes_equal_one(stdlib_prepared, stdlib_corpus, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [
@@ -181,10 +185,10 @@ def test_torchrun_two_processes_equal_one(prepared, stdlib_corpus, tmp_path):
     ]
     r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    one = np.load(prepared / "work" / "embeddings.npy")
+    one = np.load(stdlib_prepared / "work" / "embeddings.npy")
     two = np.load(out / "work" / "embeddings.npy")
     assert np.allclose(one, two, atol=1e-5)
-    assert _comparable(out) == _comparable(prepared)
+    assert _comparable(out) == _comparable(stdlib_prepared)
 
 
 def test_bad_inputs_are_clear_errors(tmp_path):

@@ -4,8 +4,8 @@ from train import cli
 
 
 @pytest.mark.slow
-def test_inspect_prints_table_and_writes_png(prepared, capsys, tmp_path):
-    assert cli.main(["inspect", str(prepared), "--png", str(tmp_path / "p.png")]) == 0
+def test_inspect_prints_table_and_writes_png(stdlib_prepared, capsys, tmp_path):
+    assert cli.main(["inspect", str(stdlib_prepared), "--png", str(tmp_path / "p.png")]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line[:4].strip().isdigit()]
     assert len(rows) == 8

@@ -1,0 +1,412 @@
+"""GripIterableDataset: per-cluster budgets in, packed token blocks out, exactly resumable.
+
+How a block is made, for one partition g of G (a partition is one DataLoader worker of one
+rank: g = rank * num_workers + worker_id, G = world_size * num_workers):
+
+1. Budgets n_k (integers, from Eq. 8) are split into partition shares m_k^(g) =
+   |{v in [0, n_k) : v % G == g}| (`schedule.partition_budgets`).
+2. A pass of the partition is sum_k m_k^(g) draws; cluster k is drawn exactly m_k^(g)
+   times in a keyed pseudo-random order (`schedule.pass_clusters`). Hence cluster k is
+   drawn with frequency w_k = n_k / sum n, and the cluster of a draw is a pure function
+   of (seed, budget version, partition, pass, slot).
+3. The i-th draw of cluster k in a pass reads virtual position v = g + G * i and document
+   position p = v mod min(n_k, N_k) of cluster k's stream (the shards of the chosen
+   selection order, e.g. the Efraimidis–Spirakis order of Eq. 10). Positions [0, n_k) are
+   the selected subset; n_k > N_k wraps around (replay). Across all partitions each v is
+   visited once per pass: no duplicates, no gaps.
+4. Documents (+ EOS) are concatenated and cut into blocks of seq_len tokens; labels =
+   input_ids (the Hugging Face convention: the model shifts). A block carries the cluster
+   of each token, its majority cluster and the budget version it was drawn under.
+
+Budget updates: `publish(budgets)` writes a shared-memory table (version + n_k) that every
+worker reads before it starts a block, so a worker switches within one block of the
+publication; the switch starts a new pass from the partition's current cursors. Each block
+reports its `weights_version`, so the step at which an update took effect is recorded by
+whoever consumes the batches (the callback).
+
+State (`state_dict`) is O(K): budget version and budgets, pass and slot, per-cluster draw
+counters, and the (cluster, position, token offset) of the partly used document; no token
+buffer is saved, it is re-read. The state of each worker travels with torchdata's
+StatefulDataLoader (Lightning saves it in checkpoints). With num_workers = 0 the stream is
+a pure function of the seed and the steps at which budgets were published; with workers, a
+worker's switch point depends on when it saw the table (recorded per block, and exact on
+resume once the checkpoint is more than the prefetch depth past the update).
+
+Reading: each shard's member offsets are indexed once (a header scan, O(docs) ints per
+rank: the only per-document memory); a document is then one seek + read of its token ids.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from grip_loop.manifest import Manifest, ManifestError, load_manifest
+from grip_loop.schedule import partition_budgets, pass_clusters
+
+STATE_VERSION = 1
+
+
+def shard_index(path: str | os.PathLike) -> np.ndarray:
+    """(n_docs, 2) int64: byte offset and byte size of each document's `.ids` member, in order."""
+    rows = []
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for m in tar:
+                if m.isfile() and m.name.endswith(".ids"):
+                    rows.append((m.offset_data, m.size))
+                tar.members = []
+    except (tarfile.TarError, OSError) as exc:
+        raise ManifestError(f"{path}: unreadable shard ({exc}); re-run `grip prepare`") from exc
+    return np.asarray(rows, dtype=np.int64).reshape(-1, 2)
+
+
+class ClusterReader:
+    """Random access to the documents of one cluster's stream (one selection order)."""
+
+    def __init__(self, root: Path, shards, token_dtype: str, max_open: int = 16) -> None:
+        self.root = root
+        self.paths = [root / s.path for s in shards]
+        self.counts = np.array([s.n_docs for s in shards], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)])
+        self.dtype = np.dtype(token_dtype).newbyteorder("<")
+        self._index: dict[int, np.ndarray] = {}
+        self._files: OrderedDict[int, object] = OrderedDict()
+        self.max_open = max_open
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def _file(self, i: int):
+        fh = self._files.pop(i, None)
+        if fh is None:
+            if len(self._files) >= self.max_open:
+                self._files.popitem(last=False)[1].close()
+            fh = open(self.paths[i], "rb")  # noqa: SIM115 - kept open in an LRU
+        self._files[i] = fh
+        return fh
+
+    def tokens(self, position: int) -> np.ndarray:
+        i = int(np.searchsorted(self.starts, position, side="right") - 1)
+        if i not in self._index:
+            idx = shard_index(self.paths[i])
+            if len(idx) != self.counts[i]:
+                raise ManifestError(
+                    f"{self.paths[i]}: holds {len(idx)} documents but the manifest says "
+                    f"{self.counts[i]}; re-run `grip prepare`"
+                )
+            self._index[i] = idx
+        off, size = self._index[i][position - self.starts[i]]
+        fh = self._file(i)
+        fh.seek(int(off))
+        buf = fh.read(int(size))
+        if len(buf) != size:
+            raise ManifestError(f"{self.paths[i]}: truncated; re-run `grip prepare`")
+        return np.frombuffer(buf, dtype=self.dtype)
+
+    def close(self) -> None:
+        for fh in self._files.values():
+            fh.close()
+        self._files.clear()
+
+    def __getstate__(self):  # open files do not cross process boundaries
+        return {**self.__dict__, "_files": OrderedDict()}
+
+
+@dataclass
+class _Partition:
+    """Everything that changes while one partition iterates (its `state_dict`)."""
+
+    g: int
+    num_partitions: int
+    version: int
+    budgets: np.ndarray
+    pass_index: int = 0
+    slot: int = 0
+    drawn: np.ndarray = None  # per-cluster draw counter within the current pass
+    carry: tuple[int, int, int] | None = None  # (cluster, position, token offset) of a partly used doc
+    blocks: int = 0
+    history: list = field(default_factory=list)  # (version, first block index under it)
+
+    def slot_of(self) -> tuple[int, int]:
+        """(g, G) used for positions. With fewer budgeted documents than partitions, the
+        spare partitions replay those of partition g mod sum(n) instead of starving (a rank
+        with nothing to read would hang DDP)."""
+        total = int(self.budgets.sum())
+        if total >= self.num_partitions:
+            return self.g, self.num_partitions
+        return self.g % total, total
+
+    def shares(self) -> np.ndarray:
+        return partition_budgets(self.budgets, *self.slot_of())
+
+
+class GripIterableDataset(IterableDataset):
+    """Infinite stream of packed token blocks drawn by per-cluster budgets (see module docs).
+
+    Args:
+        root: a directory written by `grip prepare` (its manifest is validated first).
+        budgets: initial integer budgets n_k (e.g. `grip_loop.allocate(...)`); None means
+            uniform over documents (n_k = N_k).
+        order: which selection order's shards to read ("grip", "diversity", "random").
+        seq_len: tokens per training block.
+        seed: schedule seed; together with the budget version, partition and pass it keys
+            every cluster choice.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        budgets=None,
+        *,
+        order: str = "grip",
+        seq_len: int = 512,
+        seed: int = 0,
+        manifest: Manifest | None = None,
+    ) -> None:
+        super().__init__()
+        self.root = Path(root)
+        self.manifest = manifest or load_manifest(self.root)
+        if seq_len < 1:
+            raise ValueError(f"seq_len: must be >= 1, got {seq_len}")
+        self.seq_len, self.seed = int(seq_len), int(seed)
+        self.sizes = np.array(self.manifest.sizes, dtype=np.int64)
+        self.k = len(self.sizes)
+        self.eos_id = int(self.manifest.tokenizer["eos_id"])
+        self.token_dtype = self.manifest.tokenizer["token_dtype"]
+        n = self.sizes.copy() if budgets is None else self._check_budgets(budgets)
+        # [version, n_0 .. n_{K-1}] in shared memory: written by `publish` in the main
+        # process, read by every DataLoader worker before each block.
+        self._table = torch.zeros(1 + self.k, dtype=torch.int64).share_memory_()
+        self._table[1:] = torch.from_numpy(n)
+        self._readers: list[ClusterReader] | None = None
+        self._part: _Partition | None = None
+        self.set_order(order)
+        self._pending_state: dict | None = None
+        self._chunk_tag: tuple | None = None
+        self._chunk: np.ndarray | None = None
+        self.rank: int | None = None
+        self.world_size: int | None = None
+
+    def set_order(self, order: str) -> None:
+        """Switch the selection order (only before iteration starts: the callback does it at setup)."""
+        if order not in self.manifest.orders:
+            raise ValueError(
+                f"order: {order!r} was not prepared in {self.root / 'manifest.json'} "
+                f"(has {self.manifest.orders}); add it to `orders` in the prepare config and re-run"
+            )
+        if self._part is not None or self._readers is not None:
+            raise RuntimeError("set_order: the dataset is already being iterated")
+        self.order = order
+
+    # ------------------------------------------------------------------ budgets
+    def _check_budgets(self, budgets) -> np.ndarray:
+        n = np.asarray(budgets)
+        if n.shape != (self.k,) or not np.all(np.isfinite(n)) or np.any(n < 0) or np.any(n != np.floor(n)):
+            raise ValueError(f"budgets: need {self.k} non-negative integers, got {budgets!r}")
+        n = n.astype(np.int64)
+        if np.any((n > 0) & (self.sizes == 0)):
+            raise ValueError("budgets: an empty cluster cannot have a positive budget")
+        if n.sum() == 0:
+            raise ValueError("budgets: all zero, nothing to sample")
+        return n
+
+    def publish(self, budgets, version: int | None = None) -> int:
+        """Make `budgets` the budgets of every worker's next block; returns the new version."""
+        n = self._check_budgets(budgets)
+        v = int(self._table[0]) + 1 if version is None else int(version)
+        self._table[1:] = torch.from_numpy(n)
+        self._table[0] = v  # written last: a reader that sees v sees its budgets
+        return v
+
+    @property
+    def version(self) -> int:
+        return int(self._table[0])
+
+    @property
+    def budgets(self) -> np.ndarray:
+        return self._table[1:].numpy().copy()
+
+    def weights(self) -> np.ndarray:
+        n = self.budgets.astype(np.float64)
+        return n / n.sum()
+
+    def _read_table(self) -> tuple[int, np.ndarray]:
+        while True:
+            v = int(self._table[0])
+            n = self._table[1:].numpy().copy()
+            if int(self._table[0]) == v:
+                return v, n
+
+    # ------------------------------------------------------------------ partitions
+    def _partition_id(self) -> tuple[int, int]:
+        rank, world = self.rank, self.world_size
+        if rank is None:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+            else:
+                rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        return rank * nw + wid, world * nw
+
+    def _new_partition(self) -> _Partition:
+        g, big_g = self._partition_id()
+        v, n = self._read_table()
+        return _Partition(g=g, num_partitions=big_g, version=v, budgets=n, drawn=np.zeros(self.k, np.int64))
+
+    def _key(self, p: _Partition) -> int:
+        # SeedSequence-style entropy from every coordinate that defines a pass
+        return int(
+            np.random.SeedSequence(
+                [self.seed, p.version, p.g, p.num_partitions, p.pass_index]
+            ).generate_state(1, dtype=np.uint64)[0]
+        )
+
+    def _next_draw(self, p: _Partition) -> tuple[int, int]:
+        """(cluster, document position) of the partition's next draw; advances its cursors."""
+        shares = p.shares()
+        if p.slot >= int(shares.sum()):
+            p.pass_index, p.slot = p.pass_index + 1, 0
+            p.drawn[:] = 0
+        k = self._cluster_at(p, shares)
+        i = int(p.drawn[k])
+        p.drawn[k] += 1
+        p.slot += 1
+        limit = int(min(p.budgets[k], self.sizes[k]))
+        g, big_g = p.slot_of()
+        position = (g + big_g * i) % limit
+        return k, position
+
+    _CHUNK = 4096
+
+    def _cluster_at(self, p: _Partition, shares: np.ndarray) -> int:
+        # Clusters are computed 4096 slots at a time and cached; the cache is derived from
+        # (version, pass, chunk), never saved.
+        tag = (p.version, p.pass_index, p.slot // self._CHUNK)
+        if self._chunk_tag != tag:
+            start = tag[2] * self._CHUNK
+            slots = np.arange(start, min(start + self._CHUNK, int(shares.sum())))
+            self._chunk = pass_clusters(slots, shares, self._key(p))
+            self._chunk_tag = tag
+        return int(self._chunk[p.slot % self._CHUNK])
+
+    def _maybe_switch(self, p: _Partition) -> None:
+        v, n = self._read_table()
+        if v != p.version:
+            p.version, p.budgets = v, n
+            p.pass_index, p.slot = 0, 0
+            p.drawn[:] = 0
+            p.history.append((v, p.blocks))
+
+    # ------------------------------------------------------------------ iteration
+    def _reader(self, k: int) -> ClusterReader:
+        if self._readers is None:
+            self._readers = [
+                ClusterReader(self.root, c.shards[self.order], self.token_dtype)
+                for c in self.manifest.clusters
+            ]
+        return self._readers[k]
+
+    def _doc(self, k: int, position: int) -> np.ndarray:
+        toks = self._reader(k).tokens(position)
+        out = np.empty(len(toks) + 1, dtype=np.int64)
+        out[:-1] = toks
+        out[-1] = self.eos_id
+        return out
+
+    def _block(self, p: _Partition) -> dict[str, torch.Tensor]:
+        need = self.seq_len
+        pieces, clusters, have = [], [], 0
+        while have < need:
+            if p.carry is not None:
+                k, pos, off = p.carry
+            else:
+                k, pos = self._next_draw(p)
+                off = 0
+            doc = self._doc(k, pos)[off:]
+            take = min(len(doc), need - have)
+            pieces.append(doc[:take])
+            clusters.append(np.full(take, k, dtype=np.int64))
+            have += take
+            p.carry = (k, pos, off + take) if take < len(doc) else None
+        block = torch.from_numpy(np.concatenate(pieces))
+        tok_cluster = torch.from_numpy(np.concatenate(clusters))
+        p.blocks += 1
+        return {
+            "input_ids": block,
+            "labels": block.clone(),
+            "token_cluster_ids": tok_cluster,
+            "cluster_ids": torch.bincount(tok_cluster, minlength=self.k).argmax(),
+            "weights_version": torch.tensor(p.version),
+        }
+
+    def __iter__(self):
+        if self._part is None:
+            self._part = self._new_partition()
+            if self._pending_state is not None:
+                self._restore(self._part, self._pending_state)
+                self._pending_state = None
+        p = self._part
+        while True:
+            self._maybe_switch(p)
+            yield self._block(p)
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict:
+        p = self._part
+        if p is None:
+            return dict(self._pending_state or {}, table=self._table.tolist(), started=False)
+        return {
+            "state_version": STATE_VERSION,
+            "started": True,
+            "seed": self.seed,
+            "order": self.order,
+            "partition": [p.g, p.num_partitions],
+            "version": p.version,
+            "budgets": p.budgets.tolist(),
+            "pass_index": p.pass_index,
+            "slot": p.slot,
+            "drawn": p.drawn.tolist(),
+            "carry": list(p.carry) if p.carry is not None else None,
+            "blocks": p.blocks,
+            "history": [list(h) for h in p.history],
+            "table": self._table.tolist(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state.get("started", False):
+            return
+        if state.get("state_version") != STATE_VERSION:
+            raise ValueError(f"dataset state version {state.get('state_version')} != {STATE_VERSION}")
+        if state["seed"] != self.seed or state["order"] != self.order:
+            raise ValueError(
+                f"checkpoint was written with seed={state['seed']} order={state['order']!r}, "
+                f"this run has seed={self.seed} order={self.order!r}"
+            )
+        self._part = None
+        self._pending_state = state
+        # The budget table must not be older than the state (a resume without the callback
+        # restoring it first); never move it backwards.
+        if int(self._table[0]) < int(state["version"]):
+            self.publish(state["budgets"], version=int(state["version"]))
+
+    def _restore(self, p: _Partition, s: dict) -> None:
+        if [p.g, p.num_partitions] != list(s["partition"]):
+            raise ValueError(
+                f"checkpoint partition {s['partition']} != this worker's [{p.g}, {p.num_partitions}]: "
+                "resume with the same world size and num_workers"
+            )
+        p.version, p.budgets = int(s["version"]), np.asarray(s["budgets"], dtype=np.int64)
+        p.pass_index, p.slot = int(s["pass_index"]), int(s["slot"])
+        p.drawn = np.asarray(s["drawn"], dtype=np.int64)
+        p.carry = tuple(s["carry"]) if s["carry"] is not None else None
+        p.blocks = int(s["blocks"])
+        p.history = [tuple(h) for h in s["history"]]

@@ -1,0 +1,116 @@
+"""Sampler modes (the rows of the paper's Table 1, Panel B) and the budget rule of each.
+
+A mode fixes three things:
+
+* `order`: which selection order's shards the dataset reads inside a cluster
+  ("random": a seeded permutation, "diversity": Eq. 10 with beta = 0, "grip": Eq. 10 with
+  the configured beta);
+* `budget`: "uniform" (n_k proportional to N_k, i.e. uniform over documents) or "eq5"
+  (the static baseline budget of Eq. 5);
+* `replay`: "none", "quality" (Eq. 7 driven by static quality, computed once) or "loss"
+  (Eq. 7 driven by the Rapid Adaptation Probe at every refresh).
+
+Static replay (row 3) feeds Eq. 7 with Delta_k := 1 - Q_k, so high-quality clusters get
+the large multipliers a small loss drop would give them: "simply up-weighting high-quality
+static data" in the paper's words, through the same function as the loss-driven rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from grip_loop.budget import (
+    DEFAULT_QUALITY_THRESHOLD,
+    allocate,
+    apportion,
+    baseline_budget,
+    replay_multiplier,
+)
+
+
+@dataclass(frozen=True)
+class Mode:
+    order: str
+    budget: str
+    replay: str
+
+
+MODES: dict[str, Mode] = {
+    "random": Mode(order="random", budget="uniform", replay="none"),
+    "static-budget": Mode(order="random", budget="eq5", replay="none"),
+    "static-replay": Mode(order="random", budget="eq5", replay="quality"),
+    "loss-replay": Mode(order="random", budget="eq5", replay="loss"),
+    "diversity": Mode(order="diversity", budget="eq5", replay="loss"),
+    "grip": Mode(order="grip", budget="eq5", replay="loss"),
+}
+
+
+def get_mode(name: str) -> Mode:
+    if name not in MODES:
+        raise ValueError(f"mode: unknown {name!r}; choose one of {sorted(MODES)}")
+    return MODES[name]
+
+
+@dataclass(kw_only=True)
+class BudgetConfig:
+    """Budget hyper-parameters (paper section 3.2 defaults)."""
+
+    b_total: int | None = None  # documents per pass of the support set; None = corpus size
+    tau: float = 0.5  # Eq. 5 sub-linear exponent (square-root sampling)
+    temperature: float = 1.0  # Eq. 5 Boltzmann temperature
+    alpha: float = 2.0  # Eq. 7 replay intensity (max 3x)
+    quality_threshold: float = DEFAULT_QUALITY_THRESHOLD  # Eq. 7 gate on Q_k in [0, 1]
+    ema: float = 0.0  # smoothing of r_k across refreshes: r <- ema * r_prev + (1 - ema) * r; 0 = off
+    floor: float = 0.0  # minimum sampling probability of a non-empty cluster; 0 = off
+
+    def __post_init__(self) -> None:
+        if self.b_total is not None and int(self.b_total) < 1:
+            raise ValueError(f"b_total: must be >= 1, got {self.b_total}")
+        for name in ("tau", "temperature", "alpha", "quality_threshold", "ema", "floor"):
+            v = getattr(self, name)
+            if not isinstance(v, int | float) or not np.isfinite(v):
+                raise ValueError(f"{name}: must be a finite number, got {v!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature: must be > 0, got {self.temperature}")
+        if self.tau < 0 or self.alpha < 0:
+            raise ValueError("tau and alpha: must be >= 0")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema: must be in [0, 1), got {self.ema}")
+        if not 0 <= self.floor < 1:
+            raise ValueError(f"floor: must be in [0, 1), got {self.floor}")
+
+
+def base_budget(mode: Mode, sizes, sigma, quality, cfg: BudgetConfig) -> np.ndarray:
+    """Real-valued n_k^base of a mode (sums to B)."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    b = int(cfg.b_total or sizes.sum())
+    if mode.budget == "uniform":
+        return b * sizes / sizes.sum()
+    return baseline_budget(sizes, sigma, quality, b, tau=cfg.tau, temperature=cfg.temperature)
+
+
+def replay_for(mode: Mode, quality, cfg: BudgetConfig, delta=None) -> np.ndarray:
+    """r_k of a mode; `delta` (the probe's Delta L_k) is used only by loss replay."""
+    q = np.asarray(quality, dtype=np.float64)
+    if mode.replay == "none":
+        return np.ones_like(q)
+    if mode.replay == "quality":
+        return replay_multiplier(1.0 - q, q, alpha=cfg.alpha, quality_threshold=cfg.quality_threshold)
+    if delta is None:  # before the first probe: neutral
+        delta = np.full_like(q, np.nan)
+    return replay_multiplier(delta, q, alpha=cfg.alpha, quality_threshold=cfg.quality_threshold)
+
+
+def budgets(base, replay, b_total: int, *, sizes=None, floor: float = 0.0) -> np.ndarray:
+    """Eq. 8 integers; with `floor` > 0 every non-empty cluster gets at least floor * B
+    (rounded up), the rest shared in proportion to U_k as before (bounded apportionment)."""
+    if floor <= 0 or sizes is None:
+        return allocate(base, replay, b_total)
+    u = np.asarray(base, dtype=np.float64) * np.asarray(replay, dtype=np.float64)
+    nonempty = np.asarray(sizes) > 0
+    lower = np.where(nonempty, np.ceil(floor * b_total), 0.0)
+    if lower.sum() > b_total:
+        raise ValueError(f"floor: {floor} x {int(nonempty.sum())} clusters exceeds the whole budget")
+    return apportion(u, int(b_total), lower=lower)

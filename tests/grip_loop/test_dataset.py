@@ -1,0 +1,210 @@
+"""GripIterableDataset: frequencies, partitioning, budget updates, exact resume."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from grip_loop.dataset import GripIterableDataset
+from grip_loop.schedule import partition_budgets, permute
+from tests.prepared import decode_docs, make_prepared
+
+SIZES = [40, 25, 1, 60, 0, 13]
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    make_prepared(tmp_path, SIZES, orders=("grip", "random"))
+    return tmp_path
+
+
+def take(ds, n):
+    return list(itertools.islice(iter(ds), n))
+
+
+def docs_of(ds, n_docs, step=16):
+    """Iterate until at least n_docs documents have started; return the first n_docs."""
+    blocks = []
+    it = iter(ds)
+    while True:
+        blocks += list(itertools.islice(it, step))
+        docs = decode_docs(blocks)
+        if len(docs) > n_docs:  # > : the last start may belong to a doc cut by the block end
+            return docs[:n_docs]
+
+
+def test_permute_is_a_bijection_for_many_sizes_and_keys():
+    for n, key in itertools.product([1, 2, 3, 5, 64, 100, 1000, 4097], range(3)):
+        assert sorted(permute(np.arange(n), n, key).tolist()) == list(range(n))
+    assert permute(np.arange(50), 50, 0).tolist() != permute(np.arange(50), 50, 1).tolist()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_one_pass_draws_each_cluster_exactly_its_budget(prepared, seed):
+    budgets = np.array([10, 30, 1, 60, 0, 13])  # 30 > N_1 = 25: replay inside the pass
+    ds = GripIterableDataset(prepared, budgets, seq_len=32, seed=seed)
+    docs = docs_of(ds, int(budgets.sum()))
+    by_cluster = {k: [p for c, p in docs if c == k] for k in range(len(SIZES))}
+    for k, nk in enumerate(budgets):
+        limit = min(nk, SIZES[k])
+        assert len(by_cluster[k]) == nk
+        # positions [0, n_k) of the order; wrap (replay) beyond N_k
+        assert Counter(by_cluster[k]) == Counter(v % limit for v in range(nk)) if nk else not by_cluster[k]
+
+
+def test_frequencies_follow_weights_over_many_passes(prepared):
+    budgets = np.array([5, 20, 1, 3, 0, 11])
+    ds = GripIterableDataset(prepared, budgets, seq_len=64, seed=3)
+    docs = docs_of(ds, 40 * int(budgets.sum()))
+    counts = np.bincount([c for c, _ in docs], minlength=len(SIZES))
+    np.testing.assert_array_equal(counts, 40 * budgets)  # whole passes: exact
+
+
+def test_uniform_default_and_order_selection(prepared):
+    ds = GripIterableDataset(prepared, order="random", seq_len=16)
+    assert ds.budgets.tolist() == SIZES
+    docs = docs_of(ds, sum(SIZES))
+    assert sorted(docs) == sorted((k, p) for k, n in enumerate(SIZES) for p in range(n))
+    with pytest.raises(ValueError, match="diversity"):
+        GripIterableDataset(prepared, order="diversity")
+
+
+def test_deterministic_for_a_seed(prepared):
+    a = take(GripIterableDataset(prepared, seq_len=24, seed=5), 30)
+    b = take(GripIterableDataset(prepared, seq_len=24, seed=5), 30)
+    c = take(GripIterableDataset(prepared, seq_len=24, seed=6), 30)
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b, strict=True))
+    assert not all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, c, strict=True))
+
+
+def test_block_fields(prepared):
+    b = take(GripIterableDataset(prepared, seq_len=24), 3)[1]
+    assert b["input_ids"].shape == b["labels"].shape == b["token_cluster_ids"].shape == (24,)
+    assert b["input_ids"].dtype == torch.int64
+    assert torch.equal(b["input_ids"], b["labels"])  # HF convention: the model shifts
+    assert b["cluster_ids"].item() == torch.bincount(b["token_cluster_ids"]).argmax().item()
+
+
+def test_two_ranks_two_workers_no_duplicates_no_gaps(prepared):
+    budgets = np.array([17, 25, 1, 60, 0, 9])
+    world, workers = 2, 2
+    per_partition: dict[int, list] = {}
+    for rank in range(world):
+        ds = GripIterableDataset(prepared, budgets, seq_len=16, seed=1)
+        ds.rank, ds.world_size = rank, world
+        loader = DataLoader(ds, batch_size=None, num_workers=workers)
+        blocks = {w: [] for w in range(workers)}
+        for i, b in enumerate(itertools.islice(loader, 400)):
+            blocks[i % workers].append(b)  # DataLoader alternates workers in order
+        for w in range(workers):
+            g = rank * workers + w
+            n_pass = int(partition_budgets(budgets, g, world * workers).sum())
+            docs = decode_docs(blocks[w])
+            assert len(docs) > n_pass
+            per_partition[g] = docs[:n_pass]
+    union = Counter(d for docs in per_partition.values() for d in docs)
+    expected = Counter((k, v % min(n, SIZES[k])) for k, n in enumerate(budgets) for v in range(n))
+    assert union == expected
+
+
+def test_budget_update_reaches_the_next_block_without_workers(prepared):
+    ds = GripIterableDataset(prepared, seq_len=16, seed=0)
+    it = iter(ds)
+    before = [next(it) for _ in range(5)]
+    assert {b["weights_version"].item() for b in before} == {0}
+    v = ds.publish([0, 0, 0, 7, 0, 0])
+    after = [next(it) for _ in range(20)]
+    assert all(b["weights_version"].item() == v for b in after)
+    # the partly used document may finish, then only cluster 3 is drawn
+    tail = torch.cat([b["token_cluster_ids"] for b in after[2:]])
+    assert set(tail.tolist()) == {3}
+    assert ds.state_dict()["history"] == [[v, 5]]
+
+
+def test_budget_update_reaches_both_workers_within_one_batch(prepared):
+    ds = GripIterableDataset(prepared, seq_len=8, seed=0)
+    workers, prefetch = 2, 1
+    loader = DataLoader(ds, batch_size=4, num_workers=workers, prefetch_factor=prefetch)
+    it = iter(loader)
+    for _ in range(6):
+        next(it)
+    v = ds.publish([0, 0, 1, 0, 0, 0])
+    versions = [next(it)["weights_version"] for _ in range(12)]
+    # Batches already queued (prefetch) or being built when the table changed keep the old
+    # version for at most one batch per worker beyond the queue; everything after is new.
+    stale = sum(int((b != v).any()) for b in versions)
+    assert stale <= workers * prefetch + workers
+    assert all((b == v).all() for b in versions[workers * prefetch + workers :])
+
+
+def _stream(blocks):
+    return [b["input_ids"] for b in blocks]
+
+
+@pytest.mark.parametrize("kill_at", [4, 9])
+def test_resume_without_workers_is_exact(prepared, kill_at):
+    ref = GripIterableDataset(prepared, seq_len=20, seed=2)
+    it = iter(ref)
+    full, state = [], None
+    for i in range(16):
+        if i == 3:
+            ref.publish([20, 1, 1, 1, 0, 13])
+        full.append(next(it))
+        if i == kill_at:
+            state = ref.state_dict()
+    resumed = GripIterableDataset(prepared, seq_len=20, seed=2)
+    resumed.load_state_dict(state)
+    rest = take(resumed, 16 - kill_at - 1)
+    assert all(torch.equal(a, b) for a, b in zip(_stream(full[kill_at + 1 :]), _stream(rest), strict=True))
+    if kill_at > 3:
+        assert resumed.version == 1 and rest[0]["weights_version"].item() == 1
+
+
+def test_resume_with_stateful_dataloader_two_workers_is_exact(prepared):
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    def loader(ds):
+        return StatefulDataLoader(
+            ds, batch_size=2, num_workers=2, prefetch_factor=1, snapshot_every_n_steps=1
+        )
+
+    ds = GripIterableDataset(prepared, seq_len=12, seed=4)
+    dl = loader(ds)
+    it = iter(dl)
+    batches, state = [], None
+    for i in range(24):
+        if i == 1:
+            ds.publish([3, 25, 1, 2, 0, 13])  # a weight change well before the kill
+        batches.append(next(it)["input_ids"])
+        if i == 12:
+            state = dl.state_dict()
+    ds2 = GripIterableDataset(prepared, seq_len=12, seed=4)
+    ds2.publish([3, 25, 1, 2, 0, 13])  # the callback restores the table from its own state
+    dl2 = loader(ds2)
+    dl2.load_state_dict(state)
+    rest = list(itertools.islice(iter(dl2), 11))
+    assert all(torch.equal(a, b["input_ids"]) for a, b in zip(batches[13:], rest, strict=True))
+
+
+def test_bad_arguments_and_mismatched_resume(prepared):
+    with pytest.raises(ValueError, match="budgets"):
+        GripIterableDataset(prepared, [1, 2, 3])
+    with pytest.raises(ValueError, match="empty cluster"):
+        GripIterableDataset(prepared, [1, 1, 1, 1, 1, 1])
+    with pytest.raises(ValueError, match="seq_len"):
+        GripIterableDataset(prepared, seq_len=0)
+    ds = GripIterableDataset(prepared, seq_len=8)
+    take(ds, 2)
+    state = ds.state_dict()
+    other = GripIterableDataset(prepared, seq_len=8)
+    other.rank, other.world_size = 1, 2
+    other.load_state_dict(state)
+    with pytest.raises(ValueError, match="same world size"):
+        take(other, 1)
+    with pytest.raises(ValueError, match="seed"):
+        GripIterableDataset(prepared, seq_len=8, seed=9).load_state_dict(state)
