@@ -100,7 +100,9 @@ class RAPConfig:
     pad_id: int | None = None
     """Token id of right padding; excluded as a loss target. None = blocks are fully packed."""
     vmap: bool = True
-    """Train same-shaped clusters together with torch.func.vmap; False = one after another."""
+    """Train same-shaped clusters together with torch.func.vmap on accelerators; False = one by one."""
+    vmap_on_cpu: bool = False
+    """Also use vmap on CPU (slower there, measured; kept for testing vmap without a GPU)."""
     vmap_max_bytes: float = 2e9
     """Estimated memory cap of one vmap chunk (parameters, grads, Adam moments, activations)."""
 
@@ -281,7 +283,7 @@ def _reset_(upper: nn.Module, std: float, seed: int) -> None:
             p.copy_(value.to(p.dtype))
 
 
-def _build_upper(lm: nn.Module, depth: int, seed: int, *, batched_experts: bool) -> _Upper:
+def _build_upper(lm: nn.Module, depth: int, seed: int) -> _Upper:
     layers = lm.model.layers
     blocks = list(layers[len(layers) - depth :]) if depth else []
     norm = lm.model.norm if depth else None
@@ -298,25 +300,33 @@ def _build_upper(lm: nn.Module, depth: int, seed: int, *, batched_experts: bool)
         owner = upper.get_submodule(name.rsplit(".", 1)[0]) if "." in name else upper
         setattr(owner, name.rsplit(".", 1)[-1], nn.Parameter(full.float().clone(), requires_grad=False))
     upper.eval()
-    for block in upper.blocks:
-        cfg = getattr(getattr(block, "mlp", block), "config", None) or getattr(block, "config", None)
-        if cfg is None:
-            for m in block.modules():
-                cfg = getattr(m, "config", None)
-                if cfg is not None:
-                    break
-        if batched_experts and cfg is not None:
-            # The only kernels without data-dependent control flow / missing vmap rules.
-            if hasattr(cfg, "_experts_implementation"):
-                cfg._experts_implementation = "batched_mm"
-            cfg._attn_implementation = "eager"
-        upper.config = cfg if cfg is not None else lm.config
+    # The copy's own config (deepcopied with the blocks), so kernels can be switched for vmap.
+    upper.config = next((m.config for m in upper.blocks.modules() if hasattr(m, "config")), None)
     _reset_(upper, float(getattr(lm.config, "initializer_range", 0.02)), seed)
     return upper
 
 
-def _has_experts(upper: nn.Module) -> bool:
-    return any("experts" in n for n, _ in upper.named_parameters())
+@contextlib.contextmanager
+def _vmap_kernels(upper: _Upper) -> Iterator[None]:
+    """Switch the copy to the only HF kernels vmap can batch: eager attention, batched_mm experts.
+
+    (sdpa has no CPU batching rule and the grouped/eager experts loop over data-dependent
+    expert sets.) Only the copy's config changes; the live model's config is a different object.
+    """
+    cfg = upper.config
+    if cfg is None:
+        yield
+        return
+    saved = (cfg._attn_implementation, getattr(cfg, "_experts_implementation", None))
+    cfg._attn_implementation = "eager"
+    if saved[1] is not None:
+        cfg._experts_implementation = "batched_mm"
+    try:
+        yield
+    finally:
+        cfg._attn_implementation = saved[0]
+        if saved[1] is not None:
+            cfg._experts_implementation = saved[1]
 
 
 # ----------------------------------------------------------------------------- trunk features
@@ -424,31 +434,43 @@ def _make_adapt(upper: _Upper, cfg: RAPConfig, feats: _Features):
     return adapt
 
 
-def _chunk_size(upper: _Upper, feats: _Features, vocab: int, budget: float) -> int:
-    """Clusters per vmap chunk so that params/grads/moments + activations stay under `budget`."""
+def _chunk_size(upper: _Upper, feats: _Features, vocab: int, config, budget: float) -> int:
+    """Clusters per vmap chunk so that the memory estimate of one chunk stays under `budget`.
+
+    float32 per cluster: params, grads, two moments and one temporary; logits, their grad and
+    softmax; ~24 hidden-size activations per block; and for MoE blocks the per-token expert
+    weights `batched_mm` gathers (forward and backward), which dominates for real models.
+    """
     n_params = sum(p.numel() for p in upper.parameters())
     n, t, d = feats.h.shape
-    # float32: params, grads, two moments, one temporary; logits, their grad and softmax;
-    # ~24 hidden-size activations per block (attention + MLP, saved for backward).
-    per_cluster = 4 * (5 * n_params + 3 * n * t * vocab + 24 * n * t * d * max(len(upper.blocks), 1))
-    return max(1, int(budget // per_cluster))
+    blocks = len(upper.blocks)
+    per_cluster = 5 * n_params + 3 * n * t * vocab + 24 * n * t * d * blocks
+    expert_params = [p for name, p in upper.named_parameters() if ".experts." in f".{name}"]
+    if expert_params:
+        e = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", 1)
+        top_k = getattr(config, "num_experts_per_tok", 1)
+        per_expert = sum(p.numel() for p in expert_params) / e
+        per_cluster += 2 * n * t * top_k * per_expert
+    return max(1, int(budget // (4 * per_cluster)))
 
 
-def _probe_group(upper, cfg, feats_list, use_vmap, vocab):
+def _probe_group(upper, cfg, feats_list, use_vmap, vocab, model_config):
     """(L_init, L_final) per cluster of one same-shaped group."""
     params = {k: p.detach() for k, p in upper.named_parameters()}
-    out = []
-    if use_vmap and len(feats_list) > 1:
-        chunk = _chunk_size(upper, feats_list[0], vocab, cfg.vmap_max_bytes)
-        adapt = _make_adapt(upper, cfg, feats_list[0])
-        batched = torch.func.vmap(adapt, in_dims=(None, 0, 0), randomness="error")
-        for s in range(0, len(feats_list), chunk):
-            part = feats_list[s : s + chunk]
-            h = torch.stack([f.h for f in part])
-            tg = torch.stack([f.targets for f in part])
-            li, lf = batched(params, h, tg)
-            out += list(zip(li.tolist(), lf.tolist(), strict=True))
+    chunk = _chunk_size(upper, feats_list[0], vocab, model_config, cfg.vmap_max_bytes)
+    if use_vmap and len(feats_list) > 1 and chunk > 1:
+        out = []
+        with _vmap_kernels(upper):
+            adapt = _make_adapt(upper, cfg, feats_list[0])
+            batched = torch.func.vmap(adapt, in_dims=(None, 0, 0), randomness="error")
+            for s in range(0, len(feats_list), chunk):
+                part = feats_list[s : s + chunk]
+                h = torch.stack([f.h for f in part])
+                tg = torch.stack([f.targets for f in part])
+                li, lf = batched(params, h, tg)
+                out += list(zip(li.tolist(), lf.tolist(), strict=True))
         return out
+    out = []
     for f in feats_list:
         li, lf = _make_adapt(upper, cfg, f)(params, f.h, f.targets)
         out.append((float(li), float(lf)))
@@ -520,7 +542,7 @@ def rapid_adaptation_probe(
     cuda_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda_devices), full_params(model):
         seed = _seed_for(config.seed, refresh_index)
-        upper = _build_upper(lm, config.reset_depth, seed, batched_experts=config.vmap).to(device)
+        upper = _build_upper(lm, config.reset_depth, seed).to(device)
         trunk_p = active_params(lm.model, lm.config) - lm.model.embed_tokens.weight.numel()
         trunk_p -= active_params(upper.blocks, lm.config) if config.reset_depth else 0
         if config.reset_depth:
@@ -535,9 +557,11 @@ def rapid_adaptation_probe(
         groups: dict[tuple, list[int]] = {}
         for c in mine:
             groups.setdefault(tuple(feats[c].h.shape), []).append(c)
-        use_vmap = config.vmap
+        # On CPU the per-cluster work already fills the cores and vmap's batched gathers cost
+        # more than they save (docs/rap.md has the numbers), so vmap is an accelerator path.
+        use_vmap = config.vmap and (device.type != "cpu" or config.vmap_on_cpu)
         for members in groups.values():
-            res = _probe_group(upper, config, [feats[c] for c in members], use_vmap, vocab)
+            res = _probe_group(upper, config, [feats[c] for c in members], use_vmap, vocab, lm.config)
             for c, (a, b) in zip(members, res, strict=True):
                 li[c], lf[c] = a, b
     if distributed:

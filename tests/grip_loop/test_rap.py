@@ -96,9 +96,13 @@ def test_probe_leaves_model_optimizer_grads_and_rng_bit_identical(depth):
     train_steps(model, data, opt, 2)  # grads and optimizer state exist
     model.train()
     before = snapshot(model, opt)
-    res = rapid_adaptation_probe(model, random_batches(3), RAPConfig(reset_depth=depth, steps=2))
-    assert np.all(np.isfinite(res.delta))
-    assert_same(before, snapshot(model, opt))
+    kernels = (model.config._attn_implementation, model.config._experts_implementation)
+    for vmap in (False, True):
+        cfg = RAPConfig(reset_depth=depth, steps=2, vmap=vmap, vmap_on_cpu=True)
+        res = rapid_adaptation_probe(model, random_batches(3), cfg)
+        assert np.all(np.isfinite(res.delta))
+        assert_same(before, snapshot(model, opt))
+    assert (model.config._attn_implementation, model.config._experts_implementation) == kernels
 
 
 def test_training_with_and_without_probe_is_bit_identical():
@@ -166,7 +170,7 @@ def test_repeated_text_is_easy_and_random_tokens_are_hard(seed):
 
 def naive_probe(model, ids, depth, cfg, refresh_index=0):
     """Full model forward for features, a module copy and torch.optim.AdamW (foreach=False)."""
-    upper = rap._build_upper(model, depth, rap._seed_for(cfg.seed, refresh_index), batched_experts=False)
+    upper = rap._build_upper(model, depth, rap._seed_for(cfg.seed, refresh_index))
     with torch.no_grad():
         out = model.model(input_ids=ids, output_hidden_states=True)
         n = len(model.model.layers)
@@ -212,7 +216,9 @@ def test_vmap_equals_sequential(depth):
     batches = random_batches(5, seed=6)
     batches[3] = batches[3][:2]  # a differently shaped cluster runs on its own
     seq = rapid_adaptation_probe(model, batches, RAPConfig(reset_depth=depth, steps=3, vmap=False))
-    vm = rapid_adaptation_probe(model, batches, RAPConfig(reset_depth=depth, steps=3, vmap=True))
+    vm = rapid_adaptation_probe(
+        model, batches, RAPConfig(reset_depth=depth, steps=3, vmap=True, vmap_on_cpu=True)
+    )
     np.testing.assert_allclose(vm.loss_init, seq.loss_init, rtol=1e-5)
     np.testing.assert_allclose(vm.loss_final, seq.loss_final, rtol=1e-5)
     np.testing.assert_allclose(vm.delta_abs, seq.delta_abs, rtol=1e-3, atol=1e-6)
@@ -221,8 +227,15 @@ def test_vmap_equals_sequential(depth):
 def test_vmap_chunking_gives_the_same_result():
     model = tiny_model(seed=5)
     batches = random_batches(5, seed=6)
-    whole = rapid_adaptation_probe(model, batches, RAPConfig(steps=3))
-    chunked = rapid_adaptation_probe(model, batches, RAPConfig(steps=3, vmap_max_bytes=1.0))  # 1 per chunk
+    whole = rapid_adaptation_probe(model, batches, RAPConfig(steps=3, vmap_on_cpu=True))
+    # room for 2 clusters per chunk: chunks of 2, 2, 1
+    upper = rap._build_upper(model, 0, 0)
+    feats = rap._trunk(model, batches[0], 0, None)
+    one = 2e9 / rap._chunk_size(upper, feats, VOCAB, model.config, 2e9)
+    assert rap._chunk_size(upper, feats, VOCAB, model.config, 2.5 * one) == 2
+    chunked = rapid_adaptation_probe(
+        model, batches, RAPConfig(steps=3, vmap_on_cpu=True, vmap_max_bytes=2.5 * one)
+    )
     np.testing.assert_allclose(chunked.loss_final, whole.loss_final, rtol=1e-6)
 
 
@@ -254,7 +267,7 @@ def test_same_seed_and_refresh_is_identical_other_refresh_differs():
     np.testing.assert_array_equal(a.loss_init, b.loss_init)
     np.testing.assert_array_equal(a.loss_final, b.loss_final)
     assert not np.array_equal(a.loss_init, c.loss_init)
-    up = [rap._build_upper(model, 1, rap._seed_for(0, r), batched_experts=False) for r in (4, 4, 5)]
+    up = [rap._build_upper(model, 1, rap._seed_for(0, r)) for r in (4, 4, 5)]
     w = [u.head.weight for u in up]
     assert torch.equal(w[0], w[1]) and not torch.equal(w[0], w[2])
     # theta_init is shared by all clusters: the same batch twice gives the same numbers
