@@ -32,13 +32,16 @@ Design choices and their cost
 * Padding: blocks are right-padded with `pad_id` (None = no padding). Pad positions are
   excluded as loss targets; no attention mask is needed because causal attention means no
   real token ever attends to a later pad.
-* Batching over clusters: clusters whose probe batches have the same shape are trained
-  together with `torch.func.vmap` (theta_init is shared, so it enters vmap unbatched and the
-  per-cluster AdamW states appear inside it). MoE expert blocks switch the copy to
-  transformers' `batched_mm` experts kernel, the only one without data-dependent control
-  flow. Each cluster in a vmap chunk holds its own parameters, grads and Adam moments
-  (~16 bytes per trainable parameter) plus activations; chunks are sized so that this
-  estimate stays under `vmap_max_bytes`. Otherwise clusters run one after another.
+* Batching over clusters: on accelerators, clusters whose probe batches have the same shape
+  are trained together with `torch.func.vmap` (theta_init is shared, so it enters vmap
+  unbatched and the per-cluster AdamW states appear inside it). For that the copy (only the
+  copy) switches to eager attention and transformers' `batched_mm` experts kernel, the only
+  ones without data-dependent control flow or missing batching rules. Chunks of clusters are
+  sized so that an estimate of their memory (params, grads, Adam moments, activations, the
+  per-token expert weights `batched_mm` gathers) stays under `vmap_max_bytes`; when not even
+  two fit (MoE blocks of real-size models), clusters run one after another with the model's
+  own kernels. On CPU vmap was measured slower than the loop (docs/rap.md), so it is used
+  there only with `vmap_on_cpu=True` (the tests do, to check vmap == sequential).
 * Distributed: under `torch.distributed`, cluster k is probed on rank `k % world_size`
   and the results are summed with one `all_reduce` (each value has one owner), so every rank
   returns the same `RAPResult`. DDP wrappers are unwrapped (replicas are full). FSDP is
@@ -51,7 +54,6 @@ Design choices and their cost
       per cluster: 2 * P_trunk_active * tokens              (trunk, once)
                  + steps * 6 * P_upper_active * tokens      (N AdamW steps)
                  + 2 * P_upper_active * tokens              (the L_final forward)
-  With the paper's settings (probe ~0.5% of the corpus) this is well under 1% of training.
 """
 
 from __future__ import annotations
