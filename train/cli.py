@@ -23,6 +23,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "train.cmd_inspect",
         "print a prepared corpus's manifest as a table and plot the length pathology",
     ),
+    "rap-bench": (
+        "train.cmd_rap_bench",
+        "time one Rapid Adaptation Probe refresh on a tiny MoE (K clusters)",
+    ),
 }
 
 

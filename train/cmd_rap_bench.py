@@ -1,0 +1,80 @@
+"""`grip rap-bench`: wall time and FLOP cost of one RAP refresh on a tiny Qwen3-MoE.
+
+Builds a randomly initialised tiny `Qwen3MoeForCausalLM` (no download), draws K clusters of
+random token blocks and times `rapid_adaptation_probe` (median over repeats, after one
+warm-up). The cost fraction assumes `--train-tokens` trained tokens between two refreshes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+
+def _tiny(vocab: int, device: str):
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    cfg = Qwen3MoeConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=1024,
+    )
+    torch.manual_seed(0)
+    return Qwen3MoeForCausalLM(cfg).to(device)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="grip rap-bench", description=__doc__)
+    p.add_argument("--clusters", type=int, nargs="+", default=[8, 64], help="cluster counts K to time")
+    p.add_argument("--docs", type=int, default=8, help="probe blocks per cluster (n_k)")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per probe block (T)")
+    p.add_argument("--vocab", type=int, default=512, help="vocabulary size of the tiny model")
+    p.add_argument("--reset-depth", type=int, nargs="+", default=[0, 2], help="reset depths to time")
+    p.add_argument("--steps", type=int, default=10, help="AdamW steps per cluster")
+    p.add_argument("--no-vmap", action="store_true", help="probe clusters one after another")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument(
+        "--train-tokens",
+        type=float,
+        default=1e9,
+        help="trained tokens between refreshes (for the cost fraction)",
+    )
+    args = p.parse_args(argv)
+
+    import torch
+
+    from grip_loop.rap import RAPConfig, estimate_train_flops, rapid_adaptation_probe
+
+    warnings.filterwarnings("ignore", message="There is a performance drop")
+    model = _tiny(args.vocab, args.device)
+    train_flops = estimate_train_flops(model, args.train_tokens)
+    print(f"device={args.device} threads={torch.get_num_threads()} docs={args.docs} T={args.seq_len}")
+    print(f"{'K':>4} {'depth':>5} {'vmap':>5} {'seconds':>8} {'GFLOP':>8} {'cost_frac':>10}")
+    for depth in args.reset_depth:
+        for k in args.clusters:
+            g = torch.Generator().manual_seed(k)
+            batches = [torch.randint(0, args.vocab, (args.docs, args.seq_len), generator=g) for _ in range(k)]
+            cfg = RAPConfig(reset_depth=depth, steps=args.steps, vmap=not args.no_vmap)
+            rapid_adaptation_probe(model, batches[:2], cfg)  # warm-up
+            times = []
+            for r in range(args.repeats):
+                t0 = time.perf_counter()
+                res = rapid_adaptation_probe(model, batches, cfg, refresh_index=r)
+                times.append(time.perf_counter() - t0)
+            print(
+                f"{k:>4} {depth:>5} {str(cfg.vmap):>5} {statistics.median(times):>8.3f} "
+                f"{res.flops / 1e9:>8.2f} {res.cost_fraction(train_flops):>10.2e}"
+            )
+    return 0
