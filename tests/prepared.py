@@ -11,15 +11,27 @@ from pathlib import Path
 import numpy as np
 
 from grip_loop.manifest import SCHEMA_VERSION, ClusterInfo, Manifest, ShardInfo
-from grip_loop.shards import ShardWriter
+from grip_loop.shards import ShardWriter, iter_shard
 
 EOS, MARK, POS = 0, 1, 1000
 
 
 def make_prepared(
-    root: Path, sizes, *, seed: int = 0, orders=("grip",), max_docs: int = 7, max_len: int = 20
+    root: Path,
+    sizes,
+    *,
+    seed: int = 0,
+    orders=("grip",),
+    max_docs: int = 7,
+    max_len: int = 20,
+    easy=(),
+    n_probe: int = 3,
 ):
+    """Clusters listed in `easy` repeat one fixed 8-token pattern as filler (learnable);
+    the others draw uniform random filler (hard). The first `n_probe` documents of each
+    cluster also go to its probe shard."""
     rng = np.random.default_rng(seed)
+    pattern = np.arange(100, 108)
     root = Path(root)
     clusters = []
     for k, nk in enumerate(sizes):
@@ -29,12 +41,24 @@ def make_prepared(
             out = root / "shards" / order / f"cluster-{k:05d}"
             with ShardWriter(out, max_docs=max_docs) as w:
                 for p in range(nk):
-                    toks = np.concatenate([[MARK + k, POS + p], rng.integers(100, 900, size=lengths[p])])
+                    filler = (
+                        np.resize(pattern, lengths[p])
+                        if k in easy
+                        else rng.integers(100, 900, size=lengths[p])
+                    )
+                    toks = np.concatenate([[MARK + k, POS + p], filler])
                     w.write(f"{k:03d}{p:06d}", toks, f"doc {k}/{p}", {"cluster": k, "position": p})
             shards[order] = [
                 ShardInfo(f"shards/{order}/cluster-{k:05d}/{s.path}", s.n_docs, s.n_tokens)
                 for s in w.finished
             ]
+        probe = []
+        if nk:
+            first = shards[orders[0]][0]
+            with ShardWriter(root / "probe", prefix=f"cluster-{k:05d}") as w:
+                for doc in list(iter_shard(root / first.path, "uint16"))[:n_probe]:
+                    w.write(doc.key, doc.tokens, doc.text, doc.meta)
+            probe = [ShardInfo(f"probe/{s.path}", s.n_docs, s.n_tokens) for s in w.finished]
         n_tok = int(sum(s.n_tokens for s in shards[orders[0]]))
         clusters.append(
             ClusterInfo(
@@ -45,6 +69,8 @@ def make_prepared(
                 sigma=0.5,
                 quality=0.6,
                 shards=shards,
+                probe_shards=probe,
+                probe_ids=[f"{k:03d}{p:06d}" for p in range(min(n_probe, nk))],
             )
         )
     m = Manifest(
