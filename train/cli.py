@@ -15,6 +15,10 @@ import sys
 # name -> (module with `main(argv) -> int`, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "env": ("train.cmd_env", "print versions and which optional GPU paths (faiss-gpu, megablocks) work"),
+    "train": (
+        "train.cmd_train",
+        "train a MoE LM with Lightning (LightningCLI: --config configs/train/*.yaml)",
+    ),
 }
 
 
