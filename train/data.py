@@ -8,8 +8,13 @@ Batch contract (every dataset feeding `MoELM` yields these per block; the loader
 
 Resumability: the DataModule builds a `torchdata` StatefulDataLoader, whose state (including each
 worker's dataset state when the dataset has `state_dict`/`load_state_dict`) Lightning saves in
-the checkpoint and restores before the first batch of the resumed run. Cost: one extra
-dependency (torchdata, pure Python, installed without touching torch).
+the checkpoint (`loops.fit_loop.state_dict.combined_loader`) and restores before the first batch
+of the resumed run. Lightning's fetcher reads one batch ahead of the training step, so the raw
+loader state at checkpoint time already counts a batch that was never trained on; a resumed run
+would silently skip it. `ResumableLoader` therefore snapshots the state after every batch and
+reports the snapshot of the last batch the model actually consumed (the DataModule marks
+consumption in `on_before_batch_transfer`). Cost: one extra dependency (torchdata, pure Python,
+installed without touching torch) and one small state_dict per batch.
 
 `PackedRandomTokens` is the synthetic stand-in used by tests and the CPU smoke config until the
 GRIP dataset lands: block i of shard s is a pure function of (seed, s, i), so its state is a
@@ -106,8 +111,45 @@ class PackedRandomTokens(IterableDataset):
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         shard = rank * nw + wid
         while True:
-            yield self.block(shard, self.blocks_done)
+            # Count before yielding: the loader snapshots state right after a yield, and that
+            # snapshot must already include the block just handed out.
+            index = self.blocks_done
             self.blocks_done += 1
+            yield self.block(shard, index)
+
+
+class ResumableLoader(StatefulDataLoader):
+    """A StatefulDataLoader whose `state_dict()` is the state after the last *consumed* batch.
+
+    `mark_consumed()` is called once per batch that reaches the training step; batches fetched
+    ahead of it (prefetch) are not part of the reported state, so resuming replays them.
+    """
+
+    _KEEP = 16  # snapshots kept; prefetch depth is 1-2 batches
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._snapshots: dict[int, dict[str, Any]] = {}
+        self._yielded = 0
+        self._consumed = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        it = super().__iter__()
+        self._yielded = self._consumed = 0
+        self._snapshots = {0: super().state_dict()}
+        for batch in it:
+            self._yielded += 1
+            self._snapshots[self._yielded] = super().state_dict()
+            self._snapshots.pop(self._yielded - self._KEEP, None)
+            yield batch
+
+    def mark_consumed(self) -> None:
+        self._consumed = min(self._consumed + 1, self._yielded)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._consumed in self._snapshots:
+            return self._snapshots[self._consumed]
+        return super().state_dict()
 
 
 class GripDataModule(L.LightningDataModule):
@@ -148,12 +190,20 @@ class GripDataModule(L.LightningDataModule):
                     "expected a torch IterableDataset of packed token blocks"
                 )
 
-    def train_dataloader(self) -> StatefulDataLoader:
+    def train_dataloader(self) -> ResumableLoader:
         self.setup()
-        return StatefulDataLoader(
+        self._loader = ResumableLoader(
             self.dataset,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=False,
         )
+        return self._loader
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Called once per batch that reaches training_step, after any prefetch.
+        loader = getattr(self, "_loader", None)
+        if loader is not None and self.trainer is not None and self.trainer.training:
+            loader.mark_consumed()
+        return batch
