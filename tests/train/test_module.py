@@ -154,3 +154,15 @@ def test_activation_checkpointing_same_gradients():
         (tok.sum() / mask.sum()).backward()
         grads.append(m.model.model.layers[0].self_attn.q_proj.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.gpu
+def test_bf16_mixed_on_gpu_loss_falls(tmp_path):
+    from tests.devices import requires_gpu
+
+    if requires_gpu.args[0]:  # skipif condition: no CUDA
+        pytest.skip("needs a CUDA GPU")
+    m = module()
+    trainer(tmp_path, 30, accelerator="gpu", precision="bf16-mixed").fit(m, datamodule=data())
+    curve = losses(tmp_path)
+    assert sum(curve[s] for s in range(25, 30)) < sum(curve[s] for s in range(5)) - 2.5
