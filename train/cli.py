@@ -15,6 +15,7 @@ import sys
 # name -> (module with `main(argv) -> int`, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "env": ("train.cmd_env", "print versions and which optional GPU paths (faiss-gpu, megablocks) work"),
+    "export-hf": ("train.cmd_export", "convert a Lightning checkpoint to a Hugging Face model folder"),
     "train": (
         "train.cmd_train",
         "train a MoE LM with Lightning (LightningCLI: --config configs/train/*.yaml)",

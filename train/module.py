@@ -91,7 +91,11 @@ class MoELM(L.LightningModule):
             self.model_config, seed=self.hparams.seed, experts_backend=self.hparams.experts_backend
         )
         if self.hparams.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kwargs = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         return model
 
     def configure_model(self) -> None:

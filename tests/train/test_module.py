@@ -148,6 +148,7 @@ def test_activation_checkpointing_same_gradients():
     grads = []
     for ac in (False, True):
         m = module(activation_checkpointing=ac)
+        assert m.model.model.layers[0].gradient_checkpointing is ac
         m.model.train()
         out = m(x)
         tok, mask = m.token_losses(out.logits, x)
@@ -166,3 +167,19 @@ def test_bf16_mixed_on_gpu_loss_falls(tmp_path):
     trainer(tmp_path, 30, accelerator="gpu", precision="bf16-mixed").fit(m, datamodule=data())
     curve = losses(tmp_path)
     assert sum(curve[s] for s in range(25, 30)) < sum(curve[s] for s in range(5)) - 2.5
+
+
+def test_export_hf_from_lightning_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from train.cmd_export import main as export_main
+
+    m = module()
+    ck = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
+    trainer(tmp_path, 2, callbacks=[ck]).fit(m, datamodule=data())
+    assert export_main([str(tmp_path / "ck" / "last.ckpt"), str(tmp_path / "hf")]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    m.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=x).logits, m.model(input_ids=x).logits)
