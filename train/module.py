@@ -167,13 +167,15 @@ class MoELM(L.LightningModule):
             both = torch.stack([F.pad(s, (0, k - s.numel())), F.pad(c, (0, k - c.numel()))]).to(self.device)
             torch.distributed.all_reduce(both)
             s, c = both[0].cpu(), both[1].cpu()
+        self._cl_sum = torch.zeros(0, dtype=torch.float64)
+        self._cl_cnt = torch.zeros(0, dtype=torch.float64)
+        if not bool((c > 0).any()):
+            return  # nothing seen on any rank since the last flush: keep the previous means
         self.cluster_loss = {i: float(s[i] / c[i]) for i in range(s.numel()) if c[i] > 0}
         if self.cluster_loss:
             metrics = {f"train/loss_cluster_{i}": v for i, v in self.cluster_loss.items()}
             for logger in self.loggers:
                 logger.log_metrics(metrics, step=self.global_step)
-        self._cl_sum = torch.zeros(0, dtype=torch.float64)
-        self._cl_cnt = torch.zeros(0, dtype=torch.float64)
 
     # -- throughput ----------------------------------------------------------------------------
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -198,8 +200,8 @@ class MoELM(L.LightningModule):
             self._t_last, self._tokens_since, self._steps_since = now, 0, 0
 
     def on_train_end(self) -> None:
-        if self._cl_cnt.numel():
-            self._flush_clusters()
+        # Unconditional: under DDP every rank must enter the collective, whatever it has seen.
+        self._flush_clusters()
 
     # -- optimisation --------------------------------------------------------------------------
     def configure_optimizers(self):
