@@ -94,8 +94,18 @@ def test_tiny_loss_falls_and_logs(tmp_path):
     keys = set().union(*(r.keys() for r in rows))
     assert {"train/aux_loss", "perf/tokens_per_s", "perf/mfu", "perf/step_time_s"} <= keys
     assert {f"train/loss_cluster_{k}" for k in range(3)} <= keys
-    tps = [float(r["perf/tokens_per_s"]) for r in rows if r.get("perf/tokens_per_s")]
-    assert tps and all(t > 0 for t in tps)
+    perf = [r for r in rows if r.get("perf/tokens_per_s")]
+    assert perf and all(float(r["perf/tokens_per_s"]) > 0 for r in perf)
+    for r in perf:  # MFU = 6 * active params * tokens/s per device / peak
+        expect = 6 * m.active_params * float(r["perf/tokens_per_s_per_device"]) / m.hparams.peak_flops
+        assert float(r["perf/mfu"]) == pytest.approx(expect)
+        # step time x tokens/s per device == tokens per step (8 blocks x 32 tokens)
+        assert float(r["perf/step_time_s"]) * float(r["perf/tokens_per_s_per_device"]) == pytest.approx(
+            8 * 32
+        )
+    from models import count_parameters
+
+    assert m.active_params == count_parameters(m.model, m.model_config).active
 
 
 def test_cluster_accumulator_matches_naive_means():
