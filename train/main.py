@@ -42,7 +42,11 @@ def build_cli(argv: list[str], run: bool = True):
 def main(argv: list[str] | None = None) -> int:
     import sys
 
-    build_cli(sys.argv[1:] if argv is None else argv)
+    if argv is None:
+        argv = sys.argv[1:]
+    # LightningCLI warns when it gets both args= and a non-empty sys.argv; the args are ours now.
+    sys.argv = sys.argv[:1]
+    build_cli(argv)
     return 0
 
 
