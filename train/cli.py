@@ -27,6 +27,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "train.cmd_rap_bench",
         "time one Rapid Adaptation Probe refresh on a tiny MoE (K clusters)",
     ),
+    "export-hf": ("train.cmd_export", "convert a Lightning checkpoint to a Hugging Face model folder"),
+    "train": (
+        "train.cmd_train",
+        "train a MoE LM with Lightning (LightningCLI: --config configs/train/*.yaml)",
+    ),
 }
 
 

@@ -1,0 +1,72 @@
+"""Every YAML under configs/ parses and builds (model configs into models, train configs via LightningCLI)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from models import MoEConfig, build_model, count_closed_form, count_parameters
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_YAMLS = sorted((ROOT / "configs" / "model").glob("*.yaml"))
+TRAIN_YAMLS = sorted((ROOT / "configs" / "train").glob("*.yaml"))
+
+
+def test_configs_exist():
+    assert {p.stem for p in MODEL_YAMLS} >= {"tiny", "moe-8b", "moe-16b"}
+    assert {p.stem for p in TRAIN_YAMLS} >= {"cpu-tiny", "h800x8-8b"}
+
+
+@pytest.mark.parametrize("path", MODEL_YAMLS, ids=lambda p: p.stem)
+def test_model_yaml_builds_on_meta(path):
+    cfg = MoEConfig.from_yaml(path)
+    model = build_model(cfg, device="meta")
+    assert count_parameters(model, cfg) == count_closed_form(cfg)
+
+
+@pytest.mark.parametrize("path", TRAIN_YAMLS, ids=lambda p: p.stem)
+def test_train_yaml_builds(path, tmp_path, monkeypatch):
+    from train.main import build_cli
+
+    monkeypatch.chdir(tmp_path)  # loggers and checkpoints use relative run folders
+    args = ["--config", str(path), "--trainer.accelerator=cpu", "--trainer.devices=1"]
+    cli = build_cli(args, run=False)
+    assert cli.model.model_config.vocab_size == cli.datamodule.dataset.vocab_size
+    if "h800" in path.stem:
+        from train.strategies import MoEFSDPStrategy
+
+        assert isinstance(cli.trainer.strategy, MoEFSDPStrategy)
+    root = Path(cli.trainer.default_root_dir)
+    assert root.parts[0] == "runs"
+    # The run folder layout the rest of the project relies on: csv/, wandb/, checkpoints/.
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    kinds = {type(lg) for lg in cli.trainer.loggers}
+    assert {CSVLogger, WandbLogger} <= kinds
+    for lg in cli.trainer.loggers:
+        assert Path(lg.save_dir).resolve() == root.resolve()
+    ck = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    assert ck and Path(ck[0].dirpath).resolve() == (root / "checkpoints").resolve()
+    if cli.model.hparams.lazy_init:
+        assert cli.model.model is None
+    else:
+        assert len(cli.model.model.model.layers) == cli.model.model_config.num_layers
+
+
+def test_extra_callbacks_can_be_added(tmp_path, monkeypatch):
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    from train.main import build_cli
+
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli(
+        [
+            "--config",
+            str(ROOT / "configs/train/cpu-tiny.yaml"),
+            "--trainer.callbacks+=lightning.pytorch.callbacks.LearningRateMonitor",
+        ],
+        run=False,
+    )
+    assert any(isinstance(c, LearningRateMonitor) for c in cli.trainer.callbacks)

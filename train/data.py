@@ -1,0 +1,209 @@
+"""Data for the Lightning loop: a DataModule over any IterableDataset of packed token blocks.
+
+Batch contract (every dataset feeding `MoELM` yields these per block; the loader stacks them):
+    input_ids   (T,) int64
+    labels      (T,) int64, aligned with input_ids (Hugging Face convention: the model shifts,
+                label[t] is predicted from tokens < t); -100 = ignored
+    cluster_ids ()   int64, optional: the cluster of the block (-1 = unknown)
+
+Resumability: the DataModule builds a `torchdata` StatefulDataLoader, whose state (including each
+worker's dataset state when the dataset has `state_dict`/`load_state_dict`) Lightning saves in
+the checkpoint (`loops.fit_loop.state_dict.combined_loader`) and restores before the first batch
+of the resumed run. Lightning's fetcher reads one batch ahead of the training step, so the raw
+loader state at checkpoint time already counts a batch that was never trained on; a resumed run
+would silently skip it. `ResumableLoader` therefore snapshots the state after every batch and
+reports the snapshot of the last batch the model actually consumed (the DataModule marks
+consumption in `on_before_batch_transfer`). Cost: one extra dependency (torchdata, pure Python,
+installed without touching torch) and one small state_dict per batch.
+
+`PackedRandomTokens` is the synthetic stand-in used by tests and the CPU smoke config until the
+GRIP dataset lands: block i of shard s is a pure function of (seed, s, i), so its state is a
+single counter and resuming is exact by construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class PackedRandomTokens(IterableDataset):
+    """Seeded synthetic documents packed into fixed-length blocks, separated by EOS.
+
+    Each document follows a cluster-specific rule (token t+1 = t + step_k mod V with probability
+    `structure`, else a Zipf draw), so the loss falls as the model learns, and per-cluster losses
+    differ. Infinite stream; sharded over distributed ranks and DataLoader workers (each shard
+    draws different blocks).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 512,
+        seq_len: int = 64,
+        seed: int = 0,
+        num_clusters: int = 4,
+        mean_doc_len: int = 48,
+        structure: float = 0.7,
+        eos_token_id: int = 0,
+    ) -> None:
+        super().__init__()
+        if vocab_size < 4:
+            raise ValueError(f"PackedRandomTokens.vocab_size must be >= 4, got {vocab_size}")
+        if seq_len < 2:
+            raise ValueError(f"PackedRandomTokens.seq_len must be >= 2, got {seq_len}")
+        if num_clusters < 0:
+            raise ValueError(f"PackedRandomTokens.num_clusters must be >= 0, got {num_clusters}")
+        if not 0.0 <= structure <= 1.0:
+            raise ValueError(f"PackedRandomTokens.structure must be in [0, 1], got {structure}")
+        self.vocab_size = vocab_size
+        self.seq_len = seq_len
+        self.seed = seed
+        self.num_clusters = num_clusters
+        self.mean_doc_len = mean_doc_len
+        self.structure = structure
+        self.eos_token_id = eos_token_id
+        self.blocks_done = 0  # per (rank, worker) shard: the only state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"blocks_done": self.blocks_done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.blocks_done = int(state["blocks_done"])
+
+    def block(self, shard: int, index: int) -> dict[str, torch.Tensor]:
+        """Block `index` of shard `shard` (pure function of seed, shard, index)."""
+        rng = np.random.default_rng([self.seed, shard, index])
+        k = int(rng.integers(self.num_clusters)) if self.num_clusters else -1
+        step = 1 + 2 * max(k, 0)
+        v = self.vocab_size
+        zipf_p = 1.0 / np.arange(1, v)
+        zipf_p /= zipf_p.sum()
+        out = np.empty(self.seq_len, dtype=np.int64)
+        pos = 0
+        while pos < self.seq_len:
+            n = min(int(rng.geometric(1.0 / self.mean_doc_len)) + 1, self.seq_len - pos)
+            tok = int(rng.integers(1, v))
+            follow = rng.random(n) < self.structure
+            draws = rng.choice(np.arange(1, v), size=n, p=zipf_p)
+            for j in range(n - 1):
+                out[pos + j] = tok
+                tok = (tok - 1 + step) % (v - 1) + 1 if follow[j] else int(draws[j])
+            out[pos + n - 1] = self.eos_token_id
+            pos += n
+        ids = torch.from_numpy(out)
+        return {"input_ids": ids, "labels": ids.clone(), "cluster_ids": torch.tensor(k, dtype=torch.int64)}
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        rank, world = _rank_world()
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        shard = rank * nw + wid
+        while True:
+            # Count before yielding: the loader snapshots state right after a yield, and that
+            # snapshot must already include the block just handed out.
+            index = self.blocks_done
+            self.blocks_done += 1
+            yield self.block(shard, index)
+
+
+class ResumableLoader(StatefulDataLoader):
+    """A StatefulDataLoader whose `state_dict()` is the state after the last *consumed* batch.
+
+    `mark_consumed()` is called once per batch that reaches the training step; batches fetched
+    ahead of it (prefetch) are not part of the reported state, so resuming replays them.
+    """
+
+    _KEEP = 16  # snapshots kept; prefetch depth is 1-2 batches
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._snapshots: dict[int, dict[str, Any]] = {}
+        self._yielded = 0
+        self._consumed = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        it = super().__iter__()
+        self._yielded = self._consumed = 0
+        self._snapshots = {0: super().state_dict()}
+        for batch in it:
+            self._yielded += 1
+            self._snapshots[self._yielded] = super().state_dict()
+            self._snapshots.pop(self._yielded - self._KEEP, None)
+            yield batch
+
+    def mark_consumed(self) -> None:
+        self._consumed = min(self._consumed + 1, self._yielded)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._consumed in self._snapshots:
+            return self._snapshots[self._consumed]
+        return super().state_dict()
+
+
+class GripDataModule(L.LightningDataModule):
+    """Wraps an IterableDataset (or a zero-argument factory building one) in a StatefulDataLoader.
+
+    Args:
+        dataset: the IterableDataset of packed blocks, or a callable returning one (called once,
+            in `setup`, on every rank — use it when the dataset needs the distributed context).
+        batch_size: blocks per step per device.
+        num_workers: DataLoader worker processes (0 = in the main process).
+        pin_memory: pin host memory (helps GPU input copies; off on CPU).
+    """
+
+    def __init__(
+        self,
+        dataset: IterableDataset | Callable[[], IterableDataset] | None = None,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        if batch_size <= 0:
+            raise ValueError(f"GripDataModule.batch_size must be > 0, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"GripDataModule.num_workers must be >= 0, got {num_workers}")
+        self._source = dataset if dataset is not None else PackedRandomTokens
+        self.dataset: IterableDataset | None = dataset if isinstance(dataset, IterableDataset) else None
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is None:
+            self.dataset = self._source()
+            if not isinstance(self.dataset, IterableDataset):
+                raise ValueError(
+                    f"GripDataModule.dataset factory returned {type(self.dataset).__name__}, "
+                    "expected a torch IterableDataset of packed token blocks"
+                )
+
+    def train_dataloader(self) -> ResumableLoader:
+        self.setup()
+        self._loader = ResumableLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=False,
+        )
+        return self._loader
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Called once per batch that reaches training_step, after any prefetch.
+        loader = getattr(self, "_loader", None)
+        if loader is not None and self.trainer is not None and self.trainer.training:
+            loader.mark_consumed()
+        return batch
