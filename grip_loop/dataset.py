@@ -133,7 +133,11 @@ class _Partition:
     drawn: np.ndarray = None  # per-cluster draw counter within the current pass
     carry: tuple[int, int, int] | None = None  # (cluster, position, token offset) of a partly used doc
     blocks: int = 0
-    history: list = field(default_factory=list)  # (version, first block index under it)
+    history: list = field(default_factory=list)  # (version, first block under it, budgets)
+    # Switches replayed from a checkpoint (see `merge_inflight_state`): until block
+    # `pinned_until` the recorded switches, not the live table, decide the budgets.
+    pinned: list = field(default_factory=list)
+    pinned_until: int = 0
 
     def slot_of(self) -> tuple[int, int]:
         """(g, G) used for positions. With fewer budgeted documents than partitions, the
@@ -299,12 +303,21 @@ class GripIterableDataset(IterableDataset):
         return int(self._chunk[p.slot % self._CHUNK])
 
     def _maybe_switch(self, p: _Partition) -> None:
+        if p.blocks < p.pinned_until:
+            for v, block, n in p.pinned:
+                if block == p.blocks:
+                    self._switch(p, v, np.asarray(n, dtype=np.int64))
+            return
         v, n = self._read_table()
         if v != p.version:
-            p.version, p.budgets = v, n
-            p.pass_index, p.slot = 0, 0
-            p.drawn[:] = 0
-            p.history.append((v, p.blocks))
+            self._switch(p, v, n)
+
+    @staticmethod
+    def _switch(p: _Partition, version: int, budgets: np.ndarray) -> None:
+        p.version, p.budgets = int(version), budgets
+        p.pass_index, p.slot = 0, 0
+        p.drawn[:] = 0
+        p.history.append((int(version), p.blocks, budgets.tolist()))
 
     # ------------------------------------------------------------------ iteration
     def _reader(self, k: int) -> ClusterReader:
@@ -378,8 +391,25 @@ class GripIterableDataset(IterableDataset):
             "carry": list(p.carry) if p.carry is not None else None,
             "blocks": p.blocks,
             "history": [list(h) for h in p.history],
+            "pinned": [list(h) for h in p.pinned],
+            "pinned_until": p.pinned_until,
             "table": self._table.tolist(),
         }
+
+    @staticmethod
+    def merge_inflight_state(consumed: dict, latest: dict) -> dict:
+        """State to resume from when blocks after `consumed` were already produced.
+
+        A loader that reads ahead (Lightning fetches one batch early; workers prefetch)
+        reports the state after the last *consumed* batch, so a resumed run re-produces the
+        read-ahead blocks. Those were drawn under whatever budgets were live when they were
+        made, possibly older than the table at save time. This pins the switches recorded up
+        to the latest produced block, so the resumed run re-draws them exactly as before.
+        """
+        if not consumed.get("started") or not latest.get("started"):
+            return consumed
+        pinned = [h for h in latest["history"] if h[1] >= consumed["blocks"]]
+        return {**consumed, "pinned": pinned, "pinned_until": int(latest["blocks"])}
 
     def load_state_dict(self, state: dict) -> None:
         if not state.get("started", False):
@@ -410,3 +440,5 @@ class GripIterableDataset(IterableDataset):
         p.carry = tuple(s["carry"]) if s["carry"] is not None else None
         p.blocks = int(s["blocks"])
         p.history = [tuple(h) for h in s["history"]]
+        p.pinned = [tuple(h) for h in s.get("pinned", [])]
+        p.pinned_until = int(s.get("pinned_until", 0))

@@ -146,10 +146,52 @@ class ResumableLoader(StatefulDataLoader):
     def mark_consumed(self) -> None:
         self._consumed = min(self._consumed + 1, self._yielded)
 
+    def _consumed_state(self) -> dict[str, Any]:
+        if self._consumed not in self._snapshots:
+            return super().state_dict()
+        state = self._snapshots[self._consumed]
+        merge = getattr(self.dataset, "merge_inflight_state", None)
+        if merge is not None and self._yielded != self._consumed:
+            # batches read ahead are re-produced on resume; let the dataset pin what they were
+            state = _merge_dataset_states(state, self._snapshots[self._yielded], merge)
+        return state
+
     def state_dict(self) -> dict[str, Any]:
-        if self._consumed in self._snapshots:
-            return self._snapshots[self._consumed]
-        return super().state_dict()
+        """The consumed-batch state; under torch.distributed, every rank's (Lightning saves
+        rank 0's checkpoint only, and each rank's dataset partition has its own cursors)."""
+        state = self._consumed_state()
+        rank, world = _rank_world()
+        if world == 1:
+            return state
+        gathered: list[Any] = [None] * world
+        torch.distributed.all_gather_object(gathered, state)
+        return {"per_rank": gathered}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "per_rank" in state_dict:
+            rank, world = _rank_world()
+            saved = len(state_dict["per_rank"])
+            if saved != world:
+                raise ValueError(
+                    f"the checkpoint holds data-loader state for {saved} ranks but this run has {world}; "
+                    "resume with the same number of processes"
+                )
+            state_dict = state_dict["per_rank"][rank]
+        super().load_state_dict(state_dict)
+
+
+def _merge_dataset_states(consumed: Any, latest: Any, merge: Callable[[dict, dict], dict]) -> Any:
+    """Apply `merge` to every `dataset_state` found at the same place in both loader states."""
+    if not isinstance(consumed, dict) or not isinstance(latest, dict):
+        return consumed
+    out = {}
+    for key, value in consumed.items():
+        other = latest.get(key)
+        if key == "dataset_state" and isinstance(value, dict) and isinstance(other, dict):
+            out[key] = merge(value, other)
+        else:
+            out[key] = _merge_dataset_states(value, other, merge)
+    return out
 
 
 class GripDataModule(L.LightningDataModule):

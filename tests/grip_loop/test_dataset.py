@@ -123,7 +123,7 @@ def test_budget_update_reaches_the_next_block_without_workers(prepared):
     # the partly used document may finish, then only cluster 3 is drawn
     tail = torch.cat([b["token_cluster_ids"] for b in after[2:]])
     assert set(tail.tolist()) == {3}
-    assert ds.state_dict()["history"] == [[v, 5]]
+    assert ds.state_dict()["history"] == [[v, 5, [0, 0, 0, 7, 0, 0]]]
 
 
 def test_budget_update_reaches_both_workers_within_one_batch(prepared):

@@ -1,0 +1,196 @@
+"""GripCallback: a short CPU training run closes the loop, logs drift files, survives RAP
+failures, and resumes its schedule from a checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from grip_loop.callback import GripCallback, probe_blocks
+from grip_loop.dataset import GripIterableDataset
+from grip_loop.modes import BudgetConfig
+from grip_loop.rap import RAPConfig
+from tests.prepared import make_prepared
+from train.data import GripDataModule
+from train.module import MoELM
+
+SIZES = [30, 30, 20, 0, 25]
+TINY = dict(
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    num_experts=4,
+    top_k=2,
+    expert_size=32,
+)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prepared")
+    make_prepared(root, SIZES, orders=("grip", "diversity", "random"), easy={0}, max_len=60, n_probe=4)
+    return root
+
+
+class StopAt(L.Callback):
+    """Ends a run at a given step without changing max_steps (so the LR schedule is the same)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def run(root, out, *, steps=12, callback=None, ckpt=None, seed=0, every_ckpt=None, stop_at=None):
+    L.seed_everything(seed)
+    ds = GripIterableDataset(root, seq_len=32, seed=seed)
+    dm = GripDataModule(ds, batch_size=4, num_workers=0)
+    model = MoELM(model="tiny", vocab_size=2048, model_overrides=TINY, lr=3e-3, warmup_steps=2)
+    cbs = [callback] if callback is not None else []
+    if stop_at is not None:
+        cbs.append(StopAt(stop_at))
+    if every_ckpt:
+        cbs.append(
+            L.pytorch.callbacks.ModelCheckpoint(
+                dirpath=out / "ckpt", every_n_train_steps=every_ckpt, save_top_k=-1
+            )
+        )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=L.pytorch.loggers.CSVLogger(out, name="csv", version=""),
+        callbacks=cbs,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out,
+        log_every_n_steps=1,
+    )
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
+    return trainer, model, ds
+
+
+def cb(**kw):
+    kw.setdefault("refresh_every_n_steps", 4)
+    kw.setdefault("probe_seq_len", 32)
+    kw.setdefault("probe_max_blocks", 2)
+    kw.setdefault("rap", RAPConfig(steps=3, lr=1e-2))
+    return GripCallback(**kw)
+
+
+def test_probe_blocks_pack_each_clusters_probe_docs(prepared):
+    ds = GripIterableDataset(prepared)
+    blocks = probe_blocks(ds, seq_len=16, max_blocks=3)
+    assert sorted(blocks) == [0, 1, 2, 4]  # cluster 3 is empty: no probe
+    for k, b in blocks.items():
+        assert b.dtype == torch.int64 and b.shape[1] == 16 and 1 <= b.shape[0] <= 3
+        assert b[0, 0].item() == 1 + k  # the first probe document of cluster k starts the block
+
+
+def test_training_run_refreshes_publishes_and_logs_drift(prepared, tmp_path):
+    c = cb(budget=BudgetConfig(b_total=80))
+    trainer, _, ds = run(prepared, tmp_path, callback=c)
+    # initial budgets, the probe at start, and refreshes at steps 4, 8, 12
+    assert [h["step"] for h in c.history] == [0, 0, 4, 8, 12]
+    versions = [h["version"] for h in c.history]
+    assert versions == sorted(versions) and ds.version == versions[-1]
+    for h in c.history:
+        n = np.asarray(h["n"])
+        assert n.sum() == 80 and n[3] == 0 and np.all(n >= 0)
+        assert np.all(np.asarray(h["r"]) >= 1) and np.all(np.asarray(h["r"]) <= 3)
+    probed = [h for h in c.history if "delta" in h]
+    assert len(probed) == 4 and all(np.isfinite(h["delta"][k]) for h in probed for k in (0, 1, 2, 4))
+    assert np.isnan(probed[0]["delta"][3])
+    # every published version reached the batches by the next step (no workers)
+    for h in c.history[1:-1]:
+        assert c.effective_steps[h["version"]] <= h["step"] + 1
+    # drift files
+    lines = (tmp_path / "csv" / "grip_history.jsonl").read_text().splitlines()
+    assert [json.loads(x)["version"] for x in lines] == versions
+    assert (tmp_path / "csv" / "grip_budget_share.png").stat().st_size > 1000
+    header = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    for col in (
+        "grip/n/000",
+        "grip/r/004",
+        "grip/delta/001",
+        "grip/drift",
+        "grip/rap_seconds",
+        "grip/rap_cost_fraction",
+    ):
+        assert col in header, col
+    # tokens consumed per cluster follow the plan
+    share = c.consumed / c.consumed.sum()
+    planned = c.planned / c.planned.sum()
+    assert np.abs(share - planned).max() < 0.15
+
+
+def test_easy_cluster_gets_less_replay_than_random_ones(prepared, tmp_path):
+    c = cb(rap=RAPConfig(steps=10, lr=3e-2), probe_max_blocks=4)
+    run(prepared, tmp_path, callback=c, steps=24)
+    last = c.history[-1]
+    # cluster 0 repeats one pattern (easy, large relative drop), clusters 1, 2, 4 are random
+    assert last["delta"][0] > max(last["delta"][k] for k in (1, 2, 4))
+    assert last["r"][0] < min(last["r"][k] for k in (1, 2, 4))
+
+
+@pytest.mark.parametrize("failure", ["raise", "nan"])
+def test_failing_probe_keeps_previous_budgets(prepared, tmp_path, monkeypatch, caplog, failure):
+    import grip_loop.callback as cbmod
+
+    real = cbmod.rapid_adaptation_probe
+    calls = {"n": 0}
+
+    def flaky(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return real(*a, **kw)
+        if failure == "raise":
+            raise RuntimeError("probe exploded")
+        res = real(*a, **kw)
+        res.delta[:] = np.nan
+        return res
+
+    monkeypatch.setattr(cbmod, "rapid_adaptation_probe", flaky)
+    c = cb()
+    with caplog.at_level(logging.WARNING, logger="grip_loop.callback"):
+        trainer, _, ds = run(prepared, tmp_path, callback=c, steps=8)
+    assert trainer.global_step == 8  # training went on
+    assert [h["step"] for h in c.history] == [0, 0]  # only the start probe published
+    assert ds.budgets.tolist() == c.history[-1]["n"]
+    assert "keeping the previous budgets" in caplog.text
+
+
+def test_static_modes_never_probe(prepared, tmp_path, monkeypatch):
+    import grip_loop.callback as cbmod
+
+    monkeypatch.setattr(cbmod, "rapid_adaptation_probe", lambda *a, **k: pytest.fail("probed"))
+    for mode in ("random", "static-budget", "static-replay"):
+        c = cb(mode=mode)
+        _, _, ds = run(prepared, tmp_path / mode, callback=c, steps=5)
+        assert len(c.history) == 1 and ds.order == "random"
+        if mode == "random":
+            assert ds.budgets.tolist() == SIZES
+
+
+def test_resume_restores_schedule_and_stream(prepared, tmp_path):
+    # uninterrupted: 12 steps with refreshes at 4 and 8
+    full = cb()
+    _, m_full, _ = run(prepared, tmp_path / "a", callback=full, steps=12)
+    # interrupted after step 8 (checkpoint), resumed to 12
+    first = cb()
+    run(prepared, tmp_path / "b", callback=first, steps=12, every_ckpt=8, stop_at=8)
+    resumed = cb()
+    ckpt = next((tmp_path / "b" / "ckpt").glob("*step=8*.ckpt"))
+    _, m_res, ds = run(prepared, tmp_path / "c", callback=resumed, steps=12, ckpt=str(ckpt))
+    assert [h["n"] for h in resumed.history] == [h["n"] for h in full.history]
+    assert ds.version == full.history[-1]["version"]
+    for a, b in zip(m_full.state_dict().values(), m_res.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
