@@ -284,7 +284,7 @@ class GripCallback(L.Callback):
 
         steps = [h["step"] for h in self.history]
         shares = np.array([np.asarray(h["n"]) / self.b_total for h in self.history])
-        fig, ax = plt.subplots(figsize=(8, 4.5))
+        fig, ax = plt.subplots(figsize=(9, 4.5))
         for k in range(shares.shape[1]):
             ax.step(
                 steps, shares[:, k], where="post", label=f"cluster {k}" if shares.shape[1] <= 16 else None
@@ -292,8 +292,8 @@ class GripCallback(L.Callback):
         ax.set_xlabel("step")
         ax.set_ylabel("budget share n_k / B")
         ax.set_title(f"GRIP budget drift ({self.mode_name})")
-        if shares.shape[1] <= 16:
-            ax.legend(fontsize=7, ncol=2, loc="upper right")
+        if shares.shape[1] <= 20:
+            ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)

@@ -15,6 +15,7 @@ import sys
 # name -> (module with `main(argv) -> int`, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "env": ("train.cmd_env", "print versions and which optional GPU paths (faiss-gpu, megablocks) work"),
+    "corpus": ("train.cmd_corpus", "copy the embedded default code corpus (installed sources) into a folder"),
     "prepare": (
         "train.cmd_prepare",
         "corpus -> tokenizer, embeddings, clusters, probe, quality, ordered shards",

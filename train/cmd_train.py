@@ -10,6 +10,10 @@ from __future__ import annotations
 
 
 def main(argv: list[str]) -> int:
+    import sys
+
     from train.main import main as cli_main
+
+    sys.argv[:1] = ["grip train"]  # LightningCLI names itself after argv[0] in --help
 
     return cli_main(argv)
