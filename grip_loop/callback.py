@@ -131,6 +131,13 @@ class GripCallback(L.Callback):
             return
         ds = self._find_dataset(trainer)
         self._dataset = ds
+        model = getattr(pl_module, "model", None)
+        model_vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        if model_vocab is not None and model_vocab < ds.vocab_size:
+            raise ValueError(
+                f"model.vocab_size ({model_vocab}) is smaller than the prepared tokenizer's "
+                f"({ds.vocab_size}, {ds.root / 'manifest.json'}); set model.vocab_size >= {ds.vocab_size}"
+            )
         ds.set_order(self.mode.order)
         m = ds.manifest
         self.sizes = np.array(m.sizes, dtype=np.int64)

@@ -199,6 +199,11 @@ class GripIterableDataset(IterableDataset):
         self.rank: int | None = None
         self.world_size: int | None = None
 
+    @property
+    def vocab_size(self) -> int:
+        """The prepared tokenizer's vocabulary (token ids are < this)."""
+        return int(self.manifest.tokenizer["vocab_size"])
+
     def set_order(self, order: str) -> None:
         """Switch the selection order (only before iteration starts: the callback does it at setup)."""
         if order not in self.manifest.orders:

@@ -76,7 +76,7 @@ def make_prepared(
     m = Manifest(
         schema_version=SCHEMA_VERSION,
         corpus_fingerprint="synthetic",
-        tokenizer={"vocab_size": 4096, "eos_id": EOS, "token_dtype": "uint16"},
+        tokenizer={"vocab_size": 2048, "eos_id": EOS, "token_dtype": "uint16"},
         encoder={"name": "none"},
         k=len(sizes),
         seed=seed,

@@ -194,3 +194,20 @@ def test_resume_restores_schedule_and_stream(prepared, tmp_path):
     assert ds.version == full.history[-1]["version"]
     for a, b in zip(m_full.state_dict().values(), m_res.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_model_vocabulary_smaller_than_the_tokenizer_is_rejected(prepared, tmp_path):
+    L.seed_everything(0)
+    ds = GripIterableDataset(prepared, seq_len=32)
+    model = MoELM(model="tiny", vocab_size=1024, model_overrides=TINY)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        callbacks=[cb()],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
+    with pytest.raises(ValueError, match="model.vocab_size"):
+        trainer.fit(model, datamodule=GripDataModule(ds, batch_size=2))
