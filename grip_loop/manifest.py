@@ -56,6 +56,8 @@ class Manifest:
     clusters: list[ClusterInfo]
     config: dict = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
+    # held-out evaluation shards (`heldout/<lang>-*.tar`, never trained on); absent in older manifests
+    heldout: list[ShardInfo] = field(default_factory=list)
 
     @property
     def sizes(self) -> list[int]:
@@ -81,7 +83,8 @@ class Manifest:
                 )
                 for c in d["clusters"]
             ]
-            return cls(**{**d, "clusters": clusters})
+            heldout = [ShardInfo(**s) for s in d.get("heldout", [])]
+            return cls(**{**d, "clusters": clusters, "heldout": heldout})
         except (KeyError, TypeError) as exc:
             raise ManifestError(
                 f"{source}: malformed manifest ({type(exc).__name__}: {exc}); re-run `grip prepare`"
@@ -144,4 +147,10 @@ def load_manifest(directory: str | os.PathLike, *, check_files: bool = True) -> 
             for s in [s for ss in c.shards.values() for s in ss] + list(c.probe_shards):
                 if not (directory / s.path).is_file():
                     raise ManifestError(f"{directory / s.path}: shard listed in {path} is missing; {fix}")
+    if check_files:
+        for s in m.heldout:
+            if not (directory / s.path).is_file():
+                raise ManifestError(
+                    f"{directory / s.path}: held-out shard listed in {path} is missing; {fix}"
+                )
     return m

@@ -20,6 +20,12 @@ numbers: "grip", "diversity" and "random" differ only by their weights, which is
 ablation should compare); the probe draws from its own stream, uniformly inside the cluster,
 so Q_k and RAP see a representative sample, not the density-biased head of the order. Probe
 documents stay in the training shards too.
+
+Held-out slice: `heldout_fraction` of each language's documents (a seeded draw per language,
+so every language with enough files is represented) is removed before clustering and never
+reaches a training or probe shard. Those documents are written to `heldout/<lang>-*.tar`
+(same shard format; meta carries `lang` and the nearest centroid as `cluster`) and listed in
+the manifest's `heldout`, for `grip eval`. Cost: the clusters are fitted on 98% of the corpus.
 """
 
 from __future__ import annotations
@@ -83,6 +89,8 @@ class PrepareConfig:
     pathology_sample: int = 20_000
     """Documents sampled for the length-vs-kNN-distance plot of `grip inspect`."""
     n_examples: int = 3
+    heldout_fraction: float = 0.02
+    """Fraction of each language's documents held out for evaluation (not clustered, not trained on)."""
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -96,6 +104,8 @@ class PrepareConfig:
             raise ValueError(f"probe_fraction: must lie in (0, 1], got {self.probe_fraction}")
         if self.probe_min_per_cluster < 1:
             raise ValueError(f"probe_min_per_cluster: must be >= 1, got {self.probe_min_per_cluster}")
+        if not 0 <= self.heldout_fraction < 1:
+            raise ValueError(f"heldout_fraction: must lie in [0, 1), got {self.heldout_fraction}")
         if self.knn_k < 1:
             raise ValueError(f"knn_k: must be >= 1, got {self.knn_k}")
         if self.beta < 0:
@@ -270,18 +280,45 @@ def _tokenize(cfg: PrepareConfig, out: Path, work: Path, texts: list[str], fp: s
     return info
 
 
+def heldout_split(langs: list[str], fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of the held-out documents: round(fraction * n_lang) of each language,
+    a seeded uniform draw inside the language; a language always keeps >= 1 training document."""
+    langs_arr = np.asarray(langs, dtype=object)
+    picked = []
+    for lang in sorted(set(langs)):
+        idx = np.flatnonzero(langs_arr == lang)
+        n = min(int(np.floor(fraction * len(idx) + 0.5)), len(idx) - 1)
+        if n > 0:
+            rng = np.random.default_rng(
+                _seed(seed, 7, int.from_bytes(lang.encode()[:8].ljust(8, b"\0"), "little"))
+            )
+            picked.append(rng.choice(idx, size=n, replace=False))
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
+
+
 def _cluster(
-    cfg: PrepareConfig, out: Path, work: Path, emb: np.ndarray, emb_key: str
+    cfg: PrepareConfig, out: Path, work: Path, emb: np.ndarray, emb_key: str, train: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    from grip_loop.cluster import spherical_kmeans
+    """Centroids fitted on the training documents only; labels of every document (held-out
+    ones get their nearest centroid, for reporting)."""
+    from grip_loop.cluster import assign, spherical_kmeans
 
     meta = work / "labels.json"
-    key = _key("cluster", emb_key, cfg.k, cfg.seed, cfg.kmeans_niter, cfg.kmeans_sample)
+    key = _key(
+        "cluster",
+        emb_key,
+        cfg.k,
+        cfg.seed,
+        cfg.kmeans_niter,
+        cfg.kmeans_sample,
+        np.flatnonzero(~train).tolist(),
+    )
     if _done(meta, key) and (out / "centroids.npy").is_file():
         return np.load(out / "centroids.npy"), np.load(work / "labels.npy")
-    centroids, labels = spherical_kmeans(
-        emb, cfg.k, seed=cfg.seed, niter=cfg.kmeans_niter, sample_size=cfg.kmeans_sample
+    centroids, _ = spherical_kmeans(
+        np.asarray(emb)[train], cfg.k, seed=cfg.seed, niter=cfg.kmeans_niter, sample_size=cfg.kmeans_sample
     )
+    labels = assign(emb, centroids)
     for path, arr in ((out / "centroids.npy", centroids), (work / "labels.npy", labels)):
         with open(str(path) + ".tmp", "wb") as fh:
             np.save(fh, arr)
@@ -384,16 +421,21 @@ def _finish(cfg, out, work, docs, emb, emb_key, ingest, tok_info, timer, ShardWr
     lengths = np.diff(offsets)
 
     t0 = time.perf_counter()
-    if cfg.k > n:
-        raise ValueError(f"k: {cfg.k} clusters but the corpus has only {n} documents; lower k")
-    centroids, labels = _cluster(cfg, out, work, emb, emb_key)
+    held = heldout_split([d["lang"] for d in docs], cfg.heldout_fraction, cfg.seed)
+    train = np.ones(n, bool)
+    train[held] = False
+    if cfg.k > int(train.sum()):
+        raise ValueError(
+            f"k: {cfg.k} clusters but the corpus has only {int(train.sum())} training documents; lower k"
+        )
+    centroids, labels = _cluster(cfg, out, work, emb, emb_key, train)
     timer.record("cluster", t0, n)
 
     t0 = time.perf_counter()
-    sizes = np.bincount(labels, minlength=cfg.k)
-    sigma = geometric_consistency(emb, labels, centroids)
+    sizes = np.bincount(labels[train], minlength=cfg.k)
+    sigma = geometric_consistency(emb[train], labels[train], centroids)
     n_probe = probe_sizes(sizes, sigma, cfg.probe_fraction, cfg.probe_min_per_cluster)
-    members = [np.flatnonzero(labels == k) for k in range(cfg.k)]
+    members = [np.flatnonzero((labels == k) & train) for k in range(cfg.k)]
     orders, probes = [], []
     for k in tqdm(range(cfg.k), desc="density+order", unit="cluster", disable=not cfg.progress):
         m = members[k]
@@ -421,7 +463,7 @@ def _finish(cfg, out, work, docs, emb, emb_key, ingest, tok_info, timer, ShardWr
     # Write: the old manifest goes first, so a crash below never leaves one that looks complete.
     t0 = time.perf_counter()
     (out / "manifest.json").unlink(missing_ok=True)
-    for d in ("shards", "probe"):
+    for d in ("shards", "probe", "heldout"):
         shutil.rmtree(out / d, ignore_errors=True)
     dtype = token_dtype_for(tok_info["vocab_size"])
 
@@ -437,7 +479,9 @@ def _finish(cfg, out, work, docs, emb, emb_key, ingest, tok_info, timer, ShardWr
         writer.write(f"{i:09d}", ids[offsets[i] : offsets[i + 1]], docs[i]["text"], meta)
 
     clusters = []
-    bar = tqdm(total=n * len(cfg.orders), desc="write shards", unit="doc", disable=not cfg.progress)
+    bar = tqdm(
+        total=int(train.sum()) * len(cfg.orders), desc="write shards", unit="doc", disable=not cfg.progress
+    )
     for k in range(cfg.k):
         m = members[k]
         shard_lists = {}
@@ -469,8 +513,18 @@ def _finish(cfg, out, work, docs, emb, emb_key, ingest, tok_info, timer, ShardWr
                 examples=[docs[int(m[j])]["path"] for j in first],
             )
         )
+    heldout_infos: list[ShardInfo] = []
+    held_langs: dict[str, int] = {}
+    for lang in sorted({docs[i]["lang"] for i in held}):
+        mine = [int(i) for i in held if docs[i]["lang"] == lang]
+        held_langs[lang] = len(mine)
+        safe = "".join(ch if ch.isalnum() else "_" for ch in lang)
+        with ShardWriter(out / "heldout", token_dtype=dtype, prefix=safe, max_docs=cfg.shard_max_docs) as w:
+            for pos, i in enumerate(mine):
+                write(w, i, int(labels[i]), pos)
+            heldout_infos += [ShardInfo(f"heldout/{s.path}", s.n_docs, s.n_tokens) for s in w.close()]
     bar.close()
-    timer.record("write", t0, n * len(cfg.orders))
+    timer.record("write", t0, int(train.sum()) * len(cfg.orders) + len(held))
 
     manifest = Manifest(
         schema_version=SCHEMA_VERSION,
@@ -491,10 +545,13 @@ def _finish(cfg, out, work, docs, emb, emb_key, ingest, tok_info, timer, ShardWr
         orders=list(cfg.orders),
         clusters=clusters,
         config=cfg.to_dict(),
+        heldout=heldout_infos,
         stats={
-            "n_docs": n,
-            "n_tokens": int(lengths.sum()),
-            "mean_length": float(lengths.mean()),
+            "n_docs": int(train.sum()),
+            "n_tokens": int(lengths[train].sum()),
+            "mean_length": float(lengths[train].mean()),
+            "heldout_docs": len(held),
+            "heldout_langs": held_langs,
             "read": ingest["read_stats"],
             "probe_docs": int(n_probe.sum()),
             "judge": getattr(judge, "stats", {"kind": cfg.judge.kind}),

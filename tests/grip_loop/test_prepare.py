@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from grip_loop.manifest import load_manifest
-from grip_loop.prepare import PrepareConfig, load_config, prepare, probe_sizes
+from grip_loop.prepare import PrepareConfig, heldout_split, load_config, prepare, probe_sizes
 from grip_loop.shards import iter_shard
 from tests.stdlib_prepared import N_DOCS, TINY, _cfg
 
@@ -37,7 +37,8 @@ def _shard_docs(directory, m, order, k):
 def test_end_to_end_manifest_and_shards(stdlib_prepared):
     m = load_manifest(stdlib_prepared)
     cfg = PrepareConfig.from_dict(m.config)
-    assert m.n_docs == m.stats["n_docs"] == N_DOCS
+    n_held = m.stats["heldout_docs"]
+    assert m.n_docs == m.stats["n_docs"] == N_DOCS - n_held and n_held >= 1
     assert m.stats["read"]["skipped"] == {"binary": 1, "empty": 1}
     assert m.k == 8 and m.orders == ["grip", "diversity", "random"]
     emb = np.load(stdlib_prepared / "work" / "embeddings.npy")
@@ -51,10 +52,12 @@ def test_end_to_end_manifest_and_shards(stdlib_prepared):
     tok = Tokenizer.from_file(str(stdlib_prepared / m.tokenizer["path"]))
     assert m.tokenizer["eos_id"] == tok.token_to_id("<|endoftext|>")
     n_probe = probe_sizes(np.array(m.sizes), np.array([c.sigma for c in m.clusters]), 0.02, 3)
+    held = {d.meta["doc_id"] for s in m.heldout for d in iter_shard(stdlib_prepared / s.path, "uint16")}
+    train = np.array([d["id"] not in held for d in docs])
     for c in m.clusters:
-        members = np.flatnonzero(labels == c.id)
+        members = np.flatnonzero((labels == c.id) & train)
         assert c.n_docs == len(members)
-        assert 0 <= c.quality <= 1 and 0 < c.sigma < 2
+        assert 0 <= c.quality <= 1 and 0 <= c.sigma < 2  # 0: a singleton cluster
         assert len(c.probe_ids) == n_probe[c.id] >= min(3, c.n_docs)
         member_ids = {docs[i]["id"] for i in members}
         assert set(c.probe_ids) <= member_ids
@@ -77,6 +80,45 @@ def test_end_to_end_manifest_and_shards(stdlib_prepared):
         assert sum(len(v) for v in per_order.values()) == 3 * c.n_docs
     assert sum(c.n_tokens for c in m.clusters) == m.stats["n_tokens"]
     assert m.stats["probe_docs"] == n_probe.sum() >= round(0.02 * N_DOCS)
+
+
+def test_heldout_split_is_disjoint_and_stratified(stdlib_prepared):
+    """Held-out documents are in no training or probe shard; counts per language follow the rule."""
+    from collections import Counter
+
+    m = load_manifest(stdlib_prepared)
+    docs = [json.loads(line) for line in open(stdlib_prepared / "work" / "docs.jsonl")]
+    held = [d for s in m.heldout for d in iter_shard(stdlib_prepared / s.path, "uint16")]
+    held_ids = [d.meta["doc_id"] for d in held]
+    assert len(set(held_ids)) == len(held_ids) == m.stats["heldout_docs"] >= 1
+    trained = {
+        d.meta["doc_id"]
+        for c in m.clusters
+        for s in [*c.shards["grip"], *c.probe_shards]
+        for d in iter_shard(stdlib_prepared / s.path, "uint16", with_text=False)
+    }
+    assert not trained & set(held_ids)
+    assert len(trained) + len(held_ids) == N_DOCS  # nothing lost either
+    by_lang = Counter(d["lang"] for d in docs)
+    expect = {lang: min(int(np.floor(0.02 * n + 0.5)), n - 1) for lang, n in by_lang.items()}
+    assert m.stats["heldout_langs"] == {k: v for k, v in expect.items() if v}
+    assert Counter(d.meta["lang"] for d in held) == Counter(m.stats["heldout_langs"])
+    assert all(0 <= d.meta["cluster"] < m.k for d in held)
+
+
+def test_heldout_split_function():
+    langs = ["py"] * 500 + ["c"] * 100 + ["go"] * 10 + ["rs"] * 1
+    for seed in range(3):
+        idx = heldout_split(langs, 0.1, seed)
+        got = np.array(langs, dtype=object)[idx]
+        assert (got == "py").sum() == 50 and (got == "c").sum() == 10 and (got == "go").sum() == 1
+        assert (got == "rs").sum() == 0  # a language keeps at least one training document
+        assert np.all(np.diff(idx) > 0)
+    assert not np.array_equal(heldout_split(langs, 0.1, 0), heldout_split(langs, 0.1, 1))
+    assert np.array_equal(heldout_split(langs, 0.1, 4), heldout_split(langs, 0.1, 4))
+    assert len(heldout_split(langs, 0.0, 0)) == 0
+    with pytest.raises(ValueError, match="heldout_fraction"):
+        PrepareConfig(heldout_fraction=1.0)
 
 
 @pytest.mark.slow
