@@ -29,6 +29,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "time one Rapid Adaptation Probe refresh on a tiny MoE (K clusters)",
     ),
     "export-hf": ("train.cmd_export", "convert a Lightning checkpoint to a Hugging Face model folder"),
+    "eval": (
+        "train.cmd_eval",
+        "held-out loss/perplexity per language, HumanEval loss and pass@1 of a checkpoint",
+    ),
+    "ablate": (
+        "train.cmd_ablate",
+        "train and evaluate every sampler row of configs/ablation; results.md/.csv and a bar chart",
+    ),
     "train": (
         "train.cmd_train",
         "train a MoE LM with Lightning (LightningCLI: --config configs/train/*.yaml)",

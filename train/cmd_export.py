@@ -23,7 +23,12 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     if "hyper_parameters" not in state or "state_dict" not in state:
         raise ValueError(f"{ckpt}: not a Lightning checkpoint of train.module.MoELM")
-    hp = dict(state["hyper_parameters"], lazy_init=False, experts_backend="hf")
+    import inspect
+
+    # LightningCLI adds bookkeeping keys (e.g. `_instantiator`) to the saved hyper-parameters
+    known = set(inspect.signature(MoELM.__init__).parameters) - {"self"}
+    hp = {k: v for k, v in state["hyper_parameters"].items() if k in known}
+    hp.update(lazy_init=False, experts_backend="hf")
     module = MoELM(**hp)
     module.load_state_dict(state["state_dict"])
     out = Path(out)

@@ -1,0 +1,294 @@
+"""Held-out evaluation of a trained checkpoint: loss / perplexity and HumanEval pass@1.
+
+What is measured (all from the Hugging Face export of the checkpoint, `grip export-hf`):
+
+* **Held-out corpus loss per language**: the documents `grip prepare` held out
+  (`heldout_fraction`, manifest field `heldout`), never trained on. Each document is scored
+  on its own as `[EOS] doc [EOS]` (EOS doubles as BOS, as in the packed training stream),
+  cut into windows of `seq_len` tokens that overlap by one token (the context restarts at a
+  window boundary; cost: tokens after a boundary see less context than in a sliding
+  window, which overstates the loss of long documents a little, equally for every model).
+  Loss = token-weighted mean next-token cross-entropy in nats; ppl = exp(loss). "overall"
+  weights every held-out token equally (so the largest language dominates).
+* **HumanEval loss**: prompt + canonical solution of all 164 problems (excluded from the
+  corpus by content hash), scored like a held-out document; also the loss of the solution
+  tokens alone given the prompt (`humaneval_solution`). Prompt and solution are tokenized
+  separately and concatenated (the boundary is a newline in every problem).
+* **pass@1** (optional, `pass_at_1=True`): greedy `generate` from the prompt, at most
+  `max_new_tokens`, stopped at EOS or the next top-level def/class/if __name__/print, then
+  run against the problem's tests by `train.humaneval.check_completion` (subprocess, time and
+  memory limits). With one greedy sample per problem pass@1 is the fraction that pass.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    seq_len: int = 256  # window length (the quick start trains at 256)
+    batch_size: int = 8
+    max_tokens_per_lang: int | None = 200_000  # cap on held-out tokens scored per language; None = all
+    humaneval: bool = True
+    pass_at_1: bool = False
+    limit: int | None = None  # HumanEval problems for pass@1 (the first `limit`); None = all 164
+    max_new_tokens: int = 128
+    exec_timeout: float = 5.0
+    exec_memory_mb: int = 1024
+    device: str = "auto"  # auto = cuda if available, else cpu
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len: must be >= 2, got {self.seq_len}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.max_tokens_per_lang is not None and self.max_tokens_per_lang < 1:
+            raise ValueError(f"max_tokens_per_lang: must be >= 1 or None, got {self.max_tokens_per_lang}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit: must be >= 1 or None, got {self.limit}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+
+
+# ------------------------------------------------------------------------------------- data
+
+
+def load_tokenizer(prepared: str | Path):
+    from tokenizers import Tokenizer
+
+    from grip_loop.manifest import load_manifest
+
+    m = load_manifest(prepared, check_files=False)
+    path = Path(prepared) / m.tokenizer.get("path", "tokenizer/tokenizer.json")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the prepared tokenizer is missing; re-run `grip prepare`")
+    return Tokenizer.from_file(str(path)), int(m.tokenizer["eos_id"])
+
+
+def heldout_documents(prepared: str | Path) -> dict[str, list[np.ndarray]]:
+    """Token ids of the held-out documents, grouped by language (manifest order)."""
+    from grip_loop.manifest import load_manifest
+    from grip_loop.shards import iter_shard
+
+    m = load_manifest(prepared)
+    if not m.heldout:
+        raise ValueError(
+            f"{Path(prepared) / 'manifest.json'}: no held-out shards; re-run `grip prepare` with "
+            "heldout_fraction > 0 (default 0.02)"
+        )
+    out: dict[str, list[np.ndarray]] = {}
+    for s in m.heldout:
+        for d in iter_shard(Path(prepared) / s.path, m.tokenizer["token_dtype"], with_text=False):
+            out.setdefault(d.meta.get("lang", "unknown"), []).append(d.tokens.astype(np.int64))
+    return out
+
+
+def windows(
+    tokens: np.ndarray, seq_len: int, eos: int, score_from: int = 0
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(input_ids, labels) windows of `[eos] tokens [eos]`; consecutive windows share one token so
+    every token after the leading EOS is predicted exactly once. Labels before position
+    `score_from` of the document (plus the leading EOS) are -100."""
+    seq = np.concatenate([[eos], np.asarray(tokens, np.int64), [eos]])
+    lab = seq.copy()
+    lab[: 1 + score_from] = -100  # position 0 is never a target; the prompt part is masked
+    out = []
+    start = 0
+    while start < len(seq) - 1:
+        ids = seq[start : start + seq_len]
+        labels = lab[start : start + seq_len].copy()
+        if start > 0:
+            labels[0] = -100  # predicted as the last token of the previous window
+        out.append((ids, labels))
+        start += seq_len - 1
+    return out
+
+
+@torch.no_grad()
+def score_windows(model, wins, *, batch_size: int, pad: int, device, desc: str = "", progress: bool = True):
+    """(sum of next-token NLL in nats, number of scored tokens) over `wins`."""
+    from tqdm import tqdm
+
+    total, count = 0.0, 0
+    wins = sorted(wins, key=lambda w: -len(w[0]))  # similar lengths together: less padding
+    for lo in tqdm(
+        range(0, len(wins), batch_size), desc=desc, unit="batch", disable=not progress, leave=False
+    ):
+        chunk = wins[lo : lo + batch_size]
+        t = max(len(w[0]) for w in chunk)
+        ids = torch.full((len(chunk), t), pad, dtype=torch.long)
+        labels = torch.full((len(chunk), t), -100, dtype=torch.long)
+        attn = torch.zeros((len(chunk), t), dtype=torch.long)
+        for i, (a, b) in enumerate(chunk):
+            ids[i, : len(a)] = torch.from_numpy(a)
+            labels[i, : len(b)] = torch.from_numpy(b)
+            attn[i, : len(a)] = 1
+        ids, labels, attn = ids.to(device), labels.to(device), attn.to(device)
+        logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits.float()
+        tgt = labels[:, 1:]
+        mask = tgt != -100
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.size(-1)), tgt.reshape(-1).clamp_min(0), reduction="none"
+        ).view_as(tgt)
+        total += float((nll * mask).sum())
+        count += int(mask.sum())
+    return total, count
+
+
+def _summary(nll: float, n: int, docs: int) -> dict:
+    loss = nll / n if n else float("nan")
+    return {"loss": loss, "ppl": math.exp(loss) if n else float("nan"), "tokens": n, "docs": docs}
+
+
+# ------------------------------------------------------------------------------------- model
+
+
+def load_hf_model(ckpt: str | Path, hf_dir: str | Path, device):
+    """Export the Lightning checkpoint to `hf_dir` (grip export-hf) and load it with
+    `AutoModelForCausalLM.from_pretrained`: the evaluated model is the published artefact."""
+    from transformers import AutoModelForCausalLM
+
+    from train.cmd_export import export_hf
+
+    export_hf(ckpt, hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir))
+    return model.to(device).eval()
+
+
+class _StopOnText:
+    """StoppingCriteria: stop once the decoded continuation contains a stop sequence."""
+
+    def __init__(self, tok, prompt_len: int) -> None:
+        self.tok, self.prompt_len = tok, prompt_len
+
+    def __call__(self, input_ids, scores, **kwargs):
+        from train.humaneval import STOP_SEQUENCES
+
+        text = self.tok.decode(input_ids[0, self.prompt_len :].tolist())
+        done = any(s in text for s in STOP_SEQUENCES)
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+@torch.no_grad()
+def generate_completion(model, tok, eos: int, prompt: str, max_new_tokens: int, device) -> str:
+    """Greedy continuation of `prompt`, cut at the first stop sequence."""
+    from transformers import StoppingCriteriaList
+
+    from train.humaneval import truncate_completion
+
+    ids = [eos] + tok.encode(prompt, add_special_tokens=False).ids
+    x = torch.tensor([ids], dtype=torch.long, device=device)
+    out = model.generate(
+        x,
+        attention_mask=torch.ones_like(x),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=eos,
+        stopping_criteria=StoppingCriteriaList([_StopOnText(tok, len(ids))]),
+    )
+    new = out[0, len(ids) :].tolist()
+    if eos in new:
+        new = new[: new.index(eos)]
+    return truncate_completion(tok.decode(new))
+
+
+# ------------------------------------------------------------------------------------- main
+
+
+def evaluate(ckpt: str | Path, prepared: str | Path, out: str | Path, cfg: EvalConfig | None = None) -> dict:
+    """Run every measurement; write `<out>/eval.json` and `<out>/eval.md`; return the dict."""
+    from tqdm import tqdm
+
+    from train.humaneval import check_completion, load_problems
+
+    cfg = cfg or EvalConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(
+        "cuda"
+        if cfg.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if cfg.device == "auto" else cfg.device)
+    )
+    t0 = time.perf_counter()
+    tok, eos = load_tokenizer(prepared)
+    model = load_hf_model(ckpt, out / "hf", device)
+    if model.config.vocab_size < tok.get_vocab_size():
+        raise ValueError(
+            f"{ckpt}: model vocab_size {model.config.vocab_size} < the tokenizer's {tok.get_vocab_size()} "
+            f"({prepared}); evaluate with the prepared corpus the model was trained on"
+        )
+    result: dict = {"ckpt": str(ckpt), "data": str(prepared), "config": asdict(cfg), "heldout": {}}
+    score = dict(batch_size=cfg.batch_size, pad=eos, device=device, progress=cfg.progress)
+
+    tot_nll, tot_n, tot_docs = 0.0, 0, 0
+    for lang, docs in sorted(heldout_documents(prepared).items()):
+        wins, used, have = [], 0, 0
+        for d in docs:
+            if cfg.max_tokens_per_lang is not None and have >= cfg.max_tokens_per_lang:
+                break
+            wins += windows(d, cfg.seq_len, eos)
+            have += len(d) + 1
+            used += 1
+        nll, n = score_windows(model, wins, desc=f"held-out {lang}", **score)
+        result["heldout"][lang] = _summary(nll, n, used)
+        tot_nll, tot_n, tot_docs = tot_nll + nll, tot_n + n, tot_docs + used
+    result["heldout_overall"] = _summary(tot_nll, tot_n, tot_docs)
+
+    if cfg.humaneval:
+        problems = load_problems()
+        full, sol = [], []
+        for p in problems:
+            a = tok.encode(p["prompt"], add_special_tokens=False).ids
+            b = tok.encode(p["canonical_solution"], add_special_tokens=False).ids
+            full += windows(np.array(a + b), cfg.seq_len, eos)
+            sol += windows(np.array(a + b), cfg.seq_len, eos, score_from=len(a))
+        result["humaneval"] = _summary(*score_windows(model, full, desc="humaneval", **score), len(problems))
+        result["humaneval_solution"] = _summary(
+            *score_windows(model, sol, desc="humaneval solution", **score), len(problems)
+        )
+
+    if cfg.pass_at_1:
+        problems = load_problems(cfg.limit)
+        passed, samples = 0, []
+        for p in tqdm(problems, desc="pass@1 (generate + run)", unit="problem", disable=not cfg.progress):
+            completion = generate_completion(model, tok, eos, p["prompt"], cfg.max_new_tokens, device)
+            r = check_completion(p, completion, timeout=cfg.exec_timeout, memory_mb=cfg.exec_memory_mb)
+            passed += r.passed
+            samples.append({"task_id": p["task_id"], "completion": completion, "status": r.status})
+        result["pass_at_1"] = {"pass@1": passed / len(problems), "passed": passed, "problems": len(problems)}
+        with open(out / "samples.jsonl", "w") as fh:
+            for s in samples:
+                fh.write(json.dumps(s) + "\n")
+
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    (out / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "eval.md").write_text(markdown_table(result))
+    return result
+
+
+def markdown_table(r: dict) -> str:
+    rows = [(f"held-out {lang}", v) for lang, v in r["heldout"].items()]
+    rows.append(("held-out overall", r["heldout_overall"]))
+    for key, name in (
+        ("humaneval", "HumanEval (prompt + solution)"),
+        ("humaneval_solution", "HumanEval solution | prompt"),
+    ):
+        if key in r:
+            rows.append((name, r[key]))
+    lines = ["| set | docs | tokens | loss (nats) | ppl |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {n} | {v['docs']} | {v['tokens']} | {v['loss']:.4f} | {v['ppl']:.2f} |" for n, v in rows]
+    if "pass_at_1" in r:
+        p = r["pass_at_1"]
+        lines.append("")
+        lines.append(f"HumanEval pass@1 (greedy): {p['pass@1']:.3f} ({p['passed']}/{p['problems']} problems)")
+    return "\n".join(lines) + "\n"
