@@ -78,3 +78,52 @@ def test_extra_callbacks_can_be_added(tmp_path, monkeypatch):
         run=False,
     )
     assert any(isinstance(c, LearningRateMonitor) for c in cli.trainer.callbacks)
+
+
+ABLATION_YAMLS = sorted((ROOT / "configs" / "ablation").glob("*.yaml"))
+
+
+def _without_mode(cfg: dict) -> tuple[dict, str]:
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    modes = [
+        cb["init_args"].pop("mode")
+        for cb in cfg["trainer"]["callbacks"]
+        if cb["class_path"] == "grip_loop.callback.GripCallback"
+    ]
+    assert len(modes) == 1
+    return cfg, modes[0]
+
+
+def test_ablation_rows_differ_only_in_the_sampler_mode():
+    import yaml
+
+    from grip_loop.modes import MODES
+
+    assert [p.stem for p in ABLATION_YAMLS] == [
+        "1-random",
+        "2-static-budget",
+        "3-static-replay",
+        "4-loss-replay",
+        "5-diversity",
+        "6-grip",
+    ]
+    rest, modes = zip(*(_without_mode(yaml.safe_load(p.read_text())) for p in ABLATION_YAMLS), strict=True)
+    assert list(modes) == list(MODES)  # the rows of Table 1 Panel B, in the paper's order
+    assert all(r == rest[0] for r in rest[1:])  # same budget, steps, seed, data, model, probe
+    assert rest[0]["seed_everything"] == 0 and rest[0]["trainer"]["max_steps"] > 0
+
+
+@pytest.mark.parametrize("path", ABLATION_YAMLS[-1:], ids=lambda p: p.stem)
+def test_ablation_yaml_builds(path, tmp_path, monkeypatch):
+    from tests.prepared import make_prepared
+    from train.main import build_cli
+
+    monkeypatch.chdir(tmp_path)
+    make_prepared(
+        tmp_path / "runs" / "quickstart" / "data", [5, 7, 3], orders=("grip", "diversity", "random")
+    )
+    cli = build_cli(["--config", str(path)], run=False)
+    cli.datamodule.setup("fit")
+    assert cli.model.model_config.vocab_size >= cli.datamodule.dataset.vocab_size

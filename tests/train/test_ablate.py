@@ -1,0 +1,90 @@
+"""`grip ablate` end to end (2 rows x 4 steps on the stdlib corpus) and its result helpers."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from train.ablate import ROOT, AblateConfig, aggregate, drift_summary, results_markdown, row_config, run
+from train.eval import EvalConfig
+
+
+def test_row_config_redirects_every_output(tmp_path):
+    base = yaml.safe_load((ROOT / "configs/ablation/6-grip.yaml").read_text())
+    rc = row_config(
+        base, tmp_path / "r", 3, ["trainer.max_steps=7", "trainer.callbacks.1.init_args.every=1"], "r"
+    )
+    tr = rc["trainer"]
+    assert tr["default_root_dir"] == str(tmp_path / "r") and tr["max_steps"] == 7
+    assert all(lg["init_args"]["save_dir"] == str(tmp_path / "r") for lg in tr["logger"])
+    assert tr["callbacks"][0]["init_args"]["dirpath"] == str(tmp_path / "r" / "checkpoints")
+    assert rc["seed_everything"] == rc["model"]["seed"] == rc["data"]["dataset"]["init_args"]["seed"] == 3
+    assert base["trainer"]["max_steps"] == 200  # the row itself is untouched
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        AblateConfig(overrides=["nonsense"])
+
+
+def test_drift_summary_and_aggregate(tmp_path):
+    h = tmp_path / "h.jsonl"
+    h.write_text(
+        "\n".join(
+            json.dumps(e)
+            for e in [{"drift": 0.0}, {"drift": 0.1, "delta": [1]}, {"drift": 0.3, "delta": [1]}]
+        )
+    )
+    d = drift_summary(h)
+    assert d["refreshes"] == 2 and d["probes"] == 2
+    assert np.isclose(d["drift_mean"], 0.2) and np.isclose(d["drift_max"], 0.3)
+    rs = [
+        {"row": "a", "mode": "grip", "seed": s, "heldout_overall": v}
+        for s, v in ((0, 1.0), (1, 2.0), (2, 4.0))
+    ]
+    a = aggregate(rs)[0]
+    assert a["n_seeds"] == 3 and np.isclose(a["heldout_overall"], 7 / 3) and a["heldout_overall_pm"] == 1.5
+    assert "2.3333 ± 1.5000" in results_markdown(rs)
+
+
+@pytest.mark.slow
+def test_ablate_two_rows_end_to_end(stdlib_prepared, tmp_path):
+    out = tmp_path / "abl"
+    sets = [
+        f"data.dataset.init_args.root={stdlib_prepared}",
+        "data.dataset.init_args.seq_len=64",
+        "data.batch_size=4",
+        "model.vocab_size=1024",
+        "trainer.max_steps=4",
+        "trainer.log_every_n_steps=2",
+        "trainer.callbacks.1.init_args.refresh_every_n_steps=2",
+        "trainer.callbacks.1.init_args.probe_seq_len=32",
+        "trainer.callbacks.1.init_args.probe_max_blocks=1",
+        "trainer.callbacks.1.init_args.rap.steps=2",
+    ]
+    cfg = AblateConfig(
+        rows=str(ROOT / "configs/ablation"),
+        out=str(out),
+        only=["1-random", "4-loss-replay"],
+        overrides=sets,
+        eval=EvalConfig(seq_len=64, humaneval=False, progress=False),
+    )
+    results = run(cfg)
+    assert [r["row"] for r in results] == ["1-random", "4-loss-replay"]
+    for row in ("1-random", "4-loss-replay"):
+        assert (out / row / "checkpoints" / "last.ckpt").is_file()
+        assert (out / row / "csv" / "grip_history.jsonl").is_file()
+        assert list((out / row / "wandb").glob("offline-run-*"))
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["mode"] for r in rows] == ["random", "loss-replay"]
+    for r, res in zip(rows, results, strict=True):
+        ev = json.loads((out / res["row"] / "eval" / "eval.json").read_text())
+        assert np.isclose(float(r["heldout_overall"]), ev["heldout_overall"]["loss"])
+        assert int(r["tokens"]) == 4 * 4 * 64 and float(r["wall_s"]) > 0
+    assert int(rows[0]["refreshes"]) == 0  # random never probes
+    assert int(rows[1]["refreshes"]) == 3 and int(rows[1]["probes"]) == 3  # at start, steps 2 and 4
+    md = (out / "results.md").read_text()
+    assert "| 4-loss-replay | loss-replay |" in md and (out / "results.png").stat().st_size > 1000
+    # re-running resumes: nothing is retrained (train_done.json and eval.json are reused)
+    stamp = (out / "1-random" / "eval" / "eval.json").stat().st_mtime
+    assert run(cfg) == results
+    assert (out / "1-random" / "eval" / "eval.json").stat().st_mtime == stamp

@@ -1,0 +1,65 @@
+"""`grip ablate`: train every sampler row (configs/ablation/*.yaml), evaluate, tabulate, plot.
+
+Examples:
+    grip ablate --rows configs/ablation --out runs/ablation
+    grip ablate --rows configs/ablation --out runs/ablation-3seeds --seeds 0 1 2
+    grip ablate --rows configs/ablation --out /tmp/a --only 1-random 6-grip --set trainer.max_steps=20
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def main(argv: list[str]) -> int:
+    from train.eval import EvalConfig
+
+    d = EvalConfig()
+    p = argparse.ArgumentParser(prog="grip ablate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", default="configs/ablation", help="folder of row YAMLs (or one YAML)")
+    p.add_argument("--out", required=True, help="output folder: one sub-folder per row, results.{md,csv,png}")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (each row runs once per seed)")
+    p.add_argument("--only", nargs="+", default=[], help="run only these rows (file stems, e.g. 6-grip)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override applied to every row, value parsed as YAML (repeatable)",
+    )
+    p.add_argument("--nproc", type=int, default=1, help="processes per row (torchrun on this node)")
+    p.add_argument("--pass-at-1", action="store_true", help="also generate + execute HumanEval (pass@1)")
+    p.add_argument("--limit", type=int, default=None, help="HumanEval problems for pass@1 (default all)")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="generation length limit")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="evaluation window in tokens")
+    p.add_argument(
+        "--max-tokens-per-lang",
+        type=int,
+        default=d.max_tokens_per_lang,
+        help="held-out tokens scored per language (default %(default)s)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars in evaluation")
+    a = p.parse_args(argv)
+    from train.ablate import AblateConfig, results_markdown, run
+
+    cfg = AblateConfig(
+        rows=a.rows,
+        out=a.out,
+        seeds=a.seeds,
+        overrides=a.overrides,
+        only=a.only,
+        nproc=a.nproc,
+        eval=EvalConfig(
+            seq_len=a.seq_len,
+            max_tokens_per_lang=a.max_tokens_per_lang,
+            pass_at_1=a.pass_at_1,
+            limit=a.limit,
+            max_new_tokens=a.max_new_tokens,
+            progress=not a.no_progress,
+        ),
+    )
+    results = run(cfg)
+    print(results_markdown(results), end="")
+    print(f"wrote {a.out}/results.md, results.csv, results.png")
+    return 0
