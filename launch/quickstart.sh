@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job, end to end on a fresh machine, CPU only:
 #   install -> default code corpus (installed sources) -> grip prepare -> GRIP training of the
-#   tiny MoE with Rapid Adaptation Probe refreshes -> summary of where everything is.
+#   tiny MoE with Rapid Adaptation Probe refreshes -> held-out evaluation (per-language loss,
+#   HumanEval loss, pass@1 on a few problems) -> summary of where everything is.
 # Usage: ./launch/quickstart.sh            (from anywhere; runs in the repository root)
 # Re-running resumes: prepare skips finished stages; delete runs/quickstart to start over.
 set -euo pipefail
@@ -12,7 +13,8 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
   . .venv/bin/activate
 fi
 echo "== install"
-pip install -q torch==2.13.0 && pip install -q -e .
+# SKIP_INSTALL=1 reuses an environment that already has the package (e.g. a second run)
+[ -n "${SKIP_INSTALL:-}" ] || { pip install -q torch==2.13.0 && pip install -q -e .; }
 export WANDB_MODE=${WANDB_MODE:-offline} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 start=$(date +%s)
 echo "== corpus: installed Python/C/C++ sources -> $OUT/corpus"
@@ -21,8 +23,12 @@ echo "== prepare: tokenize, embed, cluster, probe, quality, ordered shards -> $O
 grip prepare --corpus "$OUT/corpus" --out "$OUT/data" --config configs/prepare/quickstart.yaml
 grip inspect "$OUT/data" --png "$OUT/length_pathology.png" | head -30
 echo "== train: tiny MoE, GRIP sampler, RAP every 50 steps"
-rm -rf "$OUT/csv" "$OUT/checkpoints"
+rm -rf "$OUT/csv" "$OUT/checkpoints" "$OUT/wandb"
 grip train --config configs/train/cpu-tiny-grip.yaml
+echo "== eval: held-out loss per language, HumanEval loss, pass@1 on ${PASS_LIMIT:-10} problems"
+rm -rf "$OUT/eval"
+grip eval --ckpt "$OUT/checkpoints/last.ckpt" --data "$OUT/data" --out "$OUT/eval" \
+  --pass-at-1 --limit "${PASS_LIMIT:-10}" --max-new-tokens 64 --max-tokens-per-lang 40000
 echo "== summary ($(( $(date +%s) - start )) s after install)"
 python - "$OUT" <<'PY'
 import json, sys
@@ -43,4 +49,7 @@ print("budget history:    ", out / "csv" / "grip_history.jsonl")
 print("metrics (CSV):     ", out / "csv" / "metrics.csv")
 print("checkpoint:        ", out / "checkpoints" / "last.ckpt")
 print("length pathology:  ", out / "length_pathology.png")
+print("evaluation:        ", out / "eval" / "eval.json", "(table: eval.md, HF model: eval/hf)")
+print()
+print((out / "eval" / "eval.md").read_text(), end="")
 PY
