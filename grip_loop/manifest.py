@@ -9,6 +9,7 @@ raises `ManifestError` naming the file and the fix, instead of failing mid-run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -105,7 +106,7 @@ def load_manifest(directory: str | os.PathLike, *, check_files: bool = True) -> 
 
     Checks the schema version, that cluster ids are 0..K-1, that each order's shard
     counts add up to the cluster's N_k, and (with `check_files`) that every listed shard
-    exists. Any failure raises ManifestError naming the file and saying to re-run prepare.
+    exists and the tokenizer file is the one the shards were written with (sha256). Any failure raises ManifestError naming the file and saying to re-run prepare.
     """
     directory = Path(directory)
     path = directory / MANIFEST_NAME
@@ -144,4 +145,27 @@ def load_manifest(directory: str | os.PathLike, *, check_files: bool = True) -> 
             for s in [s for ss in c.shards.values() for s in ss] + list(c.probe_shards):
                 if not (directory / s.path).is_file():
                     raise ManifestError(f"{directory / s.path}: shard listed in {path} is missing; {fix}")
+    if check_files:
+        _check_tokenizer_file(m, directory, path, fix)
     return m
+
+
+def _check_tokenizer_file(m: Manifest, directory: Path, path: Path, fix: str) -> None:
+    """The tokenizer file the manifest names must be the one it was prepared with: a later,
+    interrupted prepare run with other tokenizer settings rewrites tokenizer.json before it
+    deletes the old manifest, and ids would then decode with the wrong vocabulary."""
+    rel, sha = m.tokenizer.get("path"), m.tokenizer.get("sha256")
+    if not rel or not sha:
+        return  # a manifest without a tokenizer file (synthetic corpora)
+    tok = directory / rel
+    if not tok.is_file():
+        raise ManifestError(f"{tok}: tokenizer listed in {path} is missing; {fix}")
+    h = hashlib.sha256()
+    with open(tok, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    if h.hexdigest() != sha:
+        raise ManifestError(
+            f"{tok}: sha256 {h.hexdigest()[:12]}... differs from the {sha[:12]}... recorded in {path} "
+            f"(the tokenizer was rebuilt after these shards were written); {fix}"
+        )

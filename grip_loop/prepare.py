@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -98,12 +99,23 @@ class PrepareConfig:
             raise ValueError(f"probe_min_per_cluster: must be >= 1, got {self.probe_min_per_cluster}")
         if self.knn_k < 1:
             raise ValueError(f"knn_k: must be >= 1, got {self.knn_k}")
+        for name in ("probe_fraction", "beta"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                raise ValueError(f"{name}: must be a finite number, got {v!r}")
         if self.beta < 0:
             raise ValueError(f"beta: must be >= 0, got {self.beta}")
         bad = [o for o in self.orders if o not in ORDERS]
         if bad or not self.orders or len(set(self.orders)) != len(self.orders):
             raise ValueError(f"orders: a non-empty list of distinct names from {ORDERS}, got {self.orders}")
-        for name in ("kmeans_niter", "kmeans_sample", "shard_max_docs", "tokenizer_train_docs"):
+        for name in (
+            "kmeans_niter",
+            "kmeans_sample",
+            "shard_max_docs",
+            "tokenizer_train_docs",
+            "max_file_bytes",
+            "vocab_size",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
 
@@ -351,6 +363,12 @@ def prepare(cfg: PrepareConfig) -> Manifest | None:
         timer.record("ingest", t0, ingest["n_docs"])
     distributed.barrier()
     ingest = json.loads((work / "ingest.json").read_text())
+    if cfg.k > ingest["n_docs"]:  # checked before the expensive stages, on every rank
+        distributed.shutdown()
+        raise ValueError(
+            f"k: {cfg.k} clusters but {cfg.corpus} has only {ingest['n_docs']} usable documents; "
+            f"lower k to at most {ingest['n_docs']}"
+        )
     docs = _load_docs(work)
     texts = [d["text"] for d in docs]
     fp = ingest["fingerprint"]
@@ -384,8 +402,6 @@ def _finish(cfg, out, work, docs, emb, emb_key, ingest, tok_info, timer, ShardWr
     lengths = np.diff(offsets)
 
     t0 = time.perf_counter()
-    if cfg.k > n:
-        raise ValueError(f"k: {cfg.k} clusters but the corpus has only {n} documents; lower k")
     centroids, labels = _cluster(cfg, out, work, emb, emb_key)
     timer.record("cluster", t0, n)
 
