@@ -109,6 +109,7 @@ class GripCallback(L.Callback):
         self._restored = False
         self._dataset: GripIterableDataset | None = None
         self._probe: dict[int, torch.Tensor] | None = None
+        self._log_dir: Path | None = None
 
     # ------------------------------------------------------------------ wiring
     @property
@@ -131,6 +132,7 @@ class GripCallback(L.Callback):
             return
         ds = self._find_dataset(trainer)
         self._dataset = ds
+        self._log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # collective: every rank
         self._check_model(pl_module, ds)
         ds.set_order(self.mode.order)
         m = ds.manifest
@@ -286,9 +288,13 @@ class GripCallback(L.Callback):
             self._write_files(trainer, e)
 
     def log_dir(self, trainer) -> Path:
-        d = Path(trainer.log_dir or trainer.default_root_dir)
-        d.mkdir(parents=True, exist_ok=True)
-        return d
+        # `trainer.log_dir` is a collective (it broadcasts rank 0's path), so it is resolved
+        # once in `setup`, which every rank runs; calling it here, from rank-0-only code,
+        # would leave the other ranks waiting at their next collective (a DDP deadlock).
+        if self._log_dir is None:
+            self._log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        self._log_dir.mkdir(parents=True, exist_ok=True)
+        return self._log_dir
 
     def _write_files(self, trainer, e: dict) -> None:
         d = self.log_dir(trainer)
