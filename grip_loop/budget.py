@@ -95,9 +95,9 @@ def _waterfill(w: np.ndarray, total: int, lo: np.ndarray, hi: np.ndarray) -> np.
         t = saturated.copy()
         t[zero] = _waterfill(np.ones(int(zero.sum())), rest + lo[zero].sum(), lo[zero], hi[zero])
         return t
-    w = w / w[pos].max()  # scale-free
     if not np.isfinite(hi).any() and not lo.any():
         return total * w / w.sum()  # the unbounded case, exact without search
+    w = w / w[pos].max()  # scale-free
     if total == 0:
         return lo.copy()  # sum(lo) <= total forces lo == 0
     # Bisection on x = log(lam), so that weight ratios beyond the float range (1e-311 next
