@@ -3,11 +3,13 @@ and resumed, end exactly where an uninterrupted run ends."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import pytest
 import torch
 import yaml
 
+from grip_loop.manifest import ManifestError, load_manifest
 from tests.prepared import make_prepared
 from tests.reliability._train_helpers import read_log
 
@@ -178,3 +181,51 @@ def test_sigkill_two_process_training_resumes_exactly(tmp_path):
     hist_a, hist_c = final_a["callbacks"][grip]["history"], final_c["callbacks"][grip]["history"]
     assert [(h["step"], h["n"]) for h in hist_a] == [(h["step"], h["n"]) for h in hist_c], msg
     assert len(hist_a) >= 1 + STEPS // REFRESH  # the budgets did move during the run
+
+
+def _prepare(stage: str, n: int, log: Path, corpus: Path, out: Path) -> int:
+    from tests.stdlib_prepared import TINY as PREPARE_TINY
+
+    cmd = [sys.executable, "-m", "tests.reliability._prepare_killer", stage, str(n), str(log), "--"]
+    cmd += ["--corpus", str(corpus), "--out", str(out), "--config", str(PREPARE_TINY), "--no-progress"]
+    r = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode in (0, -signal.SIGKILL), r.stdout[-3000:] + r.stderr[-3000:]
+    return r.returncode
+
+
+def _comparable(directory: Path) -> dict:
+    m = json.loads((directory / "manifest.json").read_text())
+    m["stats"].pop("timings")
+    m["config"].pop("out")
+    return m
+
+
+def _tree_bytes(directory: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for sub in ("shards", "probe")
+        for p in sorted((directory / sub).rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.slow
+def test_sigkilled_prepare_reruns_to_the_same_manifest_and_shards(stdlib_prepared, stdlib_corpus, tmp_path):
+    out, log = tmp_path / "out", tmp_path / "calls.txt"
+    # killed in the embed stage, in the middle of its second block (the first is on disk)
+    assert _prepare("embed", 2, log, stdlib_corpus, out) == -signal.SIGKILL
+    assert not (out / "manifest.json").exists()
+    # killed while writing shards (after the 100th document)
+    log.write_text("")
+    assert _prepare("write", 100, log, stdlib_corpus, out) == -signal.SIGKILL
+    assert log.read_text().count("embed") == 1  # only the unfinished block was embedded again
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(ManifestError, match="grip prepare"):
+        load_manifest(out)
+    # a plain re-run finishes; it embeds nothing and equals the uninterrupted run
+    log.write_text("")
+    assert _prepare("none", 0, log, stdlib_corpus, out) == 0
+    assert "embed" not in log.read_text()
+    assert _comparable(out) == _comparable(stdlib_prepared)
+    assert _tree_bytes(out) == _tree_bytes(stdlib_prepared)
+    assert not list(out.rglob("*.tmp"))
