@@ -97,16 +97,34 @@ def _waterfill(w: np.ndarray, total: int, lo: np.ndarray, hi: np.ndarray) -> np.
         return t
     if not np.isfinite(hi).any() and not lo.any():
         return total * w / w.sum()  # the unbounded case, exact without search
-    lam_lo, lam_hi = 0.0, (total + 1.0) / w[pos].min()
-    for _ in range(200):
-        lam = 0.5 * (lam_lo + lam_hi)
-        if np.clip(lam * w, lo, hi).sum() < total:
-            lam_lo = lam
-        else:
-            lam_hi = lam
-        if lam_hi - lam_lo <= 1e-15 * lam_hi:
-            break
-    return np.clip(lam_hi * w, lo, hi)
+    w = w / w[pos].max()  # scale-free
+    if total == 0:
+        return lo.copy()  # sum(lo) <= total forces lo == 0
+    # Bisection on x = log(lam), so that weight ratios beyond the float range (1e-311 next
+    # to 1.0: hypothesis found it) neither overflow lam nor stall the search: exp() of a
+    # huge exponent is inf and clips to the upper bound.
+    with np.errstate(divide="ignore", over="ignore"):
+        logw = np.log(w)
+
+        def filled(x: float) -> np.ndarray:
+            return np.clip(np.exp(x + logw), lo, hi)
+
+        x_lo = x_hi = float(np.log(total) - np.log(w.sum()))
+        while filled(x_hi).sum() < total:
+            x_lo, x_hi = x_hi, x_hi + 1.0
+        if x_lo == x_hi:
+            x_lo = x_hi - 1.0
+            while filled(x_lo).sum() >= total and x_lo > -1e4:
+                x_lo, x_hi = x_lo - 1.0, x_lo
+        for _ in range(200):
+            x = 0.5 * (x_lo + x_hi)
+            if x in (x_lo, x_hi):
+                break
+            if filled(x).sum() < total:
+                x_lo = x
+            else:
+                x_hi = x
+        return filled(x_hi)
 
 
 def geometric_consistency(emb, labels, centroids) -> np.ndarray:

@@ -109,6 +109,7 @@ class GripCallback(L.Callback):
         self._restored = False
         self._dataset: GripIterableDataset | None = None
         self._probe: dict[int, torch.Tensor] | None = None
+        self._log_dir: Path | None = None
 
     # ------------------------------------------------------------------ wiring
     @property
@@ -131,13 +132,8 @@ class GripCallback(L.Callback):
             return
         ds = self._find_dataset(trainer)
         self._dataset = ds
-        model = getattr(pl_module, "model", None)
-        model_vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-        if model_vocab is not None and model_vocab < ds.vocab_size:
-            raise ValueError(
-                f"model.vocab_size ({model_vocab}) is smaller than the prepared tokenizer's "
-                f"({ds.vocab_size}, {ds.root / 'manifest.json'}); set model.vocab_size >= {ds.vocab_size}"
-            )
+        self._log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # collective: every rank
+        self._check_model(pl_module, ds)
         ds.set_order(self.mode.order)
         m = ds.manifest
         self.sizes = np.array(m.sizes, dtype=np.int64)
@@ -151,6 +147,26 @@ class GripCallback(L.Callback):
         if not self._restored:
             r = replay_for(self.mode, self.quality, self.budget_cfg)
             self._publish(trainer, r, delta=None, rap=None, step=0)
+
+    def _check_model(self, pl_module, ds: GripIterableDataset) -> None:
+        """Fail at setup, before step 1, on what the first probe or batch would trip over.
+
+        Read from the live model when it exists, else from the module's `model_config`
+        (lazy_init / FSDP builds the model after setup)."""
+        model = getattr(pl_module, "model", None)
+        cfg = getattr(model, "config", None) or getattr(pl_module, "model_config", None)
+        vocab = getattr(cfg, "vocab_size", None)
+        if vocab is not None and vocab < ds.vocab_size:
+            raise ValueError(
+                f"model.vocab_size ({vocab}) is smaller than the prepared tokenizer's "
+                f"({ds.vocab_size}, {ds.root / 'manifest.json'}); set model.vocab_size >= {ds.vocab_size}"
+            )
+        layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "num_layers", None)
+        if self.mode.replay == "loss" and layers is not None and self.rap_cfg.reset_depth > layers:
+            raise ValueError(
+                f"rap.reset_depth: {self.rap_cfg.reset_depth} exceeds the model's {layers} decoder "
+                f"layers; set it to at most {layers} (0 = re-initialise the LM head only)"
+            )
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self._restored and self.history:
@@ -272,9 +288,13 @@ class GripCallback(L.Callback):
             self._write_files(trainer, e)
 
     def log_dir(self, trainer) -> Path:
-        d = Path(trainer.log_dir or trainer.default_root_dir)
-        d.mkdir(parents=True, exist_ok=True)
-        return d
+        # `trainer.log_dir` is a collective (it broadcasts rank 0's path), so it is resolved
+        # once in `setup`, which every rank runs; calling it here, from rank-0-only code,
+        # would leave the other ranks waiting at their next collective (a DDP deadlock).
+        if self._log_dir is None:
+            self._log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        self._log_dir.mkdir(parents=True, exist_ok=True)
+        return self._log_dir
 
     def _write_files(self, trainer, e: dict) -> None:
         d = self.log_dir(trainer)

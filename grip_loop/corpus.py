@@ -3,8 +3,8 @@
 Every reader yields `Document(id, text, lang, path)` in a deterministic order (sorted file
 names, file order inside JSONL and tar files), so document index i means the same
 document on every run and every rank. A bad input never stops a run: binary files,
-undecodable bytes, empty documents, malformed JSONL lines and oversized files are skipped
-and counted in `ReadStats`, and `grip prepare` prints the counts as one warning.
+undecodable bytes, empty documents, malformed JSONL lines, oversized files, unreadable
+files and dangling or looping symlinks are skipped and counted in `ReadStats`, and `grip prepare` prints the counts as one warning.
 
 Held-out evaluation data must not leak into training: `humaneval_hashes()` returns the
 content hashes of the HumanEval problems (prompt + canonical solution, whitespace
@@ -153,8 +153,14 @@ class CorpusReader:
         if self.src.is_file():
             yield from self._file(self.src, self.src.name)
             return
-        for path in sorted(p for p in self.src.rglob("*") if p.is_file()):
-            yield from self._file(path, path.relative_to(self.src).as_posix())
+        # rglob does not descend into symlinked directories (no symlink-loop recursion);
+        # a link that resolves to nothing (dangling, or a loop: is_file() and exists() are
+        # False on ELOOP) is counted instead of vanishing silently.
+        for path in sorted(self.src.rglob("*")):
+            if path.is_file():
+                yield from self._file(path, path.relative_to(self.src).as_posix())
+            elif path.is_symlink() and not path.exists():
+                self.stats.skip("broken_link")
 
     def _file(self, path: Path, rel: str) -> Iterator[Document]:
         name = path.name.lower()
@@ -227,7 +233,9 @@ class CorpusReader:
                         yield from self._sample(cur, parts, rel)
                         parts = {}
                     cur = key
-                    if ext in ("txt", "text", "json"):
+                    if ext in ("txt", "text") and member.size > self.max_file_bytes:
+                        parts[ext] = None  # too large: never read into memory
+                    elif ext in ("txt", "text", "json"):
                         parts[ext] = tar.extractfile(member).read()
                     tar.members = []
                 if cur is not None:
@@ -239,7 +247,7 @@ class CorpusReader:
     def _sample(self, key: str, parts: dict[str, bytes], rel: str) -> Iterable[Document]:
         raw = parts.get("txt", parts.get("text"))
         if raw is None:
-            self.stats.skip("no_text")
+            self.stats.skip("too_large" if {"txt", "text"} & set(parts) else "no_text")
             return
         text, why = _decode(raw)
         if why:

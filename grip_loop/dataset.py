@@ -68,6 +68,72 @@ def shard_index(path: str | os.PathLike) -> np.ndarray:
     return np.asarray(rows, dtype=np.int64).reshape(-1, 2)
 
 
+VERIFY_LEVELS = ("auto", "quick", "full", "none")
+#: "auto" verification scans every header up to this many documents (all orders + probe):
+#: ~1 s per 10^5 documents on a local disk; above it, only the O(1)-per-shard tail check.
+FULL_VERIFY_MAX_DOCS = 200_000
+
+
+class ClusterExhaustedError(RuntimeError):
+    """With `replay=False`, a cluster has no unread document left for a draw."""
+
+
+def _tar_tail_ok(path: Path) -> str | None:
+    """None if `path` ends like a complete tar (size a multiple of 512 and two zero blocks
+    at the end, what every tar writer appends), else why not."""
+    size = path.stat().st_size
+    if size < 1024 or size % 512:
+        return f"size {size} is not a whole number of 512-byte tar blocks"
+    with open(path, "rb") as fh:
+        fh.seek(size - 1024)
+        if fh.read(1024).strip(b"\x00"):
+            return "no end-of-archive marker"
+    return None
+
+
+def verify_prepared(manifest: Manifest, root: Path, level: str = "auto") -> None:
+    """Check the shards a manifest lists before training starts (see GripIterableDataset).
+
+    Raises ManifestError naming the first bad shard and the fix."""
+    shards = [s for c in manifest.clusters for ss in c.shards.values() for s in ss]
+    shards += [s for c in manifest.clusters for s in c.probe_shards]
+    if level == "none" or not shards:
+        return
+    if level == "auto":
+        level = "full" if sum(s.n_docs for s in shards) <= FULL_VERIFY_MAX_DOCS else "quick"
+    fix = f"re-run `grip prepare --out {root}` (it rewrites every shard)"
+    for s in shards:
+        path = root / s.path
+        try:
+            why = _tar_tail_ok(path)
+        except OSError as exc:
+            why = f"unreadable ({exc})"
+        if why is None and level == "full":
+            n = len(shard_index(path))
+            if n != s.n_docs:
+                why = f"holds {n} documents but {root / 'manifest.json'} says {s.n_docs}"
+        if why is not None:
+            raise ManifestError(f"{path}: truncated or corrupt shard: {why}; {fix}")
+
+
+def check_tokenizer(manifest: Manifest, root: Path, expected: str) -> None:
+    """ManifestError unless the prepared tokenizer is `expected` (a tokenizer.json path or its sha256)."""
+    from grip_loop.tokenizer import file_sha256
+
+    want = expected.lower() if _is_sha256(expected) else file_sha256(expected)
+    have = manifest.tokenizer.get("sha256")
+    if have != want:
+        raise ManifestError(
+            f"{root / 'manifest.json'}: prepared with tokenizer sha256 {have}, but the model expects "
+            f"{want} ({expected}); re-run `grip prepare --out {root}` with `tokenizer_path: {expected}`, "
+            "or train with the prepared tokenizer"
+        )
+
+
+def _is_sha256(s: str) -> bool:
+    return len(s) == 64 and all(c in "0123456789abcdefABCDEF" for c in s)
+
+
 class ClusterReader:
     """Random access to the documents of one cluster's stream (one selection order)."""
 
@@ -133,6 +199,7 @@ class _Partition:
     drawn: np.ndarray = None  # per-cluster draw counter within the current pass
     carry: tuple[int, int, int] | None = None  # (cluster, position, token offset) of a partly used doc
     blocks: int = 0
+    taken: np.ndarray = None  # replay=False: per-cluster draws over the whole run (never reset)
     history: list = field(default_factory=list)  # (version, first block under it, budgets)
     # Switches replayed from a checkpoint (see `merge_inflight_state`): until block
     # `pinned_until` the recorded switches, not the live table, decide the budgets.
@@ -163,6 +230,19 @@ class GripIterableDataset(IterableDataset):
         seq_len: tokens per training block.
         seed: schedule seed; together with the budget version, partition and pass it keys
             every cluster choice.
+        replay: True (default): a cluster's stream wraps, every pass re-reads positions
+            [0, min(n_k, N_k)) (the paper's replay). False: no document is read twice in the
+            run; each draw of cluster k takes the partition's next unread position
+            (g + G c, c = the partition's draws of k so far, across passes and budget
+            versions), and a draw past N_k raises `ClusterExhaustedError` naming the cluster.
+        expected_tokenizer: the tokenizer the model was trained with: a tokenizer.json path
+            or its sha256. Checked against the manifest at construction (ManifestError on a
+            mismatch). None = no check (the model vocabulary check in GripCallback remains).
+        verify_shards: "quick" checks that every shard of every prepared order ends like a
+            complete tar (one stat + one 1 KiB read a shard); "full" also scans every shard's
+            headers and compares its document count with the manifest (3 header reads a
+            document); "auto" = full up to `FULL_VERIFY_MAX_DOCS` documents, else quick;
+            "none" skips both. Either way a shard is checked again at its first read.
     """
 
     def __init__(
@@ -174,12 +254,21 @@ class GripIterableDataset(IterableDataset):
         seq_len: int = 512,
         seed: int = 0,
         manifest: Manifest | None = None,
+        replay: bool = True,
+        expected_tokenizer: str | None = None,
+        verify_shards: str = "auto",
     ) -> None:
         super().__init__()
         self.root = Path(root)
-        self.manifest = manifest or load_manifest(self.root)
         if seq_len < 1:
             raise ValueError(f"seq_len: must be >= 1, got {seq_len}")
+        if verify_shards not in VERIFY_LEVELS:
+            raise ValueError(f"verify_shards: one of {VERIFY_LEVELS}, got {verify_shards!r}")
+        self.manifest = manifest or load_manifest(self.root)
+        if expected_tokenizer is not None:
+            check_tokenizer(self.manifest, self.root, expected_tokenizer)
+        verify_prepared(self.manifest, self.root, verify_shards)
+        self.replay = bool(replay)
         self.seq_len, self.seed = int(seq_len), int(seed)
         self.sizes = np.array(self.manifest.sizes, dtype=np.int64)
         self.k = len(self.sizes)
@@ -269,7 +358,14 @@ class GripIterableDataset(IterableDataset):
     def _new_partition(self) -> _Partition:
         g, big_g = self._partition_id()
         v, n = self._read_table()
-        return _Partition(g=g, num_partitions=big_g, version=v, budgets=n, drawn=np.zeros(self.k, np.int64))
+        return _Partition(
+            g=g,
+            num_partitions=big_g,
+            version=v,
+            budgets=n,
+            drawn=np.zeros(self.k, np.int64),
+            taken=np.zeros(self.k, np.int64),
+        )
 
     def _key(self, p: _Partition) -> int:
         # SeedSequence-style entropy from every coordinate that defines a pass
@@ -286,6 +382,22 @@ class GripIterableDataset(IterableDataset):
             p.pass_index, p.slot = p.pass_index + 1, 0
             p.drawn[:] = 0
         k = self._cluster_at(p, shares)
+        if not self.replay:
+            # The partition's own residue class g mod G (not slot_of's remap), so partitions
+            # never share a document; cursors survive passes and budget switches.
+            position = p.g + p.num_partitions * int(p.taken[k])
+            if position >= self.sizes[k]:
+                raise ClusterExhaustedError(
+                    f"cluster {k} of {self.root / 'manifest.json'} is exhausted: replay=False and its "
+                    f"{int(self.sizes[k])} documents are used up (partition {p.g} of {p.num_partitions}, "
+                    f"after {int(p.taken[k])} draws at budget version {p.version}); set replay: true, "
+                    "lower trainer.max_steps, or prepare more data for this cluster. Checkpoints "
+                    "written before this point are intact: resume from one with replay: true."
+                )
+            p.taken[k] += 1
+            p.drawn[k] += 1
+            p.slot += 1
+            return k, position
         i = int(p.drawn[k])
         p.drawn[k] += 1
         p.slot += 1
@@ -395,6 +507,7 @@ class GripIterableDataset(IterableDataset):
             "drawn": p.drawn.tolist(),
             "carry": list(p.carry) if p.carry is not None else None,
             "blocks": p.blocks,
+            "taken": p.taken.tolist(),
             "history": [list(h) for h in p.history],
             "pinned": [list(h) for h in p.pinned],
             "pinned_until": p.pinned_until,
@@ -444,6 +557,7 @@ class GripIterableDataset(IterableDataset):
         p.drawn = np.asarray(s["drawn"], dtype=np.int64)
         p.carry = tuple(s["carry"]) if s["carry"] is not None else None
         p.blocks = int(s["blocks"])
+        p.taken = np.asarray(s.get("taken", np.zeros(self.k)), dtype=np.int64)
         p.history = [tuple(h) for h in s["history"]]
         p.pinned = [tuple(h) for h in s.get("pinned", [])]
         p.pinned_until = int(s.get("pinned_until", 0))

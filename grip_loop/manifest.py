@@ -9,7 +9,9 @@ raises `ManifestError` naming the file and the fix, instead of failing mid-run.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -108,7 +110,7 @@ def load_manifest(directory: str | os.PathLike, *, check_files: bool = True) -> 
 
     Checks the schema version, that cluster ids are 0..K-1, that each order's shard
     counts add up to the cluster's N_k, and (with `check_files`) that every listed shard
-    exists. Any failure raises ManifestError naming the file and saying to re-run prepare.
+    exists and the tokenizer file is the one the shards were written with (sha256). Any failure raises ManifestError naming the file and saying to re-run prepare.
     """
     directory = Path(directory)
     path = directory / MANIFEST_NAME
@@ -129,6 +131,7 @@ def load_manifest(directory: str | os.PathLike, *, check_files: bool = True) -> 
         raise ManifestError(
             f"{path}: schema version {version!r}, this grip-loop reads version {SCHEMA_VERSION}; {fix}"
         )
+    _check_schema(raw, path, fix)
     m = Manifest.from_dict(raw, source=str(path))
     if m.k != len(m.clusters) or [c.id for c in m.clusters] != list(range(m.k)):
         raise ManifestError(f"{path}: k={m.k} but clusters are {[c.id for c in m.clusters]}; {fix}")
@@ -153,4 +156,92 @@ def load_manifest(directory: str | os.PathLike, *, check_files: bool = True) -> 
                 raise ManifestError(
                     f"{directory / s.path}: held-out shard listed in {path} is missing; {fix}"
                 )
+        _check_tokenizer_file(m, directory, path, fix)
     return m
+
+
+def _check_tokenizer_file(m: Manifest, directory: Path, path: Path, fix: str) -> None:
+    """The tokenizer file the manifest names must be the one it was prepared with: a later,
+    interrupted prepare run with other tokenizer settings rewrites tokenizer.json before it
+    deletes the old manifest, and ids would then decode with the wrong vocabulary."""
+    rel, sha = m.tokenizer.get("path"), m.tokenizer.get("sha256")
+    if not rel or not sha:
+        return  # a manifest without a tokenizer file (synthetic corpora)
+    tok = directory / rel
+    if not tok.is_file():
+        raise ManifestError(f"{tok}: tokenizer listed in {path} is missing; {fix}")
+    h = hashlib.sha256()
+    with open(tok, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    if h.hexdigest() != sha:
+        raise ManifestError(
+            f"{tok}: sha256 {h.hexdigest()[:12]}... differs from the {sha[:12]}... recorded in {path} "
+            f"(the tokenizer was rebuilt after these shards were written); {fix}"
+        )
+
+
+def _check_schema(d: dict, path: Path, fix: str) -> None:
+    """Types and ranges of every field, so a hand-edited or damaged manifest fails here with
+    the field named, not later with a TypeError deep inside training."""
+
+    def need(ok: bool, where: str, what: str) -> None:
+        if not ok:
+            raise ManifestError(f"{path}: {where} must be {what}; {fix}")
+
+    def is_int(v, lo: int = 0) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+    def is_num(v) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+    def str_list(v) -> bool:
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+    def shard_list(v, where: str) -> None:
+        need(isinstance(v, list), where, "a list of shards")
+        for i, sh in enumerate(v):
+            w = f"{where}[{i}]"
+            need(isinstance(sh, dict), w, "an object")
+            p = sh.get("path")
+            need(
+                isinstance(p, str) and p != "" and not Path(p).is_absolute() and ".." not in Path(p).parts,
+                f"{w}.path",
+                "a relative path inside the prepared directory",
+            )
+            need(is_int(sh.get("n_docs")), f"{w}.n_docs", "an integer >= 0")
+            need(is_int(sh.get("n_tokens")), f"{w}.n_tokens", "an integer >= 0")
+
+    need(isinstance(d.get("corpus_fingerprint"), str), "corpus_fingerprint", "a string")
+    tok = d.get("tokenizer")
+    need(isinstance(tok, dict), "tokenizer", "an object")
+    need(is_int(tok.get("vocab_size"), 1), "tokenizer.vocab_size", "an integer >= 1")
+    need(is_int(tok.get("eos_id")), "tokenizer.eos_id", "an integer >= 0")
+    need(tok.get("token_dtype") in ("uint16", "uint32"), "tokenizer.token_dtype", "'uint16' or 'uint32'")
+    for key in ("path", "sha256"):
+        need(tok.get(key) is None or isinstance(tok.get(key), str), f"tokenizer.{key}", "a string")
+    need(isinstance(d.get("encoder"), dict), "encoder", "an object")
+    need(is_int(d.get("k"), 1), "k", "an integer >= 1")
+    need(is_int(d.get("seed"), -(1 << 63)), "seed", "an integer")
+    need(str_list(d.get("orders")) and len(d["orders"]) > 0, "orders", "a non-empty list of names")
+    for key in ("config", "stats"):
+        need(isinstance(d.get(key, {}), dict), key, "an object")
+    clusters = d.get("clusters")
+    need(isinstance(clusters, list), "clusters", "a list")
+    for i, c in enumerate(clusters):
+        w = f"clusters[{i}]"
+        need(isinstance(c, dict), w, "an object")
+        for key in ("id", "n_docs", "n_tokens"):
+            need(is_int(c.get(key)), f"{w}.{key}", "an integer >= 0")
+        for key in ("mean_length", "sigma", "quality"):
+            need(is_num(c.get(key)), f"{w}.{key}", "a finite number")
+        qs = c.get("quality_scores", {})
+        need(isinstance(qs, dict) and all(is_num(v) for v in qs.values()), f"{w}.quality_scores", "numbers")
+        for key in ("probe_ids", "examples"):
+            need(str_list(c.get(key, [])), f"{w}.{key}", "a list of strings")
+        shard_list(c.get("probe_shards", []), f"{w}.probe_shards")
+        shards = c.get("shards", {})
+        need(isinstance(shards, dict), f"{w}.shards", "an object of order -> shards")
+        for order, ss in shards.items():
+            shard_list(ss, f"{w}.shards[{order!r}]")
+    shard_list(d.get("heldout", []), "heldout")

@@ -66,11 +66,16 @@ class BudgetConfig:
     floor: float = 0.0  # minimum sampling probability of a non-empty cluster; 0 = off
 
     def __post_init__(self) -> None:
-        if self.b_total is not None and int(self.b_total) < 1:
-            raise ValueError(f"b_total: must be >= 1, got {self.b_total}")
+        b = self.b_total
+        if b is not None:
+            if isinstance(b, bool) or not isinstance(b, int | float) or not np.isfinite(b) or b != int(b):
+                raise ValueError(f"b_total: must be a whole number of documents (or null), got {b!r}")
+            if b < 1:
+                raise ValueError(f"b_total: must be >= 1, got {b}")
+            self.b_total = int(b)
         for name in ("tau", "temperature", "alpha", "quality_threshold", "ema", "floor"):
             v = getattr(self, name)
-            if not isinstance(v, int | float) or not np.isfinite(v):
+            if isinstance(v, bool) or not isinstance(v, int | float) or not np.isfinite(v):
                 raise ValueError(f"{name}: must be a finite number, got {v!r}")
         if self.temperature <= 0:
             raise ValueError(f"temperature: must be > 0, got {self.temperature}")

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -108,12 +109,23 @@ class PrepareConfig:
             raise ValueError(f"heldout_fraction: must lie in [0, 1), got {self.heldout_fraction}")
         if self.knn_k < 1:
             raise ValueError(f"knn_k: must be >= 1, got {self.knn_k}")
+        for name in ("probe_fraction", "beta"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                raise ValueError(f"{name}: must be a finite number, got {v!r}")
         if self.beta < 0:
             raise ValueError(f"beta: must be >= 0, got {self.beta}")
         bad = [o for o in self.orders if o not in ORDERS]
         if bad or not self.orders or len(set(self.orders)) != len(self.orders):
             raise ValueError(f"orders: a non-empty list of distinct names from {ORDERS}, got {self.orders}")
-        for name in ("kmeans_niter", "kmeans_sample", "shard_max_docs", "tokenizer_train_docs"):
+        for name in (
+            "kmeans_niter",
+            "kmeans_sample",
+            "shard_max_docs",
+            "tokenizer_train_docs",
+            "max_file_bytes",
+            "vocab_size",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
 
@@ -388,6 +400,12 @@ def prepare(cfg: PrepareConfig) -> Manifest | None:
         timer.record("ingest", t0, ingest["n_docs"])
     distributed.barrier()
     ingest = json.loads((work / "ingest.json").read_text())
+    if cfg.k > ingest["n_docs"]:  # checked before the expensive stages, on every rank
+        distributed.shutdown()
+        raise ValueError(
+            f"k: {cfg.k} clusters but {cfg.corpus} has only {ingest['n_docs']} usable documents; "
+            f"lower k to at most {ingest['n_docs']}"
+        )
     docs = _load_docs(work)
     texts = [d["text"] for d in docs]
     fp = ingest["fingerprint"]

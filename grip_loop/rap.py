@@ -61,6 +61,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -117,21 +118,26 @@ class RAPConfig:
             raise ValueError(f"reset_depth: expected an int >= 0, got {self.reset_depth!r}")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps: expected an int >= 1, got {self.steps!r}")
-        if not (np.isfinite(self.lr) and self.lr > 0):
+        if (
+            isinstance(self.lr, bool)
+            or not isinstance(self.lr, int | float)
+            or not np.isfinite(self.lr)
+            or self.lr <= 0
+        ):
             raise ValueError(f"lr: expected a finite number > 0, got {self.lr!r}")
         if not (np.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"weight_decay: expected a finite number >= 0, got {self.weight_decay!r}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas: expected two numbers in [0, 1), got {self.betas!r}")
-        if not self.eps > 0:
-            raise ValueError(f"eps: expected a number > 0, got {self.eps!r}")
+        if not (np.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(f"eps: expected a finite number > 0, got {self.eps!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed: expected an int >= 0, got {self.seed!r}")
         if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
             raise ValueError(f"batch_size: expected None or an int >= 1, got {self.batch_size!r}")
         if self.metric not in ("relative", "absolute"):
             raise ValueError(f"metric: expected 'relative' or 'absolute', got {self.metric!r}")
-        if not self.vmap_max_bytes > 0:
+        if not (np.isfinite(self.vmap_max_bytes) and self.vmap_max_bytes > 0):
             raise ValueError(f"vmap_max_bytes: expected a number > 0, got {self.vmap_max_bytes!r}")
 
 
@@ -542,30 +548,42 @@ def rapid_adaptation_probe(
     flops = np.zeros(k_total)
     vocab = lm.lm_head.weight.shape[0]
     cuda_devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda_devices), full_params(model):
-        seed = _seed_for(config.seed, refresh_index)
-        upper = _build_upper(lm, config.reset_depth, seed).to(device)
-        trunk_p = active_params(lm.model, lm.config) - lm.model.embed_tokens.weight.numel()
-        trunk_p -= active_params(upper.blocks, lm.config) if config.reset_depth else 0
-        if config.reset_depth:
-            trunk_p -= active_params(upper.norm, lm.config)
-        upper_p = active_params(upper, lm.config)
-        feats = {}
-        for c in mine:
-            ids = batches[c][: config.batch_size].to(device)
-            feats[c] = _trunk(lm, ids, config.reset_depth, config.pad_id)
-            tokens = ids.numel()
-            flops[c] = 2 * trunk_p * tokens + (6 * config.steps + 2) * upper_p * tokens
-        groups: dict[tuple, list[int]] = {}
-        for c in mine:
-            groups.setdefault(tuple(feats[c].h.shape), []).append(c)
-        # On CPU the per-cluster work already fills the cores and vmap's batched gathers cost
-        # more than they save (docs/rap.md has the numbers), so vmap is an accelerator path.
-        use_vmap = config.vmap and (device.type != "cpu" or config.vmap_on_cpu)
-        for members in groups.values():
-            res = _probe_group(upper, config, [feats[c] for c in members], use_vmap, vocab, lm.config)
-            for c, (a, b) in zip(members, res, strict=True):
-                li[c], lf[c] = a, b
+    # Under torch.distributed a rank that fails must still join the all_reduce below, or
+    # every other rank waits in it forever: its clusters come back NaN on every rank
+    # (the callback then keeps the previous budgets everywhere). Alone, it just raises.
+    try:
+        with torch.random.fork_rng(devices=cuda_devices), full_params(model):
+            seed = _seed_for(config.seed, refresh_index)
+            upper = _build_upper(lm, config.reset_depth, seed).to(device)
+            trunk_p = active_params(lm.model, lm.config) - lm.model.embed_tokens.weight.numel()
+            trunk_p -= active_params(upper.blocks, lm.config) if config.reset_depth else 0
+            if config.reset_depth:
+                trunk_p -= active_params(upper.norm, lm.config)
+            upper_p = active_params(upper, lm.config)
+            feats = {}
+            for c in mine:
+                ids = batches[c][: config.batch_size].to(device)
+                feats[c] = _trunk(lm, ids, config.reset_depth, config.pad_id)
+                tokens = ids.numel()
+                flops[c] = 2 * trunk_p * tokens + (6 * config.steps + 2) * upper_p * tokens
+            groups: dict[tuple, list[int]] = {}
+            for c in mine:
+                groups.setdefault(tuple(feats[c].h.shape), []).append(c)
+            # On CPU the per-cluster work already fills the cores and vmap's batched gathers cost
+            # more than they save (docs/rap.md has the numbers), so vmap is an accelerator path.
+            use_vmap = config.vmap and (device.type != "cpu" or config.vmap_on_cpu)
+            for members in groups.values():
+                res = _probe_group(upper, config, [feats[c] for c in members], use_vmap, vocab, lm.config)
+                for c, (a, b) in zip(members, res, strict=True):
+                    li[c], lf[c] = a, b
+    except Exception as exc:
+        if not distributed:
+            raise
+        warnings.warn(
+            f"RAP failed on rank {rank} ({type(exc).__name__}: {exc}); its clusters {mine} are NaN",
+            stacklevel=2,
+        )
+        li[mine], lf[mine] = np.nan, np.nan
     if distributed:
         li, lf, flops = _all_reduce_owned(np.stack([li, lf, flops]), mine, device)
     if device.type == "cuda":

@@ -66,14 +66,21 @@ class MoELM(L.LightningModule):
         experts_backend: str = "hf",
     ) -> None:
         super().__init__()
+        for name, v in (("lr", lr), ("min_lr_ratio", min_lr_ratio), ("weight_decay", weight_decay)):
+            if not math.isfinite(v):  # NaN passes every comparison below: check it first
+                raise ValueError(f"MoELM.{name} must be a finite number, got {v}")
+        if len(betas) != 2 or not all(math.isfinite(b) and 0 <= b < 1 for b in betas):
+            raise ValueError(f"MoELM.betas must be two finite numbers in [0, 1), got {betas}")
         if lr <= 0:
             raise ValueError(f"MoELM.lr must be > 0, got {lr}")
         if not 0 <= min_lr_ratio <= 1:
             raise ValueError(f"MoELM.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        if weight_decay < 0:
+            raise ValueError(f"MoELM.weight_decay must be >= 0, got {weight_decay}")
         if warmup_steps < 0:
             raise ValueError(f"MoELM.warmup_steps must be >= 0, got {warmup_steps}")
-        if peak_flops <= 0:
-            raise ValueError(f"MoELM.peak_flops must be > 0, got {peak_flops}")
+        if not (math.isfinite(peak_flops) and peak_flops > 0):
+            raise ValueError(f"MoELM.peak_flops must be a finite number > 0, got {peak_flops}")
         self.save_hyperparameters()
         self.model_config: MoEConfig = resolve_config(model, vocab_size=vocab_size, **(model_overrides or {}))
         self.active_params = count_closed_form(self.model_config).active

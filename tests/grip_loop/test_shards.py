@@ -121,7 +121,8 @@ def test_manifest_round_trip_is_atomic_and_validated(tmp_path):
         (lambda d: d.update(schema_version=0), "schema version"),
         (lambda d: d["clusters"][0].update(n_docs=7), "lists 3 documents"),
         (lambda d: d.update(k=5), "k=5"),
-        (lambda d: d["clusters"][1].pop("sigma"), "malformed"),
+        (lambda d: d["clusters"][1].pop("sigma"), "clusters\\[1\\].sigma must be a finite number"),
+        (lambda d: d["clusters"][1].update(extra=1), "malformed"),
     ],
 )
 def test_hand_edited_manifest_is_rejected_with_file_and_fix(tmp_path, edit, match):

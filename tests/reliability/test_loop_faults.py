@@ -1,0 +1,194 @@
+"""Faults inside the training loop: an exhausted cluster without replay, a DataLoader worker
+killed by a signal, a probe failing on one rank of two."""
+
+from __future__ import annotations
+
+import os
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from grip_loop.dataset import ClusterExhaustedError, GripIterableDataset
+from tests.prepared import decode_docs, make_prepared
+from tests.reliability._train_helpers import KillerDataset
+from train.data import GripDataModule
+from train.module import MoELM
+
+TINY = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, num_experts=4, top_k=2)
+SIZES = [12, 8, 10]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("p")
+    make_prepared(root, SIZES, max_len=12)
+    return root
+
+
+# ------------------------------------------------------------------ replay disabled
+
+
+def test_without_replay_every_document_is_read_at_most_once_then_a_clear_error(prepared):
+    ds = GripIterableDataset(prepared, seq_len=8, replay=False)
+    ds._partition_id = lambda: (0, 1)
+    blocks = []
+    with pytest.raises(ClusterExhaustedError, match=r"cluster \d of .*manifest.json is exhausted") as err:
+        for b in ds:
+            blocks.append(b)
+    assert "replay: true" in str(err.value)
+    docs = decode_docs(blocks)
+    assert len(docs) == len(set(docs))  # never twice
+    k = int(str(err.value).split("cluster ")[1].split()[0])
+    assert sorted(p for c, p in docs if c == k)[: SIZES[k]] == list(range(SIZES[k]))  # all of k, in order
+
+
+def test_without_replay_budget_switches_do_not_restart_a_cluster(prepared):
+    ds = GripIterableDataset(prepared, budgets=[4, 4, 4], seq_len=8, replay=False)
+    ds._partition_id = lambda: (0, 1)
+    it = iter(ds)
+    first = [next(it) for _ in range(3)]
+    ds.publish([6, 1, 5])  # a refresh: with replay a new pass would start at position 0 again
+    later = []
+    with pytest.raises(ClusterExhaustedError):
+        while True:
+            later.append(next(it))
+    docs = decode_docs(first + later)
+    assert len(docs) == len(set(docs))
+
+
+def test_without_replay_state_round_trips_and_default_state_is_unchanged(prepared):
+    ds = GripIterableDataset(prepared, seq_len=8, replay=False)
+    ds._partition_id = lambda: (0, 1)
+    it = iter(ds)
+    for _ in range(3):
+        next(it)
+    state = ds.state_dict()
+    rest = [next(it)["input_ids"] for _ in range(3)]
+    back = GripIterableDataset(prepared, seq_len=8, replay=False)
+    back._partition_id = lambda: (0, 1)
+    back.load_state_dict(state)
+    again = [b["input_ids"] for _, b in zip(range(3), back, strict=False)]
+    assert all(torch.equal(a, b) for a, b in zip(rest, again, strict=True))
+    old = dict(state)
+    old.pop("taken")  # a checkpoint from before the field existed still loads
+    GripIterableDataset(prepared, seq_len=8).load_state_dict(old)
+
+
+def test_exhaustion_stops_training_and_keeps_the_last_checkpoint(prepared, tmp_path):
+    ds = GripIterableDataset(prepared, seq_len=16, replay=False)
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=2, save_top_k=-1)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=100,
+        logger=False,
+        callbacks=[ckpt],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    model = MoELM(model="tiny", vocab_size=2048, model_overrides=TINY, warmup_steps=1)
+    with pytest.raises(ClusterExhaustedError, match="is exhausted"):
+        trainer.fit(model, datamodule=GripDataModule(ds, batch_size=2, num_workers=0))
+    assert 2 <= trainer.global_step < 100
+    last = max((tmp_path / "ck").glob("*.ckpt"), key=lambda p: int(p.stem.split("step=")[1]))
+    assert torch.load(last, weights_only=False)["global_step"] >= 2
+
+
+# ------------------------------------------------------------------ a worker killed
+
+
+@pytest.mark.slow
+def test_a_killed_dataloader_worker_stops_training_and_the_checkpoint_resumes(prepared, tmp_path):
+    flag = tmp_path / "kill-now"
+
+    class FlagAt(L.Callback):  # arm the killer after the step-4 checkpoint is on disk
+        def on_train_batch_end(self, trainer, *a):
+            if trainer.global_step == 4:
+                flag.touch()
+
+    def fit(ckpt_path=None, steps=8):
+        L.seed_everything(0)
+        inner = GripIterableDataset(prepared, seq_len=16)
+        ds = KillerDataset(inner, str(flag), at=3)
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_steps=steps,
+            logger=False,
+            callbacks=[
+                L.pytorch.callbacks.ModelCheckpoint(
+                    dirpath=tmp_path / "ck", every_n_train_steps=4, save_top_k=-1
+                ),
+                FlagAt(),
+            ],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+        )
+        model = MoELM(model="tiny", vocab_size=2048, model_overrides=TINY, warmup_steps=1)
+        trainer.fit(model, datamodule=GripDataModule(ds, batch_size=2, num_workers=2), ckpt_path=ckpt_path)
+        return trainer
+
+    with pytest.raises(RuntimeError, match=r"DataLoader worker \(pid.*\) is killed by signal"):
+        fit()
+    ckpt = tmp_path / "ck" / "epoch=0-step=4.ckpt"
+    state = torch.load(ckpt, weights_only=False)  # intact and loadable
+    assert state["global_step"] == 4
+    os.unlink(flag)
+    trainer = fit(ckpt_path=str(ckpt))  # resume from it
+    assert trainer.global_step == 8
+
+
+# ------------------------------------------------------------------ the probe failing on one rank
+
+
+def _rap_rank(rank: int, world: int, port: int, out: str) -> None:
+    import grip_loop.rap as rap
+    from models import build_model
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = build_model("tiny", vocab_size=64, num_layers=1, hidden_size=32, head_dim=8, expert_size=16)
+    if rank == 1:  # rank 1's clusters fail inside the probe (before the all_reduce)
+
+        def boom(*a, **k):
+            raise RuntimeError("probe exploded on rank 1")
+
+        rap._probe_group = boom
+    batches = {k: torch.randint(1, 64, (2, 16), generator=torch.Generator().manual_seed(k)) for k in range(4)}
+    import warnings
+
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        res = rap.rapid_adaptation_probe(model, batches, rap.RAPConfig(steps=2), num_clusters=4)
+    np.save(f"{out}/delta{rank}.npy", res.delta)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_probe_failing_on_one_rank_does_not_hang_the_others(tmp_path):
+    """Clusters 1 and 3 belong to rank 1: they come back NaN on both ranks (the callback then
+    keeps the previous budgets everywhere); rank 0's clusters keep their values."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(
+        _rap_rank, args=(2, port, str(tmp_path)), nprocs=2, join=False, start_method="spawn"
+    )
+    try:
+        for p in ctx.processes:
+            p.join(120)
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():  # a hang: do not leave the process behind
+                p.kill()
+    assert all(p.exitcode == 0 for p in ctx.processes), [p.exitcode for p in ctx.processes]
+    d0, d1 = np.load(tmp_path / "delta0.npy"), np.load(tmp_path / "delta1.npy")
+    np.testing.assert_array_equal(d0, d1)
+    assert np.all(np.isfinite(d0[[0, 2]])) and np.all(np.isnan(d0[[1, 3]]))
