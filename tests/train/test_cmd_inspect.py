@@ -1,5 +1,6 @@
 import pytest
 
+from grip_loop.manifest import load_manifest
 from train import cli
 
 
@@ -9,7 +10,9 @@ def test_inspect_prints_table_and_writes_png(stdlib_prepared, capsys, tmp_path):
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line[:4].strip().isdigit()]
     assert len(rows) == 8
-    assert "total 120 documents" in out
+    m = load_manifest(stdlib_prepared)
+    assert m.n_docs + m.stats["heldout_docs"] == 120  # the 120 readable files of the fixture
+    assert f"total {m.n_docs} documents" in out
     png = (tmp_path / "p.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
