@@ -46,7 +46,15 @@ def main(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:]
     # LightningCLI warns when it gets both args= and a non-empty sys.argv; the args are ours now.
     sys.argv = sys.argv[:1]
-    build_cli(argv)
+    try:
+        build_cli(argv)
+    finally:
+        # Tear the process group down before interpreter exit: a gloo group left alive can
+        # abort the process at exit ("terminate called without an active exception").
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 
