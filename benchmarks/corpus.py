@@ -134,5 +134,6 @@ def to_litdata(root: Path, out: Path) -> list[Path]:
             chunk_bytes="64MB",
             num_workers=1,
             mode="overwrite",
+            verbose=False,
         )
     return dirs
