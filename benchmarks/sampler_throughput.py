@@ -32,6 +32,11 @@ from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
 from common import DATA, emit, median, parser  # noqa: E402
 from corpus import EOS, build_corpus, cluster_shards  # noqa: E402
 
+# streaming/__init__ imports streaming.vision -> torchvision, which cannot be installed next to
+# torch 2.13.0+cpu (see setup_peer_venv.sh); the vision datasets are not used here. Done at import
+# so that spawned worker processes (which re-import this module) get the stub too.
+sys.modules.setdefault("streaming.vision", types.ModuleType("streaming.vision"))
+
 TOOLS = ("grip", "webdataset", "torchdata.nodes", "streaming", "litdata")
 
 
@@ -72,7 +77,12 @@ def _forever(make):
 def _wds_docs(urls):
     import webdataset as wds
 
-    ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+    # Split shards over DataLoader workers ourselves: with fewer shards than workers every
+    # worker reads them all (webdataset's split_by_worker would leave a worker empty forever).
+    info = torch.utils.data.get_worker_info()
+    if info is not None and len(urls) >= info.num_workers:
+        urls = urls[info.id :: info.num_workers]
+    ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False, workersplitter=None)
     for sample in ds:
         yield np.frombuffer(sample["ids"], dtype="<u2")
 
@@ -118,9 +128,6 @@ class EpochSource:
 
 
 def import_streaming():
-    # streaming/__init__ imports streaming.vision -> torchvision, which cannot be installed next
-    # to torch 2.13.0+cpu (see setup_peer_venv.sh); the vision datasets are not used here.
-    sys.modules.setdefault("streaming.vision", types.ModuleType("streaming.vision"))
     import streaming
 
     return streaming
@@ -186,7 +193,8 @@ def measure(tool, root, weights, *, seq_len, batch, workers, warmup, seconds, se
     ds, settings = make_dataset(tool, root, weights, seq_len, batch, seed)
     kw = {"num_workers": workers, "batch_size": batch}
     if workers:
-        kw.update(prefetch_factor=4, persistent_workers=False)
+        # fork for everyone (Linux default; litdata may switch the global default to spawn)
+        kw.update(prefetch_factor=4, multiprocessing_context="fork")
     loader = DataLoader(ds, **kw)
     it = iter(loader)
     t_start = time.perf_counter()

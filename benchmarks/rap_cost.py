@@ -1,0 +1,153 @@
+"""RAP cost: one refresh of the Rapid Adaptation Probe relative to the training between refreshes.
+
+Default cadence (the quick start's): a refresh every 50 optimizer steps of 8 x 256 tokens, i.e.
+102,400 trained tokens between refreshes; probe batches of 8 blocks x 128 tokens per cluster,
+10 AdamW steps (`configs/train/cpu-tiny-grip.yaml`). For reset depth 0/1/2/4 and K clusters:
+
+* FLOPs fraction = `RAPResult.flops / estimate_train_flops(model, 102,400)` (deterministic).
+* wall fraction = probe seconds / (50 x the median wall time of a real training step of the same
+  model: forward + backward + AdamW on 8 x 256 random tokens), both measured in this process.
+
+Clusters run one after another on CPU (no vmap there), all probe batches have the same shape, so
+probe time and FLOPs are linear in K: for large K x depth the probe is timed on `--max-timed`
+clusters and scaled by K / timed (rows marked `extrapolated`). FLOPs are scaled the same way,
+which is exact.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from common import emit, median, parser  # noqa: E402
+
+CADENCE_STEPS, TRAIN_BATCH, TRAIN_SEQ = 50, 8, 256
+PROBE_BLOCKS, PROBE_SEQ = 8, 128
+
+
+def step_seconds(model, vocab: int, steps: int, device: str) -> float:
+    """Median wall seconds of one real training step (forward, backward, AdamW)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    times = []
+    for i in range(steps + 2):
+        ids = torch.randint(1, vocab, (TRAIN_BATCH, TRAIN_SEQ), generator=g).to(device)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if i >= 2:  # first two: allocator / kernel warm-up
+            times.append(time.perf_counter() - t0)
+    return median(times)
+
+
+def main(argv=None) -> int:
+    p = parser(__doc__.split("\n")[0])
+    p.add_argument("--model", default="tiny", help="models.MODEL_CONFIGS name (or YAML) of the live model")
+    p.add_argument("--vocab", type=int, default=8192, help="vocabulary size (the quick start's tokenizer)")
+    p.add_argument("--clusters", type=int, nargs="+", default=[16, 64, 256], help="cluster counts K")
+    p.add_argument("--reset-depth", type=int, nargs="+", default=[0, 1, 2, 4], help="reset depths")
+    p.add_argument("--max-timed", type=int, default=16, help="time at most this many clusters, scale to K")
+    p.add_argument("--train-steps", type=int, default=8, help="timed training steps (median)")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.clusters, args.reset_depth, args.max_timed = [4, 16], [0, 1], 4
+        args.train_steps, args.repeats = 2, 1
+
+    from grip_loop.rap import RAPConfig, estimate_train_flops, rapid_adaptation_probe
+    from models import build_model
+
+    warnings.filterwarnings("ignore", message="There is a performance drop")
+    model = build_model(args.model, vocab_size=args.vocab, seed=0, device=args.device)
+    train_tokens = CADENCE_STEPS * TRAIN_BATCH * TRAIN_SEQ
+    train_flops = estimate_train_flops(model, train_tokens)
+    t_step = step_seconds(model, args.vocab, args.train_steps, args.device)
+    t_train = CADENCE_STEPS * t_step
+    g = torch.Generator().manual_seed(1)
+    pool = [
+        torch.randint(1, args.vocab, (PROBE_BLOCKS, PROBE_SEQ), generator=g).to(args.device)
+        for _ in range(max(args.clusters))
+    ]
+    rows = []
+    for depth in args.reset_depth:
+        cfg = RAPConfig(reset_depth=depth)
+        rapid_adaptation_probe(model, pool[:1], cfg)  # warm-up
+        for k in args.clusters:
+            timed_k = min(k, args.max_timed)
+            secs = []
+            for r in range(args.repeats):
+                t0 = time.perf_counter()
+                res = rapid_adaptation_probe(model, pool[:timed_k], cfg, refresh_index=r)
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                secs.append(time.perf_counter() - t0)
+            scale = k / timed_k
+            probe_s = median(secs) * scale
+            flops = res.flops * scale
+            rows.append(
+                {
+                    "K": k,
+                    "reset_depth": depth,
+                    "probe_s": probe_s,
+                    "probe_gflop": flops / 1e9,
+                    "flops_fraction": flops / train_flops,
+                    "wall_fraction": probe_s / t_train,
+                    "timed_clusters": timed_k,
+                    "extrapolated": timed_k < k,
+                }
+            )
+    default = next((r for r in rows if r["reset_depth"] == 0 and r["K"] == 16), None)
+    emit(
+        "rap_cost",
+        rows,
+        args,
+        columns=[
+            "K",
+            "reset_depth",
+            "probe_s",
+            "probe_gflop",
+            "flops_fraction",
+            "wall_fraction",
+            "timed_clusters",
+            "extrapolated",
+        ],
+        device=args.device,
+        model=args.model,
+        cadence={
+            "refresh_every_steps": CADENCE_STEPS,
+            "batch": TRAIN_BATCH,
+            "seq_len": TRAIN_SEQ,
+            "train_tokens_between_refreshes": train_tokens,
+            "probe_blocks_per_cluster": PROBE_BLOCKS,
+            "probe_seq_len": PROBE_SEQ,
+            "probe_steps": 10,
+        },
+        train_step_s=t_step,
+        train_gflop_between_refreshes=train_flops / 1e9,
+        target={
+            "default_K16_depth0_flops_fraction_le_0.005": (
+                None if default is None else default["flops_fraction"] <= 0.005
+            ),
+            "default_K16_depth0_wall_fraction_le_0.005": (
+                None if default is None else default["wall_fraction"] <= 0.005
+            ),
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
