@@ -24,7 +24,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-
 from common import emit, median, parser  # noqa: E402
 
 CADENCE_STEPS, TRAIN_BATCH, TRAIN_SEQ = 50, 8, 256
@@ -59,12 +58,12 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=int, default=8192, help="vocabulary size (the quick start's tokenizer)")
     p.add_argument("--clusters", type=int, nargs="+", default=[16, 64, 256], help="cluster counts K")
     p.add_argument("--reset-depth", type=int, nargs="+", default=[0, 1, 2, 4], help="reset depths")
-    p.add_argument("--max-timed", type=int, default=16, help="time at most this many clusters, scale to K")
+    p.add_argument("--max-timed", type=int, default=8, help="time at most this many clusters, scale to K")
     p.add_argument("--train-steps", type=int, default=8, help="timed training steps (median)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     args = p.parse_args(argv)
     if args.quick:
-        args.clusters, args.reset_depth, args.max_timed = [4, 16], [0, 1], 4
+        args.clusters, args.reset_depth, args.max_timed = [2], [0], 2
         args.train_steps, args.repeats = 2, 1
 
     from grip_loop.rap import RAPConfig, estimate_train_flops, rapid_adaptation_probe

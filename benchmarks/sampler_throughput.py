@@ -27,10 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
-
 from common import DATA, emit, median, parser  # noqa: E402
 from corpus import EOS, build_corpus, cluster_shards  # noqa: E402
+from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
 
 # streaming/__init__ imports streaming.vision -> torchvision, which cannot be installed next to
 # torch 2.13.0+cpu (see setup_peer_venv.sh); the vision datasets are not used here. Done at import
@@ -138,7 +137,6 @@ def make_dataset(tool: str, root: Path, weights: np.ndarray, seq_len: int, batch
     per_cluster = cluster_shards(root)
     if tool == "grip":
         from grip_loop.dataset import GripIterableDataset
-
         from grip_loop.manifest import load_manifest
 
         n_docs = np.array(load_manifest(root).sizes)
@@ -152,16 +150,19 @@ def make_dataset(tool: str, root: Path, weights: np.ndarray, seq_len: int, batch
     if tool == "streaming":
         streaming = import_streaming()
         from corpus import to_mds
-
         from streaming.base.util import clean_stale_shared_memory
 
         clean_stale_shared_memory()
         dirs = to_mds(root, root.parent / (root.name + "-mds"))
-        streams = [streaming.Stream(local=str(d), proportion=float(w)) for d, w in zip(dirs, weights)]
+        streams = [
+            streaming.Stream(local=str(d), proportion=float(w)) for d, w in zip(dirs, weights, strict=True)
+        ]
         from grip_loop.manifest import load_manifest
 
         total = int(sum(load_manifest(root).sizes))
-        settings = {"shuffle": True, "shuffle_algo": "py1e", "epoch_size": total, "batch_size": batch}
+        # A long epoch (50 x the corpus, streaming up-samples): re-iterating a StreamingDataset
+        # inside a worker at an epoch end waits on a barrier of all workers -> deadlock.
+        settings = {"shuffle": True, "shuffle_algo": "py1e", "epoch_size": 50 * total, "batch_size": batch}
         ds = streaming.StreamingDataset(streams=streams, **settings)
         return Packer(EpochSource(ds), seq_len), settings
     if tool == "litdata":
@@ -171,13 +172,17 @@ def make_dataset(tool: str, root: Path, weights: np.ndarray, seq_len: int, batch
         dirs = to_litdata(root, root.parent / (root.name + "-litdata"))
         parts = [litdata.StreamingDataset(str(d)) for d in dirs]
         settings = {"iterate_over_all": False, "weights": "w_k", "shuffle": False}
-        ds = litdata.CombinedStreamingDataset(parts, weights=list(map(float, weights)), iterate_over_all=False)
+        ds = litdata.CombinedStreamingDataset(
+            parts, weights=list(map(float, weights)), iterate_over_all=False
+        )
         return Packer(EpochSource(ds), seq_len), settings
     raise ValueError(f"tool: unknown {tool!r} (choose from {TOOLS})")
 
 
 def available(tool: str) -> str | None:
     """None when the tool can run in this interpreter, else the import error."""
+    if tool not in TOOLS:
+        return f"unknown tool (choose from {', '.join(TOOLS)})"
     mod = {"webdataset": "webdataset", "torchdata.nodes": "torchdata.nodes", "litdata": "litdata"}.get(tool)
     try:
         if tool == "streaming":
@@ -272,7 +277,9 @@ def main(argv=None) -> int:
                     "tokens_per_s": med[t],
                     "docs_per_s": median([r["docs_per_s"] for r in runs[t]]),
                     "grip_over_tool": med["grip"] / med[t] if "grip" in med else float("nan"),
-                    "tool_over_webdataset": med[t] / med["webdataset"] if "webdataset" in med else float("nan"),
+                    "tool_over_webdataset": med[t] / med["webdataset"]
+                    if "webdataset" in med
+                    else float("nan"),
                     "startup_s": median([r["startup_s"] for r in runs[t]]),
                     "settings": runs[t][0]["settings"],
                 }
@@ -283,7 +290,9 @@ def main(argv=None) -> int:
         best[t] = {"tokens_per_s": r["tokens_per_s"], "docs_per_s": r["docs_per_s"], "workers": r["workers"]}
     targets = {}
     if "grip" in best and "webdataset" in best:
-        targets["grip_over_webdataset_best"] = best["grip"]["tokens_per_s"] / best["webdataset"]["tokens_per_s"]
+        targets["grip_over_webdataset_best"] = (
+            best["grip"]["tokens_per_s"] / best["webdataset"]["tokens_per_s"]
+        )
     for t in ("torchdata.nodes", "streaming", "litdata"):
         if "grip" in best and t in best:
             targets[f"grip_over_{t}_best"] = best["grip"]["tokens_per_s"] / best[t]["tokens_per_s"]
@@ -305,7 +314,10 @@ def main(argv=None) -> int:
         skipped=skipped,
     )
     print()
-    print("best per tool: " + ", ".join(f"{t} {b['tokens_per_s']:,.0f} tok/s (w={b['workers']})" for t, b in best.items()))
+    print(
+        "best per tool: "
+        + ", ".join(f"{t} {b['tokens_per_s']:,.0f} tok/s (w={b['workers']})" for t, b in best.items())
+    )
     print("ratios (best vs best): " + ", ".join(f"{k} {v:.2f}" for k, v in targets.items()))
     return 0
 

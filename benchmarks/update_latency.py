@@ -23,7 +23,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-
 from common import DATA, emit, median, parser  # noqa: E402
 from corpus import build_corpus  # noqa: E402
 
@@ -76,7 +75,9 @@ def one_run(root: Path, *, workers: int, prefetch: int, batch: int, seq_len: int
 def main(argv=None) -> int:
     p = parser(__doc__.split("\n")[0])
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader num_workers values")
-    p.add_argument("--prefetch", type=int, nargs="+", default=[1, 2], help="prefetch_factor values (workers > 0)")
+    p.add_argument(
+        "--prefetch", type=int, nargs="+", default=[1, 2], help="prefetch_factor values (workers > 0)"
+    )
     p.add_argument("--batch", type=int, default=8, help="blocks per batch")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per block")
     p.add_argument("--warmup", type=int, default=6, help="batches drawn before the publication")
