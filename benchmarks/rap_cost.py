@@ -52,6 +52,40 @@ def step_seconds(model, vocab: int, steps: int, device: str) -> float:
     return median(times)
 
 
+def analytic_rows(name: str, vocab: int, clusters, depths, train_tokens: float, cadence: str) -> list[dict]:
+    """FLOPs fraction of a refresh for a (large) config, on the meta device (no memory, no time):
+    the same count as `rapid_adaptation_probe` (2 P_trunk T + (6 steps + 2) P_upper T per cluster)."""
+    from grip_loop.rap import active_params, estimate_train_flops
+    from models import build_model
+
+    lm = build_model(name, vocab_size=vocab, device="meta")
+    cfg = lm.config
+    train = estimate_train_flops(lm, train_tokens)
+    layers = lm.model.layers
+    all_p = active_params(lm.model, cfg) - lm.model.embed_tokens.weight.numel()
+    head = active_params(lm.lm_head, cfg)
+    norm = active_params(lm.model.norm, cfg)
+    tokens = PROBE_BLOCKS * PROBE_SEQ
+    rows = []
+    for depth in depths:
+        blocks = sum(active_params(b, cfg) for b in list(layers)[len(layers) - depth :]) if depth else 0.0
+        upper = head + (blocks + norm if depth else 0.0)
+        trunk = all_p - (blocks + norm if depth else 0.0)
+        per_cluster = 2 * trunk * tokens + (6 * 10 + 2) * upper * tokens
+        for k in clusters:
+            rows.append(
+                {
+                    "model": name,
+                    "cadence": cadence,
+                    "K": k,
+                    "reset_depth": depth,
+                    "probe_gflop": k * per_cluster / 1e9,
+                    "flops_fraction": k * per_cluster / train,
+                }
+            )
+    return rows
+
+
 def main(argv=None) -> int:
     p = parser(__doc__.split("\n")[0])
     p.add_argument("--model", default="tiny", help="models.MODEL_CONFIGS name (or YAML) of the live model")
@@ -61,10 +95,18 @@ def main(argv=None) -> int:
     p.add_argument("--max-timed", type=int, default=8, help="time at most this many clusters, scale to K")
     p.add_argument("--train-steps", type=int, default=8, help="timed training steps (median)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    p.add_argument(
+        "--flops-models",
+        nargs="*",
+        default=["moe-8b", "moe-16b"],
+        help="larger configs whose FLOPs fraction is computed on the meta device (no timing)",
+    )
+    p.add_argument("--flops-vocab", type=int, default=32768, help="vocabulary of the --flops-models")
     args = p.parse_args(argv)
     if args.quick:
+        args.flops_models = []
         args.clusters, args.reset_depth, args.max_timed = [2], [0], 2
-        args.train_steps, args.repeats = 2, 1
+        args.train_steps, args.repeats = 1, 1
 
     from grip_loop.rap import RAPConfig, estimate_train_flops, rapid_adaptation_probe
     from models import build_model
@@ -114,6 +156,17 @@ def main(argv=None) -> int:
                     "extrapolated": timed_k < k,
                 }
             )
+    big_tokens = (
+        CADENCE_STEPS * 8 * 4 * 4096 * 32
+    )  # configs/train/h800x8-8b.yaml: 8 GPUs x 4 x 4096 x 32 accum
+    analytic = []
+    for name in args.flops_models:
+        for tok, label in ((train_tokens, "50 x 8x256"), (big_tokens, "50 x h800x8 batch (4.2M tok)")):
+            analytic += analytic_rows(name, args.flops_vocab, args.clusters, args.reset_depth, tok, label)
+    if analytic:
+        from common import markdown
+
+        print(markdown(analytic), file=sys.stderr)
     default = next((r for r in rows if r["reset_depth"] == 0 and r["K"] == 16), None)
     emit(
         "rap_cost",
@@ -141,6 +194,7 @@ def main(argv=None) -> int:
             "probe_steps": 10,
         },
         train_step_s=t_step,
+        analytic_large=analytic,
         train_gflop_between_refreshes=train_flops / 1e9,
         target={
             "default_K16_depth0_flops_fraction_le_0.005": (

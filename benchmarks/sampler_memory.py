@@ -55,7 +55,7 @@ def main(argv=None) -> int:
         print(json.dumps(run_one(Path(args.one[0]), int(args.one[1]))))
         return 0
     if args.quick:
-        args.docs, args.clusters = [400, 2000], [4]
+        args.docs, args.clusters = [200, 1000], [4]
     from corpus import build_corpus
 
     rows = []
