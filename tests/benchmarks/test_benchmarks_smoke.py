@@ -1,0 +1,88 @@
+"""Each benchmark script runs in --quick mode and prints a parseable JSON line with its keys.
+
+The peer comparison (mosaicml-streaming, litdata) needs `.venv-bench` and is never run here:
+the throughput smoke test asks only for GRIP and raw webdataset, which the main env has.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(script: str, *extra: str, tmp_path: Path) -> dict:
+    out = tmp_path / f"{script}.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / f"{script}.py"),
+            "--quick",
+            "--json-out",
+            str(out),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{"benchmark"')]
+    assert len(lines) == 1, proc.stdout[-2000:]
+    result = json.loads(lines[0])
+    assert json.loads(out.read_text()) == result
+    assert result["benchmark"] == script and result["quick"] is True
+    assert result["rows"], "no rows"
+    assert "| " in proc.stdout  # the markdown table
+    return result
+
+
+def test_sampler_throughput_quick(tmp_path):
+    r = run("sampler_throughput", "--tools", "grip", "webdataset", tmp_path=tmp_path)
+    tools = {row["tool"] for row in r["rows"]}
+    assert tools == {"grip", "webdataset"}
+    for row in r["rows"]:
+        assert row["tokens_per_s"] > 0 and row["docs_per_s"] > 0
+    assert r["targets"]["grip_over_webdataset_best"] > 0
+
+
+def test_sampler_throughput_skips_missing_peer(tmp_path):
+    r = run("sampler_throughput", "--tools", "grip", "no-such-tool", tmp_path=tmp_path)
+    assert "no-such-tool" in r["skipped"] and {row["tool"] for row in r["rows"]} == {"grip"}
+
+
+def test_update_latency_quick(tmp_path):
+    r = run("update_latency", tmp_path=tmp_path)
+    by_w = {row["workers"]: row for row in r["rows"]}
+    # without workers the very next batch is drawn under the new budgets
+    assert by_w[0]["stale_batches_per_worker_max"] == 0
+    # with a worker, only batches already queued at the publication are stale
+    assert by_w[1]["started_after_publish_stale_max"] <= 0
+
+
+@pytest.mark.slow
+def test_rap_cost_quick(tmp_path):
+    r = run("rap_cost", tmp_path=tmp_path)
+    row = r["rows"][0]
+    assert row["flops_fraction"] > 0 and row["wall_fraction"] > 0
+    assert r["cadence"]["train_tokens_between_refreshes"] == 50 * 8 * 256
+
+
+@pytest.mark.slow
+def test_prepare_scaling_quick(tmp_path):
+    r = run("prepare_scaling", "--stages", "kmeans", "density+order", "write", tmp_path=tmp_path)
+    stages = {row["stage"] for row in r["rows"]}
+    assert stages == {"kmeans", "density+order", "write"}
+    assert all(row["docs_per_s"] > 0 for row in r["rows"])
+
+
+def test_sampler_memory_quick(tmp_path):
+    r = run("sampler_memory", tmp_path=tmp_path)
+    for row in r["rows"]:
+        assert row["index_bytes_per_doc"] == 16  # offset + size, int64
