@@ -281,7 +281,7 @@ def markdown_table(r: dict) -> str:
     rows.append(("held-out overall", r["heldout_overall"]))
     for key, name in (
         ("humaneval", "HumanEval (prompt + solution)"),
-        ("humaneval_solution", "HumanEval solution | prompt"),
+        ("humaneval_solution", "HumanEval solution given the prompt"),
     ):
         if key in r:
             rows.append((name, r[key]))
