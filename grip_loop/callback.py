@@ -139,6 +139,7 @@ class GripCallback(L.Callback):
         self.sizes = np.array(m.sizes, dtype=np.int64)
         self.sigma = np.array([c.sigma for c in m.clusters])
         self.quality = np.array([c.quality for c in m.clusters])
+        self.mean_len = np.array([c.mean_length for c in m.clusters], dtype=np.float64)
         self.b_total = int(self.budget_cfg.b_total or self.sizes.sum())
         self.base = base_budget(self.mode, self.sizes, self.sigma, self.quality, self.budget_cfg)
         if self.consumed is None:
@@ -181,7 +182,9 @@ class GripCallback(L.Callback):
             tc = batch["token_cluster_ids"].reshape(-1).to("cpu")
             counts = torch.bincount(tc, minlength=len(self.sizes)).numpy()
             self.consumed += counts
-            self.planned += self.dataset.weights() * counts.sum()
+            # budgets count documents; the plan in tokens weights them by mean length (+ EOS)
+            plan = self.dataset.weights() * (self.mean_len + 1.0)
+            self.planned += plan / plan.sum() * counts.sum()
             # effective step of a budget version: the (0-based) optimizer step that trained on
             # the first batch drawn under it
             v = int(batch["weights_version"].max())

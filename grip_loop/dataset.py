@@ -9,11 +9,13 @@ rank: g = rank * num_workers + worker_id, G = world_size * num_workers):
    times in a keyed pseudo-random order (`schedule.pass_clusters`). Hence cluster k is
    drawn with frequency w_k = n_k / sum n, and the cluster of a draw is a pure function
    of (seed, budget version, partition, pass, slot).
-3. The i-th draw of cluster k in a pass reads virtual position v = g + G * i and document
-   position p = v mod min(n_k, N_k) of cluster k's stream (the shards of the chosen
-   selection order, e.g. the Efraimidis–Spirakis order of Eq. 10). Positions [0, n_k) are
-   the selected subset; n_k > N_k wraps around (replay). Across all partitions each v is
-   visited once per pass: no duplicates, no gaps.
+3. Each partition keeps a per-cluster cursor c_k (never reset). A draw of cluster k reads
+   virtual position v = g + G * (c_k mod m_k^(g)) and document position
+   p = v mod min(n_k, N_k) of cluster k's stream (the shards of the chosen selection order,
+   e.g. the Efraimidis–Spirakis order of Eq. 10). Positions [0, n_k) are the selected
+   subset; n_k > N_k wraps around (replay). A pass draws cluster k m_k^(g) times, so
+   across all partitions each v is visited once per pass: no duplicates, no gaps; and a
+   budget switch continues each cluster from its cursor instead of restarting it.
 4. Documents (+ EOS) are concatenated and cut into blocks of seq_len tokens; labels =
    input_ids (the Hugging Face convention: the model shifts). A block carries the cluster
    of each token, its majority cluster and the budget version it was drawn under.
@@ -196,7 +198,7 @@ class _Partition:
     budgets: np.ndarray
     pass_index: int = 0
     slot: int = 0
-    drawn: np.ndarray = None  # per-cluster draw counter within the current pass
+    drawn: np.ndarray = None  # per-cluster draw counter: the cursor, kept across passes and switches
     carry: tuple[int, int, int] | None = None  # (cluster, position, token offset) of a partly used doc
     blocks: int = 0
     taken: np.ndarray = None  # replay=False: per-cluster draws over the whole run (never reset)
@@ -380,7 +382,6 @@ class GripIterableDataset(IterableDataset):
         shares = p.shares()
         if p.slot >= int(shares.sum()):
             p.pass_index, p.slot = p.pass_index + 1, 0
-            p.drawn[:] = 0
         k = self._cluster_at(p, shares)
         if not self.replay:
             # The partition's own residue class g mod G (not slot_of's remap), so partitions
@@ -398,7 +399,11 @@ class GripIterableDataset(IterableDataset):
             p.drawn[k] += 1
             p.slot += 1
             return k, position
-        i = int(p.drawn[k])
+        # A pass draws cluster k exactly shares[k] times, so consecutive cursor values taken
+        # mod shares[k] visit each of the partition's virtual positions once per pass. The
+        # cursor is never reset: after a budget switch the cluster continues where it was
+        # instead of re-reading its first documents.
+        i = int(p.drawn[k]) % int(shares[k])
         p.drawn[k] += 1
         p.slot += 1
         limit = int(min(p.budgets[k], self.sizes[k]))
@@ -433,7 +438,6 @@ class GripIterableDataset(IterableDataset):
     def _switch(p: _Partition, version: int, budgets: np.ndarray) -> None:
         p.version, p.budgets = int(version), budgets
         p.pass_index, p.slot = 0, 0
-        p.drawn[:] = 0
         p.history.append((int(version), p.blocks, budgets.tolist()))
 
     # ------------------------------------------------------------------ iteration

@@ -126,6 +126,20 @@ def test_budget_update_reaches_the_next_block_without_workers(prepared):
     assert ds.state_dict()["history"] == [[v, 5, [0, 0, 0, 7, 0, 0]]]
 
 
+def test_budget_switch_continues_each_cluster_instead_of_restarting_it(prepared):
+    # Republishing budgets (every refresh does) must not send clusters back to their first
+    # documents: over one corpus-sized stretch with two switches, nearly every document is new.
+    ds = GripIterableDataset(prepared, seq_len=16, seed=0)
+    it = iter(ds)
+    total, blocks = sum(SIZES), [next(it)]
+    for switch in range(3):
+        while len(decode_docs(blocks)) < (switch + 1) * total // 3:
+            blocks.append(next(it))
+        ds.publish(SIZES)
+    docs = decode_docs(blocks)[:total]
+    assert len(set(docs)) >= 0.85 * total, len(set(docs))
+
+
 def test_budget_update_reaches_both_workers_within_one_batch(prepared):
     ds = GripIterableDataset(prepared, seq_len=8, seed=0)
     workers, prefetch = 2, 1
