@@ -1,6 +1,7 @@
-"""`grip rap-bench`: wall time and FLOP cost of one RAP refresh on a tiny Qwen3-MoE.
+"""`grip rap-bench`: wall time and FLOP cost of one RAP refresh on one of the project's models.
 
-Builds a randomly initialised tiny `Qwen3MoeForCausalLM` (no download), draws K clusters of
+Builds a randomly initialised model from `models.MODEL_CONFIGS` (default `tiny`; `moe-8b`
+on a GPU; no download), draws K clusters of
 random token blocks and times `rapid_adaptation_probe` (median over repeats, after one
 warm-up). The cost fraction assumes `--train-tokens` trained tokens between two refreshes.
 """
@@ -13,33 +14,13 @@ import time
 import warnings
 
 
-def _tiny(vocab: int, device: str):
-    import torch
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    cfg = Qwen3MoeConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        moe_intermediate_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        num_experts=8,
-        num_experts_per_tok=2,
-        max_position_embeddings=1024,
-    )
-    torch.manual_seed(0)
-    return Qwen3MoeForCausalLM(cfg).to(device)
-
-
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="grip rap-bench", description=__doc__)
     p.add_argument("--clusters", type=int, nargs="+", default=[8, 64], help="cluster counts K to time")
     p.add_argument("--docs", type=int, default=8, help="probe blocks per cluster (n_k)")
     p.add_argument("--seq-len", type=int, default=64, help="tokens per probe block (T)")
-    p.add_argument("--vocab", type=int, default=512, help="vocabulary size of the tiny model")
+    p.add_argument("--model", default="tiny", help="a models.MODEL_CONFIGS name or configs/model/*.yaml")
+    p.add_argument("--vocab", type=int, default=512, help="vocabulary size of the model")
     p.add_argument("--reset-depth", type=int, nargs="+", default=[0, 2], help="reset depths to time")
     p.add_argument("--steps", type=int, default=10, help="AdamW steps per cluster")
     p.add_argument("--no-vmap", action="store_true", help="probe clusters one after another")
@@ -58,7 +39,9 @@ def main(argv: list[str]) -> int:
     from grip_loop.rap import RAPConfig, estimate_train_flops, rapid_adaptation_probe
 
     warnings.filterwarnings("ignore", message="There is a performance drop")
-    model = _tiny(args.vocab, args.device)
+    from models import build_model
+
+    model = build_model(args.model, vocab_size=args.vocab, device=args.device, seed=0)
     train_flops = estimate_train_flops(model, args.train_tokens)
     print(f"device={args.device} threads={torch.get_num_threads()} docs={args.docs} T={args.seq_len}")
     print(f"{'K':>4} {'depth':>5} {'vmap':>5} {'seconds':>8} {'GFLOP':>8} {'cost_frac':>10}")
