@@ -16,9 +16,11 @@ rank: g = rank * num_workers + worker_id, G = world_size * num_workers):
    subset; n_k > N_k wraps around (replay). A pass draws cluster k m_k^(g) times, so
    across all partitions each v is visited once per pass: no duplicates, no gaps; and a
    budget switch continues each cluster from its cursor instead of restarting it.
-4. Documents (+ EOS) are concatenated and cut into blocks of seq_len tokens; labels =
-   input_ids (the Hugging Face convention: the model shifts). A block carries the cluster
-   of each token, its majority cluster and the budget version it was drawn under.
+4. Documents (+ EOS) are concatenated and cut into blocks of seq_len tokens. A block
+   carries no `labels`: they are the input ids (the Hugging Face convention, the model
+   shifts), so the consumer uses `input_ids` (train/module.py does) instead of receiving a
+   copy. A block carries the cluster of each token, its majority cluster and the budget
+   version it was drawn under.
 
 Budget updates: `publish(budgets)` writes a shared-memory table (version + n_k) that every
 worker reads before it starts a block, so a worker switches within one block of the
@@ -35,11 +37,12 @@ worker's switch point depends on when it saw the table (recorded per block, and 
 resume once the checkpoint is more than the prefetch depth past the update).
 
 Reading: each shard's member offsets are indexed once (a header scan, O(docs) ints per
-rank: the only per-document memory); a document is then one seek + read of its token ids.
+rank: the only per-document memory); a document is then one `os.pread` of its token ids.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tarfile
 from collections import OrderedDict
@@ -48,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from grip_loop.manifest import Manifest, ManifestError, load_manifest
 from grip_loop.schedule import partition_budgets, pass_clusters
@@ -68,6 +71,44 @@ def shard_index(path: str | os.PathLike) -> np.ndarray:
     except (tarfile.TarError, OSError) as exc:
         raise ManifestError(f"{path}: unreadable shard ({exc}); re-run `grip prepare`") from exc
     return np.asarray(rows, dtype=np.int64).reshape(-1, 2)
+
+
+def collate_blocks(samples: list) -> dict[str, torch.Tensor] | object:
+    """`collate_fn` for GRIP blocks: `default_collate`'s result, with every tensor in ONE storage.
+
+    The batch holds the same keys, values, shapes and dtypes as `default_collate` would
+    produce (for GRIP blocks `input_ids` [B, T], `token_cluster_ids` [B, T], `cluster_ids` [B],
+    `weights_version` [B]), each contiguous, but all are views into a single buffer (field
+    after field). A DataLoader worker hands a batch to the main process through shared memory
+    one storage at a time, and that hand-over, not the reading, bounds a worker's throughput:
+    one storage instead of one per field measured ~2x the tokens/s with 1-2 workers
+    (docs/benchmarks.md). Samples that are not dicts of same-dtype tensors fall back to
+    `default_collate`.
+    """
+    first = samples[0] if samples else None
+    if not isinstance(first, dict) or not first:
+        return default_collate(samples)
+    keys = list(first)
+    dtype = first[keys[0]].dtype if isinstance(first[keys[0]], torch.Tensor) else None
+    for s in samples:
+        if not isinstance(s, dict) or list(s) != keys:
+            return default_collate(samples)
+        for k in keys:
+            v = s[k]
+            if not isinstance(v, torch.Tensor) or v.dtype != dtype or v.shape != first[k].shape:
+                return default_collate(samples)
+    b = len(samples)
+    sizes = [b * first[k].numel() for k in keys]
+    buf = torch.empty(sum(sizes), dtype=dtype)
+    if get_worker_info() is not None:
+        buf.share_memory_()  # as default_collate does in a worker: no copy when it is sent
+    out, off = {}, 0
+    for k, n in zip(keys, sizes, strict=True):
+        view = buf[off : off + n].view(b, *first[k].shape)
+        torch.stack([s[k] for s in samples], out=view)
+        out[k] = view
+        off += n
+    return out
 
 
 VERIFY_LEVELS = ("auto", "quick", "full", "none")
@@ -146,46 +187,58 @@ class ClusterReader:
         self.starts = np.concatenate([[0], np.cumsum(self.counts)])
         self.dtype = np.dtype(token_dtype).newbyteorder("<")
         self._index: dict[int, np.ndarray] = {}
-        self._files: OrderedDict[int, object] = OrderedDict()
+        self._fds: OrderedDict[int, int] = OrderedDict()
         self.max_open = max_open
+        self._last = (0, 0, -1)  # (first, end, shard) of the last shard read: positions are mostly sequential
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
-    def _file(self, i: int):
-        fh = self._files.pop(i, None)
-        if fh is None:
-            if len(self._files) >= self.max_open:
-                self._files.popitem(last=False)[1].close()
-            fh = open(self.paths[i], "rb")  # noqa: SIM115 - kept open in an LRU
-        self._files[i] = fh
-        return fh
+    def _fd(self, i: int) -> int:
+        fd = self._fds.pop(i, None)
+        if fd is None:
+            if len(self._fds) >= self.max_open:
+                os.close(self._fds.popitem(last=False)[1])
+            fd = os.open(self.paths[i], os.O_RDONLY)
+        self._fds[i] = fd
+        return fd
+
+    def _shard_of(self, position: int) -> tuple[int, int]:
+        first, end, i = self._last
+        if not first <= position < end:
+            i = int(np.searchsorted(self.starts, position, side="right") - 1)
+            if i not in self._index:
+                idx = shard_index(self.paths[i])
+                if len(idx) != self.counts[i]:
+                    raise ManifestError(
+                        f"{self.paths[i]}: holds {len(idx)} documents but the manifest says "
+                        f"{self.counts[i]}; re-run `grip prepare`"
+                    )
+                self._index[i] = idx
+            first, end = int(self.starts[i]), int(self.starts[i + 1])
+            self._last = (first, end, i)
+        return i, position - first
 
     def tokens(self, position: int) -> np.ndarray:
-        i = int(np.searchsorted(self.starts, position, side="right") - 1)
-        if i not in self._index:
-            idx = shard_index(self.paths[i])
-            if len(idx) != self.counts[i]:
-                raise ManifestError(
-                    f"{self.paths[i]}: holds {len(idx)} documents but the manifest says "
-                    f"{self.counts[i]}; re-run `grip prepare`"
-                )
-            self._index[i] = idx
-        off, size = self._index[i][position - self.starts[i]]
-        fh = self._file(i)
-        fh.seek(int(off))
-        buf = fh.read(int(size))
+        """The token ids of document `position` (one positioned read, no EOS)."""
+        i, j = self._shard_of(position)
+        off, size = self._index[i][j].tolist()
+        buf = os.pread(self._fd(i), size, off)
         if len(buf) != size:
             raise ManifestError(f"{self.paths[i]}: truncated; re-run `grip prepare`")
         return np.frombuffer(buf, dtype=self.dtype)
 
     def close(self) -> None:
-        for fh in self._files.values():
-            fh.close()
-        self._files.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
 
     def __getstate__(self):  # open files do not cross process boundaries
-        return {**self.__dict__, "_files": OrderedDict()}
+        return {**self.__dict__, "_fds": OrderedDict()}
 
 
 @dataclass
@@ -208,17 +261,28 @@ class _Partition:
     pinned: list = field(default_factory=list)
     pinned_until: int = 0
 
+    # Derived from `budgets` (never saved): recomputed when `budgets` is another object.
+    _derived_of: np.ndarray | None = field(default=None, repr=False, compare=False)
+    _derived: tuple | None = field(default=None, repr=False, compare=False)
+
     def slot_of(self) -> tuple[int, int]:
         """(g, G) used for positions. With fewer budgeted documents than partitions, the
         spare partitions replay those of partition g mod sum(n) instead of starving (a rank
         with nothing to read would hang DDP)."""
-        total = int(self.budgets.sum())
-        if total >= self.num_partitions:
-            return self.g, self.num_partitions
-        return self.g % total, total
+        return self.derived()[0]
 
     def shares(self) -> np.ndarray:
-        return partition_budgets(self.budgets, *self.slot_of())
+        return self.derived()[1]
+
+    def derived(self) -> tuple[tuple[int, int], np.ndarray, int, list[int]]:
+        """(slot_of, shares, sum of shares, budgets as ints), cached per budgets object."""
+        if self._derived_of is not self.budgets:
+            total = int(self.budgets.sum())
+            slot = (self.g, self.num_partitions) if total >= self.num_partitions else (self.g % total, total)
+            shares = partition_budgets(self.budgets, *slot)
+            self._derived = (slot, shares, int(shares.sum()), self.budgets.tolist())
+            self._derived_of = self.budgets
+        return self._derived
 
 
 class GripIterableDataset(IterableDataset):
@@ -281,6 +345,8 @@ class GripIterableDataset(IterableDataset):
         # process, read by every DataLoader worker before each block.
         self._table = torch.zeros(1 + self.k, dtype=torch.int64).share_memory_()
         self._table[1:] = torch.from_numpy(n)
+        self._table_np: np.ndarray | None = None
+        self._size_list = self.sizes.tolist()
         self._readers: list[ClusterReader] | None = None
         self._part: _Partition | None = None
         self.set_order(order)
@@ -379,10 +445,10 @@ class GripIterableDataset(IterableDataset):
 
     def _next_draw(self, p: _Partition) -> tuple[int, int]:
         """(cluster, document position) of the partition's next draw; advances its cursors."""
-        shares = p.shares()
-        if p.slot >= int(shares.sum()):
+        (g, big_g), shares, total, budgets = p.derived()
+        if p.slot >= total:
             p.pass_index, p.slot = p.pass_index + 1, 0
-        k = self._cluster_at(p, shares)
+        k = self._cluster_at(p, total, shares)
         if not self.replay:
             # The partition's own residue class g mod G (not slot_of's remap), so partitions
             # never share a document; cursors survive passes and budget switches.
@@ -406,23 +472,22 @@ class GripIterableDataset(IterableDataset):
         i = int(p.drawn[k]) % int(shares[k])
         p.drawn[k] += 1
         p.slot += 1
-        limit = int(min(p.budgets[k], self.sizes[k]))
-        g, big_g = p.slot_of()
+        limit = min(budgets[k], self._size_list[k])
         position = (g + big_g * i) % limit
         return k, position
 
     _CHUNK = 4096
 
-    def _cluster_at(self, p: _Partition, shares: np.ndarray) -> int:
-        # Clusters are computed 4096 slots at a time and cached; the cache is derived from
-        # (version, pass, chunk), never saved.
+    def _cluster_at(self, p: _Partition, total: int, shares: np.ndarray) -> int:
+        # Clusters are computed 4096 slots at a time and cached (as Python ints); the cache
+        # is derived from (version, pass, chunk), never saved.
         tag = (p.version, p.pass_index, p.slot // self._CHUNK)
         if self._chunk_tag != tag:
             start = tag[2] * self._CHUNK
-            slots = np.arange(start, min(start + self._CHUNK, int(shares.sum())))
-            self._chunk = pass_clusters(slots, shares, self._key(p))
+            slots = np.arange(start, min(start + self._CHUNK, total))
+            self._chunk = pass_clusters(slots, shares, self._key(p)).tolist()
             self._chunk_tag = tag
-        return int(self._chunk[p.slot % self._CHUNK])
+        return self._chunk[p.slot % self._CHUNK]
 
     def _maybe_switch(self, p: _Partition) -> None:
         if p.blocks < p.pinned_until:
@@ -430,9 +495,20 @@ class GripIterableDataset(IterableDataset):
                 if block == p.blocks:
                     self._switch(p, v, np.asarray(n, dtype=np.int64))
             return
+        if int(self._table_view()[0]) == p.version:  # the common case: nothing published
+            return
         v, n = self._read_table()
         if v != p.version:
             self._switch(p, v, n)
+
+    def _table_view(self) -> np.ndarray:
+        """A numpy view of the shared table (made in the process that reads it: not pickled)."""
+        if self._table_np is None:
+            self._table_np = self._table.numpy()
+        return self._table_np
+
+    def __getstate__(self):
+        return {**self.__dict__, "_table_np": None}
 
     @staticmethod
     def _switch(p: _Partition, version: int, budgets: np.ndarray) -> None:
@@ -449,37 +525,39 @@ class GripIterableDataset(IterableDataset):
             ]
         return self._readers[k]
 
-    def _doc(self, k: int, position: int) -> np.ndarray:
-        toks = self._reader(k).tokens(position)
-        out = np.empty(len(toks) + 1, dtype=np.int64)
-        out[:-1] = toks
-        out[-1] = self.eos_id
-        return out
-
     def _block(self, p: _Partition) -> dict[str, torch.Tensor]:
-        need = self.seq_len
-        pieces, clusters, have = [], [], 0
+        need, eos = self.seq_len, self.eos_id
+        ids = np.empty(need, dtype=np.int64)
+        tok_cluster = np.empty(need, dtype=np.int64)
+        counts: dict[int, int] = {}
+        have = 0
         while have < need:
             if p.carry is not None:
                 k, pos, off = p.carry
             else:
                 k, pos = self._next_draw(p)
                 off = 0
-            doc = self._doc(k, pos)[off:]
-            take = min(len(doc), need - have)
-            pieces.append(doc[:take])
-            clusters.append(np.full(take, k, dtype=np.int64))
+            toks = self._reader(k).tokens(pos)  # the document is toks + EOS
+            n_doc = len(toks) + 1
+            take = min(n_doc - off, need - have)
+            end = off + take
+            if end == n_doc:  # the EOS is in this block
+                ids[have : have + take - 1] = toks[off:]
+                ids[have + take - 1] = eos
+            else:
+                ids[have : have + take] = toks[off:end]
+            tok_cluster[have : have + take] = k
+            counts[k] = counts.get(k, 0) + take
             have += take
-            p.carry = (k, pos, off + take) if take < len(doc) else None
-        block = torch.from_numpy(np.concatenate(pieces))
-        tok_cluster = torch.from_numpy(np.concatenate(clusters))
+            p.carry = (k, pos, end) if end < n_doc else None
         p.blocks += 1
+        # majority cluster; ties go to the smallest id (as bincount().argmax() would)
+        majority = min(counts, key=lambda c: (-counts[c], c))
         return {
-            "input_ids": block,
-            "labels": block.clone(),
-            "token_cluster_ids": tok_cluster,
-            "cluster_ids": torch.bincount(tok_cluster, minlength=self.k).argmax(),
-            "weights_version": torch.tensor(p.version),
+            "input_ids": torch.from_numpy(ids),
+            "token_cluster_ids": torch.from_numpy(tok_cluster),
+            "cluster_ids": torch.from_numpy(np.array(majority, dtype=np.int64)),
+            "weights_version": torch.from_numpy(np.array(p.version, dtype=np.int64)),
         }
 
     def __iter__(self):

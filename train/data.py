@@ -2,9 +2,12 @@
 
 Batch contract (every dataset feeding `MoELM` yields these per block; the loader stacks them):
     input_ids   (T,) int64
-    labels      (T,) int64, aligned with input_ids (Hugging Face convention: the model shifts,
-                label[t] is predicted from tokens < t); -100 = ignored
+    labels      (T,) int64, optional (absent = input_ids, as GRIP blocks), aligned with input_ids
+                (Hugging Face convention: the model shifts, label[t] is predicted from tokens < t);
+                -100 = ignored
     cluster_ids ()   int64, optional: the cluster of the block (-1 = unknown)
+The loader stacks blocks with `grip_loop.dataset.collate_blocks`: `default_collate`'s batch with
+every field in one storage, so a worker sends one shared-memory buffer per batch, not one per field.
 
 Resumability: the DataModule builds a `torchdata` StatefulDataLoader, whose state (including each
 worker's dataset state when the dataset has `state_dict`/`load_state_dict`) Lightning saves in
@@ -31,6 +34,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
+
+from grip_loop.dataset import collate_blocks
 
 
 def _rank_world() -> tuple[int, int]:
@@ -240,6 +245,7 @@ class GripDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=False,
+            collate_fn=collate_blocks,
         )
         return self._loader
 

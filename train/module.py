@@ -127,7 +127,8 @@ class MoELM(L.LightningModule):
         return loss * mask, mask
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        input_ids, labels = batch["input_ids"], batch["labels"]
+        input_ids = batch["input_ids"]
+        labels = batch.get("labels", input_ids)  # absent = the inputs (HF convention: we shift)
         if input_ids.max() >= self.model_config.vocab_size:
             raise ValueError(
                 f"batch has token id {int(input_ids.max())} >= model vocab_size {self.model_config.vocab_size}; "

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from grip_loop.dataset import GripIterableDataset
 from grip_loop.schedule import partition_budgets, permute
-from tests.prepared import decode_docs, make_prepared
+from tests.prepared import EOS, decode_docs, make_prepared
 
 SIZES = [40, 25, 1, 60, 0, 13]
 
@@ -84,9 +84,10 @@ def test_deterministic_for_a_seed(prepared):
 
 def test_block_fields(prepared):
     b = take(GripIterableDataset(prepared, seq_len=24), 3)[1]
-    assert b["input_ids"].shape == b["labels"].shape == b["token_cluster_ids"].shape == (24,)
-    assert b["input_ids"].dtype == torch.int64
-    assert torch.equal(b["input_ids"], b["labels"])  # HF convention: the model shifts
+    assert list(b) == ["input_ids", "token_cluster_ids", "cluster_ids", "weights_version"]
+    assert b["input_ids"].shape == b["token_cluster_ids"].shape == (24,)
+    assert all(v.dtype == torch.int64 for v in b.values())
+    assert "labels" not in b  # labels = input_ids (HF convention: the model shifts); no copy
     assert b["cluster_ids"].item() == torch.bincount(b["token_cluster_ids"]).argmax().item()
 
 
@@ -222,3 +223,139 @@ def test_bad_arguments_and_mismatched_resume(prepared):
         take(other, 1)
     with pytest.raises(ValueError, match="seed"):
         GripIterableDataset(prepared, seq_len=8, seed=9).load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- naive reference
+def _naive_stream(root, budgets, *, seed, seq_len, n_blocks, order="grip", replay=True):
+    """The block stream of one partition (no workers) from first principles: every pass laid
+    out whole, documents read with tarfile (`iter_shard`), all documents + EOS concatenated into
+    one token stream and cut into blocks."""
+    from grip_loop.manifest import load_manifest
+    from grip_loop.schedule import pass_clusters
+    from grip_loop.shards import iter_shard
+
+    m = load_manifest(root)
+    docs = [
+        [d.tokens.astype(np.int64) for s in c.shards[order] for d in iter_shard(root / s.path, "uint16")]
+        for c in m.clusters
+    ]
+    sizes = np.array([len(d) for d in docs])
+    budgets = np.asarray(budgets, dtype=np.int64)
+    tokens, owners = [], []
+    drawn = np.zeros(len(sizes), np.int64)
+    pass_index, need = 0, (n_blocks + 1) * seq_len
+    while sum(map(len, tokens)) < need:
+        key = int(np.random.SeedSequence([seed, 0, 0, 1, pass_index]).generate_state(1, dtype=np.uint64)[0])
+        for k in pass_clusters(np.arange(int(budgets.sum())), budgets, key):
+            position = int(drawn[k]) if not replay else int(drawn[k] % budgets[k]) % min(budgets[k], sizes[k])
+            if not replay and position >= sizes[k]:
+                return None  # exhausted: the dataset raises
+            drawn[k] += 1
+            doc = np.append(docs[k][position], EOS)
+            tokens.append(doc)
+            owners.append(np.full(len(doc), k))
+        pass_index += 1
+    stream, owner = np.concatenate(tokens), np.concatenate(owners)
+    out = []
+    for b in range(n_blocks):
+        ids = stream[b * seq_len : (b + 1) * seq_len]
+        tc = owner[b * seq_len : (b + 1) * seq_len]
+        out.append((ids, tc, int(np.bincount(tc).argmax())))
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("seq_len", [1, 7, 33, 200])
+def test_blocks_match_a_naive_reference(prepared, seed, seq_len):
+    budgets = [[40, 25, 1, 60, 0, 13], [90, 3, 1, 120, 0, 40], [5, 5, 1, 5, 0, 5], [3, 0, 0, 1, 0, 0]][seed]
+    n_blocks = max(8, 3000 // seq_len)
+    ref = _naive_stream(prepared, budgets, seed=seed, seq_len=seq_len, n_blocks=n_blocks)
+    got = take(GripIterableDataset(prepared, budgets, seq_len=seq_len, seed=seed), n_blocks)
+    for (ids, tc, major), b in zip(ref, got, strict=True):
+        np.testing.assert_array_equal(b["input_ids"].numpy(), ids)
+        np.testing.assert_array_equal(b["token_cluster_ids"].numpy(), tc)
+        assert b["cluster_ids"].item() == major and b["weights_version"].item() == 0
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_no_replay_blocks_match_a_naive_reference(prepared, seed):
+    budgets = [10, 10, 1, 10, 0, 10]
+    ref = _naive_stream(prepared, budgets, seed=seed, seq_len=16, n_blocks=20, replay=False)
+    got = take(GripIterableDataset(prepared, budgets, seq_len=16, seed=seed, replay=False), 20)
+    for (ids, _, _), b in zip(ref, got, strict=True):
+        np.testing.assert_array_equal(b["input_ids"].numpy(), ids)
+
+
+def test_reader_keeps_at_most_max_open_files(prepared):
+    from grip_loop.dataset import ClusterReader
+    from grip_loop.manifest import load_manifest
+    from grip_loop.shards import iter_shard
+
+    c = load_manifest(prepared).clusters[3]  # 60 documents in shards of 7: 9 shards
+    reader = ClusterReader(prepared, c.shards["grip"], "uint16", max_open=2)
+    expected = [d.tokens for s in c.shards["grip"] for d in iter_shard(prepared / s.path, "uint16")]
+    order = np.random.default_rng(0).permutation(len(expected))
+    for p in [*order, *order[::-1]]:
+        np.testing.assert_array_equal(reader.tokens(int(p)), expected[p])
+        assert len(reader._fds) <= 2
+    reader.close()
+    assert not reader._fds
+
+
+# ----------------------------------------------------------------------------- collate_blocks
+def _random_blocks(rng, n, t, k=5):
+    return [
+        {
+            "input_ids": torch.from_numpy(rng.integers(0, 2048, t)),
+            "labels": torch.from_numpy(rng.integers(-100, 2048, t)),
+            "token_cluster_ids": torch.from_numpy(rng.integers(0, k, t)),
+            "cluster_ids": torch.tensor(int(rng.integers(k))),
+            "weights_version": torch.tensor(int(rng.integers(9))),
+        }
+        for _ in range(n)
+    ]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_collate_blocks_equals_default_collate_in_one_storage(seed):
+    from torch.utils.data import default_collate
+
+    from grip_loop.dataset import collate_blocks
+
+    rng = np.random.default_rng(seed)
+    blocks = _random_blocks(rng, int(rng.integers(1, 9)), int(rng.integers(1, 300)))
+    ref, got = default_collate(blocks), collate_blocks(blocks)
+    assert list(got) == list(ref)
+    for key in ref:
+        assert got[key].dtype == ref[key].dtype and got[key].shape == ref[key].shape
+        assert got[key].is_contiguous() and torch.equal(got[key], ref[key])
+    assert len({v.untyped_storage().data_ptr() for v in got.values()}) == 1
+    # the fields do not overlap: writing one leaves the others intact
+    got["labels"].fill_(-7)
+    assert torch.equal(got["input_ids"], ref["input_ids"])
+
+
+def test_collate_blocks_falls_back_to_default_collate():
+    from torch.utils.data import default_collate
+
+    from grip_loop.dataset import collate_blocks
+
+    mixed = [{"a": torch.zeros(3, dtype=torch.int64), "b": torch.ones(2)} for _ in range(4)]
+    got, ref = collate_blocks(mixed), default_collate(mixed)
+    assert all(torch.equal(got[k], ref[k]) and got[k].dtype == ref[k].dtype for k in ref)
+    assert torch.equal(collate_blocks([torch.arange(3), torch.arange(3)]), torch.arange(3).repeat(2, 1))
+    with pytest.raises(RuntimeError):  # ragged blocks are an error, as with default_collate
+        collate_blocks([{"a": torch.zeros(3)}, {"a": torch.zeros(4)}])
+
+
+def test_collate_blocks_through_two_workers_matches_default_collate(prepared):
+    from grip_loop.dataset import collate_blocks
+
+    def batches(collate):
+        ds = GripIterableDataset(prepared, seq_len=16, seed=3)
+        kw = {"collate_fn": collate} if collate else {}
+        return list(itertools.islice(DataLoader(ds, batch_size=3, num_workers=2, **kw), 10))
+
+    for a, b in zip(batches(None), batches(collate_blocks), strict=True):
+        assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+        assert len({v.untyped_storage().data_ptr() for v in b.values()}) == 1

@@ -130,7 +130,11 @@ def test_a_killed_dataloader_worker_stops_training_and_the_checkpoint_resumes(pr
         trainer.fit(model, datamodule=GripDataModule(ds, batch_size=2, num_workers=2), ckpt_path=ckpt_path)
         return trainer
 
-    with pytest.raises(RuntimeError, match=r"DataLoader worker \(pid.*\) is killed by signal"):
+    # torch reports the death from its SIGCHLD check ("is killed by signal") or, when the main
+    # process was receiving that worker's batch, from the broken hand-over ("exited unexpectedly")
+    with pytest.raises(
+        RuntimeError, match=r"DataLoader worker \(pid.*\) (is killed by signal|exited unexpectedly)"
+    ):
         fit()
     ckpt = tmp_path / "ck" / "epoch=0-step=4.ckpt"
     state = torch.load(ckpt, weights_only=False)  # intact and loadable

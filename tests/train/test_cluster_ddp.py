@@ -29,6 +29,7 @@ def _worker(rank: int, port: int, out: dict) -> None:
         out[rank] = m.cluster_loss
         m._flush_clusters()  # nothing new on either rank: previous means are kept, no deadlock
         assert m.cluster_loss == out[rank]
+        dist.barrier()  # both ranks done with collectives before gloo is torn down
     finally:
         dist.destroy_process_group()
 
