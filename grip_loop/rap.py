@@ -74,7 +74,9 @@ __all__ = [
     "RAPConfig",
     "RAPResult",
     "active_params",
+    "estimate_probe_flops",
     "estimate_train_flops",
+    "refresh_interval",
     "full_params",
     "rapid_adaptation_probe",
 ]
@@ -241,6 +243,42 @@ def estimate_train_flops(model: nn.Module, tokens: float) -> float:
     p = active_params(trunk.layers, lm.config) + active_params(trunk.norm, lm.config)
     p += active_params(lm.lm_head, lm.config)
     return 6.0 * p * float(tokens)
+
+
+def _probe_param_counts(lm: nn.Module, depth: int) -> tuple[float, float]:
+    """(trunk, upper) active non-embedding parameters of a probe at reset depth `depth`."""
+    cfg = lm.config
+    layers = lm.model.layers
+    reset = active_params(lm.lm_head, cfg)
+    if depth:
+        reset_blocks = sum(active_params(b, cfg) for b in list(layers)[len(layers) - depth :])
+        reset += reset_blocks + active_params(lm.model.norm, cfg)
+    trunk = active_params(lm.model, cfg) - lm.model.embed_tokens.weight.numel()
+    trunk -= reset - active_params(lm.lm_head, cfg)
+    return trunk, reset
+
+
+def estimate_probe_flops(model: nn.Module, tokens_per_cluster: Sequence[int], config: RAPConfig) -> float:
+    """FLOPs of one probe: per cluster of t tokens, 2 P_trunk t (the frozen trunk, once) +
+    (6 steps + 2) P_upper t (N AdamW steps and the L_final forward). The same count as
+    `RAPResult.flops`; parameters must be full (inside `full_params` under FSDP) or on `meta`."""
+    trunk, upper = _probe_param_counts(_unwrap(model), config.reset_depth)
+    per_token = 2 * trunk + (6 * config.steps + 2) * upper
+    return float(sum(per_token * int(t) for t in tokens_per_cluster))
+
+
+def refresh_interval(
+    probe_flops: float, train_flops_per_step: float, min_steps: int, max_overhead: float
+) -> int:
+    """The shortest cadence >= `min_steps` whose probe costs <= `max_overhead` of the training
+    FLOPs between two refreshes: max(min_steps, ceil(probe / (max_overhead x per step)))."""
+    if not (probe_flops >= 0 and train_flops_per_step > 0 and 0 < max_overhead <= 1 and min_steps >= 1):
+        raise ValueError(
+            f"refresh_interval: bad arguments ({probe_flops=}, {train_flops_per_step=}, {min_steps=}, {max_overhead=})"
+        )
+    # round the quotient first: 1e-12 of float noise must not add a step
+    need = int(np.ceil(round(probe_flops / (max_overhead * train_flops_per_step), 9)))
+    return max(int(min_steps), need)
 
 
 # ----------------------------------------------------------------------------- the upper part
@@ -555,17 +593,11 @@ def rapid_adaptation_probe(
         with torch.random.fork_rng(devices=cuda_devices), full_params(model):
             seed = _seed_for(config.seed, refresh_index)
             upper = _build_upper(lm, config.reset_depth, seed).to(device)
-            trunk_p = active_params(lm.model, lm.config) - lm.model.embed_tokens.weight.numel()
-            trunk_p -= active_params(upper.blocks, lm.config) if config.reset_depth else 0
-            if config.reset_depth:
-                trunk_p -= active_params(upper.norm, lm.config)
-            upper_p = active_params(upper, lm.config)
             feats = {}
             for c in mine:
                 ids = batches[c][: config.batch_size].to(device)
                 feats[c] = _trunk(lm, ids, config.reset_depth, config.pad_id)
-                tokens = ids.numel()
-                flops[c] = 2 * trunk_p * tokens + (6 * config.steps + 2) * upper_p * tokens
+                flops[c] = estimate_probe_flops(lm, [ids.numel()], config)
             groups: dict[tuple, list[int]] = {}
             for c in mine:
                 groups.setdefault(tuple(feats[c].h.shape), []).append(c)

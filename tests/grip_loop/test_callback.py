@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 import lightning as L
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 from grip_loop.callback import GripCallback, probe_blocks
 from grip_loop.dataset import GripIterableDataset
 from grip_loop.modes import BudgetConfig
-from grip_loop.rap import RAPConfig
+from grip_loop.rap import RAPConfig, estimate_train_flops
 from tests.prepared import make_prepared
 from train.data import GripDataModule
 from train.module import MoELM
@@ -80,6 +81,7 @@ def run(root, out, *, steps=12, callback=None, ckpt=None, seed=0, every_ckpt=Non
 
 def cb(**kw):
     kw.setdefault("refresh_every_n_steps", 4)
+    kw.setdefault("max_probe_overhead", None)  # a fixed cadence: these tests count refreshes
     kw.setdefault("probe_seq_len", 32)
     kw.setdefault("probe_max_blocks", 2)
     kw.setdefault("rap", RAPConfig(steps=3, lr=1e-2))
@@ -180,17 +182,45 @@ def test_static_modes_never_probe(prepared, tmp_path, monkeypatch):
             assert ds.budgets.tolist() == SIZES
 
 
-def test_resume_restores_schedule_and_stream(prepared, tmp_path):
-    # uninterrupted: 12 steps with refreshes at 4 and 8
-    full = cb()
+@pytest.mark.parametrize("overhead", [0.5, 0.2])
+def test_cadence_keeps_the_probe_under_its_flops_budget(prepared, tmp_path, overhead):
+    c = cb(refresh_every_n_steps=2, max_probe_overhead=overhead)
+    _, model, _ = run(prepared, tmp_path, callback=c, steps=24)
+    per_step = estimate_train_flops(model.model, 4 * 32)  # batch 4 x 32 tokens, one device
+    expected = max(2, math.ceil(c._probe_flops / (overhead * per_step)))
+    assert c.interval == expected > 2  # stretched: a probe costs more than 2 x overhead steps
+    probed = [h for h in c.history if "delta" in h]
+    assert [h["step"] for h in probed] == [0, *range(expected, 25, expected)]
+    assert all(h["cost_fraction"] <= overhead for h in probed[1:])
+    metrics = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "grip/refresh_interval" in metrics
+    # a fixed cadence keeps its interval and reports what it costs
+    fixed = cb(refresh_every_n_steps=2)
+    run(prepared, tmp_path / "fixed", callback=fixed, steps=6)
+    assert fixed.interval == 2 and [h["step"] for h in fixed.history if "delta" in h] == [0, 2, 4, 6]
+    assert fixed.history[-1]["cost_fraction"] > overhead
+
+
+def test_bad_overhead_is_refused():
+    for bad in (0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="max_probe_overhead"):
+            GripCallback(max_probe_overhead=bad)
+
+
+@pytest.mark.parametrize("overhead", [None, 0.5])
+def test_resume_restores_schedule_and_stream(prepared, tmp_path, overhead):
+    # uninterrupted: 12 steps with refreshes at 4 and 8 (fixed cadence) or at the stretched interval
+    full = cb(max_probe_overhead=overhead)
     _, m_full, _ = run(prepared, tmp_path / "a", callback=full, steps=12)
     # interrupted after step 8 (checkpoint), resumed to 12
-    first = cb()
+    first = cb(max_probe_overhead=overhead)
     run(prepared, tmp_path / "b", callback=first, steps=12, every_ckpt=8, stop_at=8)
-    resumed = cb()
+    resumed = cb(max_probe_overhead=overhead)
     ckpt = next((tmp_path / "b" / "ckpt").glob("*step=8*.ckpt"))
     _, m_res, ds = run(prepared, tmp_path / "c", callback=resumed, steps=12, ckpt=str(ckpt))
     assert [h["n"] for h in resumed.history] == [h["n"] for h in full.history]
+    assert [h["step"] for h in resumed.history] == [h["step"] for h in full.history]
+    assert resumed.interval == full.interval
     assert ds.version == full.history[-1]["version"]
     for a, b in zip(m_full.state_dict().values(), m_res.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

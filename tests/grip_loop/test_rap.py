@@ -346,6 +346,48 @@ def test_metric_and_flops_and_cost_fraction():
     assert isinstance(res, RAPResult)
 
 
+@pytest.mark.parametrize("depth", [1, 2])
+def test_probe_flops_at_depth_count_the_reset_blocks_once(depth):
+    model = tiny_model()
+    cfg = model.config
+    frac = cfg.num_experts_per_tok / cfg.num_experts
+    n_layers = cfg.num_hidden_layers
+
+    def count(named):
+        return sum(p.numel() * (frac if ".experts." in n else 1.0) for n, p in named)
+
+    reset_blocks = [f"layers.{i}." for i in range(n_layers - depth, n_layers)]
+    named = [(n, p) for n, p in model.model.named_parameters() if "embed_tokens" not in n]
+    upper = count(
+        (n, p) for n, p in named if any(n.startswith(b) for b in reset_blocks) or n.startswith("norm.")
+    )
+    upper += model.lm_head.weight.numel()
+    trunk = count(named) - (upper - model.lm_head.weight.numel())
+    want = 96 * (2 * trunk + (6 * 3 + 2) * upper) + 48 * (2 * trunk + (6 * 3 + 2) * upper)
+    config = RAPConfig(reset_depth=depth, steps=3)
+    assert rap.estimate_probe_flops(model, [96, 48], config) == pytest.approx(want)
+    res = rapid_adaptation_probe(
+        model, [random_batches(1, n=4, t=24)[0], random_batches(1, n=2, t=24)[0]], config
+    )
+    assert res.flops == pytest.approx(want)
+
+
+def test_refresh_interval_is_the_shortest_cadence_within_budget():
+    for probe, per_step, lo, cap in [
+        (1e9, 1e8, 50, 0.005),
+        (1e6, 1e9, 50, 0.005),
+        (3e9, 1e9, 1, 1.0),
+        (0.0, 1.0, 7, 0.5),
+    ]:
+        e = rap.refresh_interval(probe, per_step, lo, cap)
+        assert e >= lo and probe <= cap * per_step * e * (1 + 1e-12)
+        assert e == lo or probe > cap * per_step * (e - 1)  # one step shorter would exceed the budget
+    assert rap.refresh_interval(1e9, 1e8, 50, 0.005) == 2000
+    assert rap.refresh_interval(1e6, 1e9, 50, 0.005) == 50
+    with pytest.raises(ValueError, match="refresh_interval"):
+        rap.refresh_interval(1.0, 0.0, 50, 0.005)
+
+
 # ------------------------------------------------------------------ distributed (gloo, CPU)
 
 

@@ -63,6 +63,7 @@ def _config(tmp: Path, data: Path, run: Path) -> Path:
                     "init_args": {
                         "mode": "grip",
                         "refresh_every_n_steps": REFRESH,
+                        "max_probe_overhead": None,
                         "refresh_at_start": True,
                         "probe_seq_len": 32,
                         "probe_max_blocks": 2,
