@@ -6,7 +6,8 @@ torch DataLoader (`batch_size`, `num_workers` 0/1/2). Tokens/s = blocks x seq_le
 docs/s = EOS tokens delivered per second (EOS never occurs inside a synthetic document).
 
 * `grip`: GripIterableDataset on the per-cluster shards, budgets proportional to the weights
-  (it packs itself and also emits cluster ids and the weights version per block).
+  (it packs itself and also emits labels, cluster ids and the weights version per block),
+  batched with `collate_blocks` as the training loader does.
 * `webdataset`: plain `wds.WebDataset` over every shard in order, no weights: the raw-read limit.
 * `torchdata.nodes`: MultiNodeWeightedSampler over one webdataset reader per cluster.
 * `streaming`: mosaicml StreamingDataset, one MDS Stream per cluster with `proportion` = weight.
@@ -37,6 +38,21 @@ from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
 sys.modules.setdefault("streaming.vision", types.ModuleType("streaming.vision"))
 
 TOOLS = ("grip", "webdataset", "torchdata.nodes", "streaming", "litdata")
+# Not in the default run, for attributions: GRIP batched by torch's default_collate (one
+# shared-memory storage per field instead of one per batch: what `collate_blocks` buys), and GRIP
+# reduced to `input_ids` in the worker (what shipping the per-token cluster ids costs).
+VARIANTS = ("grip-default-collate", "grip-ids-only")
+
+
+class IdsOnly(IterableDataset):
+    """GRIP blocks with every field but `input_ids` dropped (in the worker, before batching)."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __iter__(self):
+        for block in self.dataset:
+            yield {"input_ids": block["input_ids"]}
 
 
 def cluster_weights(k: int) -> np.ndarray:
@@ -135,13 +151,18 @@ def import_streaming():
 # ---------------------------------------------------------------- datasets per tool
 def make_dataset(tool: str, root: Path, weights: np.ndarray, seq_len: int, batch: int, seed: int):
     per_cluster = cluster_shards(root)
-    if tool == "grip":
+    if tool in ("grip", *VARIANTS):
         from grip_loop.dataset import GripIterableDataset
         from grip_loop.manifest import load_manifest
 
         n_docs = np.array(load_manifest(root).sizes)
         budgets = np.maximum(1, np.round(weights * n_docs.sum())).astype(np.int64)
-        return GripIterableDataset(root, budgets, seq_len=seq_len, seed=seed), {}
+        # as training builds its loader (train/data.py): one shared-memory buffer per batch
+        ds = GripIterableDataset(root, budgets, seq_len=seq_len, seed=seed)
+        if tool == "grip-ids-only":
+            return IdsOnly(ds), {"fields": "input_ids"}
+        collate = "collate_blocks" if tool == "grip" else "default_collate"
+        return ds, {"collate_fn": collate}
     if tool == "webdataset":
         urls = [u for urls in per_cluster for u in urls]
         return Packer(WdsSource(urls), seq_len), {"shardshuffle": False}
@@ -176,13 +197,13 @@ def make_dataset(tool: str, root: Path, weights: np.ndarray, seq_len: int, batch
             parts, weights=list(map(float, weights)), iterate_over_all=False
         )
         return Packer(EpochSource(ds), seq_len), settings
-    raise ValueError(f"tool: unknown {tool!r} (choose from {TOOLS})")
+    raise ValueError(f"tool: unknown {tool!r} (choose from {TOOLS + VARIANTS})")
 
 
 def available(tool: str) -> str | None:
     """None when the tool can run in this interpreter, else the import error."""
-    if tool not in TOOLS:
-        return f"unknown tool (choose from {', '.join(TOOLS)})"
+    if tool not in TOOLS + VARIANTS:
+        return f"unknown tool (choose from {', '.join(TOOLS + VARIANTS)})"
     mod = {"webdataset": "webdataset", "torchdata.nodes": "torchdata.nodes", "litdata": "litdata"}.get(tool)
     try:
         if tool == "streaming":
@@ -197,6 +218,10 @@ def available(tool: str) -> str | None:
 def measure(tool, root, weights, *, seq_len, batch, workers, warmup, seconds, seed=0) -> dict:
     ds, settings = make_dataset(tool, root, weights, seq_len, batch, seed)
     kw = {"num_workers": workers, "batch_size": batch}
+    if settings.get("collate_fn") == "collate_blocks":
+        from grip_loop.dataset import collate_blocks
+
+        kw["collate_fn"] = collate_blocks
     if workers:
         # fork for everyone (Linux default; litdata may switch the global default to spawn)
         kw.update(prefetch_factor=4, multiprocessing_context="fork")
@@ -222,13 +247,15 @@ def measure(tool, root, weights, *, seq_len, batch, workers, warmup, seconds, se
         "docs_per_s": docs / dt,
         "blocks": blocks,
         "startup_s": startup,
-        "settings": {**settings, **kw},
+        "settings": {**{k: v for k, v in kw.items() if k != "collate_fn"}, **settings},
     }
 
 
 def main(argv=None) -> int:
     p = parser(__doc__.split("\n")[0])
-    p.add_argument("--tools", nargs="+", default=list(TOOLS), help=f"tools to run ({', '.join(TOOLS)})")
+    p.add_argument(
+        "--tools", nargs="+", default=list(TOOLS), help=f"tools to run ({', '.join(TOOLS + VARIANTS)})"
+    )
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader num_workers values")
     p.add_argument("--clusters", type=int, default=16, help="clusters K of the synthetic corpus")
     p.add_argument("--docs", type=int, default=1000, help="documents per cluster")

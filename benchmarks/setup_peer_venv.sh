@@ -19,7 +19,7 @@ pip install -q -c "$CONSTRAINTS" webdataset torchdata mosaicml-streaming litdata
 # it is a CUDA build: importing it next to torch 2.13.0+cpu fails with
 #   RuntimeError: operator torchvision::nms does not exist
 # mosaicml-streaming imports it only from `streaming.vision` (image datasets, unused here), so it
-# is removed; benchmarks/peers.py stubs `streaming.vision` before `import streaming`.
+# is removed; benchmarks/sampler_throughput.py stubs `streaming.vision` before `import streaming`.
 pip uninstall -y -q torchvision
 # The project without its heavy deps (lightning, transformers 5, wandb): the benchmarks only
 # import grip_loop.dataset / manifest / shards / schedule, which need numpy + torch.

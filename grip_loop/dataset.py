@@ -73,20 +73,24 @@ def shard_index(path: str | os.PathLike) -> np.ndarray:
     return np.asarray(rows, dtype=np.int64).reshape(-1, 2)
 
 
-def collate_blocks(samples: list) -> dict[str, torch.Tensor] | object:
-    """`collate_fn` for GRIP blocks: `default_collate`'s result, with every tensor in ONE storage.
+def collate_blocks(samples: list, *, pack: bool | None = None) -> dict[str, torch.Tensor] | object:
+    """`collate_fn` for GRIP blocks: `default_collate`'s batch, in a worker with every tensor in
+    ONE storage.
 
-    The batch holds the same keys, values, shapes and dtypes as `default_collate` would
-    produce (for GRIP blocks `input_ids` [B, T], `token_cluster_ids` [B, T], `cluster_ids` [B],
-    `weights_version` [B]), each contiguous, but all are views into a single buffer (field
-    after field). A DataLoader worker hands a batch to the main process through shared memory
-    one storage at a time, and that hand-over, not the reading, bounds a worker's throughput:
-    one storage instead of one per field measured ~2x the tokens/s with 1-2 workers
-    (docs/benchmarks.md). Samples that are not dicts of same-dtype tensors fall back to
-    `default_collate`.
+    The batch holds the same keys, values, shapes and dtypes as `default_collate` produces (for
+    GRIP blocks `input_ids` [B, T], `token_cluster_ids` [B, T], `cluster_ids` [B],
+    `weights_version` [B]), each contiguous. In a DataLoader worker (or with `pack=True`) they
+    are views into a single buffer, field after field: a worker hands a batch to the main
+    process through shared memory one storage at a time, and that hand-over, not the reading,
+    bounds a worker's throughput (one storage instead of one per field measured 1.6-1.9x the
+    tokens/s with 1-2 workers, docs/benchmarks.md). In the main process (`pack=None`, no
+    workers) nothing is handed over and plain `default_collate` is faster. Samples that are
+    not dicts of same-shaped, same-dtype tensors always go to `default_collate`.
     """
+    if pack is None:
+        pack = get_worker_info() is not None
     first = samples[0] if samples else None
-    if not isinstance(first, dict) or not first:
+    if not pack or not isinstance(first, dict) or not first:
         return default_collate(samples)
     keys = list(first)
     dtype = first[keys[0]].dtype if isinstance(first[keys[0]], torch.Tensor) else None

@@ -52,6 +52,12 @@ def test_sampler_throughput_quick(tmp_path):
     assert r["targets"]["grip_over_webdataset_best"] > 0
 
 
+def test_sampler_throughput_variants_quick(tmp_path):
+    r = run("sampler_throughput", "--tools", "grip-default-collate", "grip-ids-only", tmp_path=tmp_path)
+    assert {row["tool"] for row in r["rows"]} == {"grip-default-collate", "grip-ids-only"}
+    assert all(row["tokens_per_s"] > 0 for row in r["rows"])
+
+
 def test_sampler_throughput_skips_missing_peer(tmp_path):
     r = run("sampler_throughput", "--tools", "grip", "no-such-tool", tmp_path=tmp_path)
     assert "no-such-tool" in r["skipped"] and {row["tool"] for row in r["rows"]} == {"grip"}
@@ -72,6 +78,10 @@ def test_rap_cost_quick(tmp_path):
     row = r["rows"][0]
     assert row["flops_fraction"] > 0 and row["wall_fraction"] > 0
     assert r["cadence"]["train_tokens_between_refreshes"] == 50 * 8 * 256
+    # the default cadence: at least 50 steps, and the probe within 0.5% of its training FLOPs
+    assert row["default_interval"] >= 50
+    assert 0 < row["flops_fraction_default"] <= 0.005 * (1 + 1e-9)
+    assert r["target"]["default_cadence_all_rows_flops_fraction_le_0.005"] is True
 
 
 @pytest.mark.slow

@@ -324,7 +324,7 @@ def test_collate_blocks_equals_default_collate_in_one_storage(seed):
 
     rng = np.random.default_rng(seed)
     blocks = _random_blocks(rng, int(rng.integers(1, 9)), int(rng.integers(1, 300)))
-    ref, got = default_collate(blocks), collate_blocks(blocks)
+    ref, got = default_collate(blocks), collate_blocks(blocks, pack=True)
     assert list(got) == list(ref)
     for key in ref:
         assert got[key].dtype == ref[key].dtype and got[key].shape == ref[key].shape
@@ -341,11 +341,17 @@ def test_collate_blocks_falls_back_to_default_collate():
     from grip_loop.dataset import collate_blocks
 
     mixed = [{"a": torch.zeros(3, dtype=torch.int64), "b": torch.ones(2)} for _ in range(4)]
-    got, ref = collate_blocks(mixed), default_collate(mixed)
+    got, ref = collate_blocks(mixed, pack=True), default_collate(mixed)
     assert all(torch.equal(got[k], ref[k]) and got[k].dtype == ref[k].dtype for k in ref)
-    assert torch.equal(collate_blocks([torch.arange(3), torch.arange(3)]), torch.arange(3).repeat(2, 1))
+    pair = [torch.arange(3), torch.arange(3)]
+    assert torch.equal(collate_blocks(pair, pack=True), torch.arange(3).repeat(2, 1))
     with pytest.raises(RuntimeError):  # ragged blocks are an error, as with default_collate
-        collate_blocks([{"a": torch.zeros(3)}, {"a": torch.zeros(4)}])
+        collate_blocks([{"a": torch.zeros(3)}, {"a": torch.zeros(4)}], pack=True)
+    # outside a worker nothing is handed over: plain default_collate (separate storages)
+    blocks = _random_blocks(np.random.default_rng(0), 3, 10)
+    plain = collate_blocks(blocks)
+    assert len({v.untyped_storage().data_ptr() for v in plain.values()}) == len(plain)
+    assert all(torch.equal(plain[k], v) for k, v in default_collate(blocks).items())
 
 
 def test_collate_blocks_through_two_workers_matches_default_collate(prepared):
