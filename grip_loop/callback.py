@@ -218,12 +218,12 @@ class GripCallback(L.Callback):
         if self.mode.replay != "loss":
             return
         tokens_per_step = self._tokens_per_step(batch, trainer)
+        # the interval is fixed at the first batch after a successful probe (the one at the
+        # start, or the first scheduled one when there is none at the start)
         if self.interval is None and self._probe_flops is not None:
             self._set_interval(trainer, pl_module, tokens_per_step)
         if step > 0 and step % (self.interval or self.every) == 0:
             self.refresh(trainer, pl_module, tokens_per_step=tokens_per_step)
-            if self.interval is None and self._probe_flops is not None:
-                self._set_interval(trainer, pl_module, tokens_per_step)
 
     def _set_interval(self, trainer, pl_module, tokens_per_step: float) -> None:
         """Stretch the cadence so that probe FLOPs <= max_probe_overhead x training FLOPs."""

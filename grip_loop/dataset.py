@@ -87,8 +87,9 @@ def collate_blocks(samples: list, *, pack: bool | None = None) -> dict[str, torc
     workers) nothing is handed over and plain `default_collate` is faster. Samples that are
     not dicts of same-shaped, same-dtype tensors always go to `default_collate`.
     """
+    in_worker = get_worker_info() is not None
     if pack is None:
-        pack = get_worker_info() is not None
+        pack = in_worker
     first = samples[0] if samples else None
     if not pack or not isinstance(first, dict) or not first:
         return default_collate(samples)
@@ -104,7 +105,7 @@ def collate_blocks(samples: list, *, pack: bool | None = None) -> dict[str, torc
     b = len(samples)
     sizes = [b * first[k].numel() for k in keys]
     buf = torch.empty(sum(sizes), dtype=dtype)
-    if get_worker_info() is not None:
+    if in_worker:
         buf.share_memory_()  # as default_collate does in a worker: no copy when it is sent
     out, off = {}, 0
     for k, n in zip(keys, sizes, strict=True):
@@ -269,17 +270,11 @@ class _Partition:
     _derived_of: np.ndarray | None = field(default=None, repr=False, compare=False)
     _derived: tuple | None = field(default=None, repr=False, compare=False)
 
-    def slot_of(self) -> tuple[int, int]:
-        """(g, G) used for positions. With fewer budgeted documents than partitions, the
-        spare partitions replay those of partition g mod sum(n) instead of starving (a rank
-        with nothing to read would hang DDP)."""
-        return self.derived()[0]
-
-    def shares(self) -> np.ndarray:
-        return self.derived()[1]
-
     def derived(self) -> tuple[tuple[int, int], np.ndarray, int, list[int]]:
-        """(slot_of, shares, sum of shares, budgets as ints), cached per budgets object."""
+        """((g, G) used for positions, shares, sum of shares, budgets as ints), cached per
+        budgets object. (g, G): with fewer budgeted documents than partitions, the spare
+        partitions replay those of partition g mod sum(n) instead of starving (a rank with
+        nothing to read would hang DDP). shares: `partition_budgets` of that slot."""
         if self._derived_of is not self.budgets:
             total = int(self.budgets.sum())
             slot = (self.g, self.num_partitions) if total >= self.num_partitions else (self.g % total, total)
@@ -454,7 +449,7 @@ class GripIterableDataset(IterableDataset):
             p.pass_index, p.slot = p.pass_index + 1, 0
         k = self._cluster_at(p, total, shares)
         if not self.replay:
-            # The partition's own residue class g mod G (not slot_of's remap), so partitions
+            # The partition's own residue class g mod G (not derived()'s remap), so partitions
             # never share a document; cursors survive passes and budget switches.
             position = p.g + p.num_partitions * int(p.taken[k])
             if position >= self.sizes[k]:

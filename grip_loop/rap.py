@@ -249,13 +249,12 @@ def _probe_param_counts(lm: nn.Module, depth: int) -> tuple[float, float]:
     """(trunk, upper) active non-embedding parameters of a probe at reset depth `depth`."""
     cfg = lm.config
     layers = lm.model.layers
-    reset = active_params(lm.lm_head, cfg)
+    reset_inner = 0.0  # the reset blocks + final norm, part of lm.model
     if depth:
-        reset_blocks = sum(active_params(b, cfg) for b in list(layers)[len(layers) - depth :])
-        reset += reset_blocks + active_params(lm.model.norm, cfg)
-    trunk = active_params(lm.model, cfg) - lm.model.embed_tokens.weight.numel()
-    trunk -= reset - active_params(lm.lm_head, cfg)
-    return trunk, reset
+        reset_inner = sum(active_params(b, cfg) for b in list(layers)[len(layers) - depth :])
+        reset_inner += active_params(lm.model.norm, cfg)
+    inner = active_params(lm.model, cfg) - lm.model.embed_tokens.weight.numel()
+    return inner - reset_inner, reset_inner + active_params(lm.lm_head, cfg)
 
 
 def estimate_probe_flops(model: nn.Module, tokens_per_cluster: Sequence[int], config: RAPConfig) -> float:
