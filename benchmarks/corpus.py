@@ -91,10 +91,9 @@ def iter_cluster_docs(paths: list[str]):
             yield doc.tokens
 
 
-def to_mds(root: Path, out: Path) -> list[Path]:
-    """mosaicml-streaming MDS, one directory per cluster (one Stream each)."""
-    from streaming import MDSWriter
-
+def _convert_per_cluster(root: Path, out: Path, write) -> list[Path]:
+    """One output directory per cluster under `out`; `write(directory, shard paths)` fills the
+    ones without an `index.json` yet (a finished conversion is reused)."""
     dirs = []
     for c, paths in enumerate(cluster_shards(root)):
         d = out / f"cluster-{c:05d}"
@@ -102,31 +101,33 @@ def to_mds(root: Path, out: Path) -> list[Path]:
         if (d / "index.json").exists():
             continue
         shutil.rmtree(d, ignore_errors=True)
-        with MDSWriter(out=str(d), columns={"ids": "ndarray:uint16"}, size_limit="64mb") as w:
-            for toks in iter_cluster_docs(paths):
-                w.write({"ids": np.ascontiguousarray(toks)})
+        write(d, paths)
     return dirs
 
 
-def _read_for_litdata(spec):
-    path = spec
-    from grip_loop.shards import iter_shard
+def to_mds(root: Path, out: Path) -> list[Path]:
+    """mosaicml-streaming MDS, one directory per cluster (one Stream each)."""
+    from streaming import MDSWriter
 
-    for doc in iter_shard(path, "uint16", with_text=False):
-        yield {"ids": np.array(doc.tokens)}
+    def write(d: Path, paths: list[str]) -> None:
+        with MDSWriter(out=str(d), columns={"ids": "ndarray:uint16"}, size_limit="64mb") as w:
+            for toks in iter_cluster_docs(paths):
+                w.write({"ids": np.ascontiguousarray(toks)})
+
+    return _convert_per_cluster(root, out, write)
+
+
+def _read_for_litdata(path: str):
+    """litdata `optimize` input function: the documents of one shard."""
+    for toks in iter_cluster_docs([path]):
+        yield {"ids": np.array(toks)}
 
 
 def to_litdata(root: Path, out: Path) -> list[Path]:
     """litdata `optimize` output, one directory per cluster (one StreamingDataset each)."""
     from litdata import optimize
 
-    dirs = []
-    for c, paths in enumerate(cluster_shards(root)):
-        d = out / f"cluster-{c:05d}"
-        dirs.append(d)
-        if (d / "index.json").exists():
-            continue
-        shutil.rmtree(d, ignore_errors=True)
+    def write(d: Path, paths: list[str]) -> None:
         optimize(
             fn=_read_for_litdata,
             inputs=paths,
@@ -136,4 +137,5 @@ def to_litdata(root: Path, out: Path) -> list[Path]:
             mode="overwrite",
             verbose=False,
         )
-    return dirs
+
+    return _convert_per_cluster(root, out, write)
