@@ -12,6 +12,7 @@ import argparse
 
 
 def main(argv: list[str]) -> int:
+    from train.cmd_eval import add_eval_arguments, eval_config
     from train.eval import EvalConfig
 
     d = EvalConfig()
@@ -29,17 +30,7 @@ def main(argv: list[str]) -> int:
         help="dotted override applied to every row, value parsed as YAML (repeatable)",
     )
     p.add_argument("--nproc", type=int, default=1, help="processes per row (torchrun on this node)")
-    p.add_argument("--pass-at-1", action="store_true", help="also generate + execute HumanEval (pass@1)")
-    p.add_argument("--limit", type=int, default=None, help="HumanEval problems for pass@1 (default all)")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="generation length limit")
-    p.add_argument("--seq-len", type=int, default=d.seq_len, help="evaluation window in tokens")
-    p.add_argument(
-        "--max-tokens-per-lang",
-        type=int,
-        default=d.max_tokens_per_lang,
-        help="held-out tokens scored per language (default %(default)s)",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars in evaluation")
+    add_eval_arguments(p, d)  # how each row's last checkpoint is evaluated (as `grip eval`)
     a = p.parse_args(argv)
     from train.ablate import AblateConfig, results_markdown, run
 
@@ -50,14 +41,7 @@ def main(argv: list[str]) -> int:
         overrides=a.overrides,
         only=a.only,
         nproc=a.nproc,
-        eval=EvalConfig(
-            seq_len=a.seq_len,
-            max_tokens_per_lang=a.max_tokens_per_lang,
-            pass_at_1=a.pass_at_1,
-            limit=a.limit,
-            max_new_tokens=a.max_new_tokens,
-            progress=not a.no_progress,
-        ),
+        eval=eval_config(a),
     )
     results = run(cfg)
     print(results_markdown(results), end="")
