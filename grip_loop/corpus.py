@@ -65,6 +65,14 @@ class Document:
     text: str
     lang: str
     path: str  # where it came from (for inspection)
+    fields: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+    """String-valued metadata: every top-level string field of a JSONL record or a shard's
+    `.json` (except `text`), and `lang` for source files. `grip prepare --cluster-by FIELD`
+    reads its clusters from here."""
+
+    def field_value(self, name: str) -> str | None:
+        """The document's value of `name`, None when it has none (source files: `lang` only)."""
+        return self.fields.get(name)
 
 
 @dataclass
@@ -188,7 +196,8 @@ class CorpusReader:
         if why:
             self.stats.skip(why)
             return None
-        return Document(id=rel, text=text, lang=EXTENSION_LANG[path.suffix.lower()], path=rel)
+        lang = EXTENSION_LANG[path.suffix.lower()]
+        return Document(id=rel, text=text, lang=lang, path=rel, fields={"lang": lang})
 
     def _jsonl(self, path: Path, rel: str) -> Iterator[Document]:
         opener = gzip.open if path.name.lower().endswith(".gz") else open
@@ -214,6 +223,7 @@ class CorpusReader:
                         text=text,
                         lang=str(rec.get("lang", "unknown")),
                         path=str(rec.get("path", f"{rel}:{lineno}")),
+                        fields=_string_fields(rec),
                     )
         except (OSError, EOFError) as exc:  # truncated gzip, permission denied
             self.stats.skip("unreadable")
@@ -263,7 +273,15 @@ class CorpusReader:
             text=text,
             lang=str(meta.get("lang", "unknown")),
             path=str(meta.get("path", f"{rel}/{key}")),
+            fields=_string_fields(meta),
         )
+
+
+def _string_fields(rec) -> dict[str, str]:
+    """Top-level string values of a record (the document's own text excepted)."""
+    if not isinstance(rec, dict):
+        return {}
+    return {str(k): v for k, v in rec.items() if isinstance(v, str) and k not in ("text",)}
 
 
 def corpus_fingerprint(docs: Iterable[Document]) -> str:

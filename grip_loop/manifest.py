@@ -44,6 +44,18 @@ class ClusterInfo:
     probe_shards: list[ShardInfo] = field(default_factory=list)
     shards: dict[str, list[ShardInfo]] = field(default_factory=dict)  # order name -> shards
     examples: list[str] = field(default_factory=list)
+    # A human-readable name: the --cluster-by value, or "<language>:<path prefix or top terms>"
+    # for k-means clusters. Empty in manifests written before names existed.
+    name: str = ""
+    # The probe's evaluation documents (a subset of probe_ids; the rest are its adaptation
+    # documents), split once by `grip prepare`. Empty = a manifest without the split: only
+    # `rap.eval_split: none` can probe it.
+    eval_ids: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        """`name` when there is one, else "cluster <id>" (tables, charts, logs)."""
+        return self.name or f"cluster {self.id}"
 
 
 @dataclass
@@ -64,6 +76,11 @@ class Manifest:
     @property
     def sizes(self) -> list[int]:
         return [c.n_docs for c in self.clusters]
+
+    @property
+    def names(self) -> list[str]:
+        """Every cluster's label (its name, or "cluster <id>"), in id order."""
+        return [c.label for c in self.clusters]
 
     @property
     def n_docs(self) -> int:
@@ -237,8 +254,14 @@ def _check_schema(d: dict, path: Path, fix: str) -> None:
             need(is_num(c.get(key)), f"{w}.{key}", "a finite number")
         qs = c.get("quality_scores", {})
         need(isinstance(qs, dict) and all(is_num(v) for v in qs.values()), f"{w}.quality_scores", "numbers")
-        for key in ("probe_ids", "examples"):
+        for key in ("probe_ids", "examples", "eval_ids"):
             need(str_list(c.get(key, [])), f"{w}.{key}", "a list of strings")
+        need(isinstance(c.get("name", ""), str), f"{w}.name", "a string")
+        need(
+            set(c.get("eval_ids", [])) <= set(c.get("probe_ids", [])),
+            f"{w}.eval_ids",
+            "a subset of its probe_ids",
+        )
         shard_list(c.get("probe_shards", []), f"{w}.probe_shards")
         shards = c.get("shards", {})
         need(isinstance(shards, dict), f"{w}.shards", "an object of order -> shards")

@@ -10,13 +10,15 @@ import numpy as np
 
 def table(manifest, top: int = 3) -> str:
     """One row per cluster: size, tokens, sigma, Q, mean length, first documents of the first order."""
+    width = max([len("name")] + [len(c.label) for c in manifest.clusters])
     rows = [
-        f"{'k':>4} {'N_k':>8} {'tokens':>10} {'sigma':>6} {'Q':>5} {'mean_len':>9} {'probe':>5}  examples"
+        f"{'k':>4} {'name':<{width}} {'N_k':>8} {'tokens':>10} {'sigma':>6} {'Q':>5} {'mean_len':>9} "
+        f"{'probe':>5} {'eval':>4}  examples"
     ]
     for c in manifest.clusters:
         rows.append(
-            f"{c.id:>4} {c.n_docs:>8} {c.n_tokens:>10} {c.sigma:>6.3f} {c.quality:>5.2f} "
-            f"{c.mean_length:>9.1f} {len(c.probe_ids):>5}  {', '.join(c.examples[:top])}"
+            f"{c.id:>4} {c.label:<{width}} {c.n_docs:>8} {c.n_tokens:>10} {c.sigma:>6.3f} {c.quality:>5.2f} "
+            f"{c.mean_length:>9.1f} {len(c.probe_ids):>5} {len(c.eval_ids):>4}  {', '.join(c.examples[:top])}"
         )
     s = manifest.stats
     rows.append(

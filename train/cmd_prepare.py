@@ -24,6 +24,13 @@ def main(argv: list[str]) -> int:
         "--config", default=str(DEFAULT_CONFIG), help="YAML of PrepareConfig fields (default: %(default)s)"
     )
     p.add_argument("--k", type=int, default=None, help="number of clusters (overrides the config)")
+    p.add_argument(
+        "--cluster-by",
+        default=None,
+        metavar="FIELD",
+        help="one cluster per distinct value of this document field (JSONL/shard string fields, "
+        "`lang` for directories) instead of k-means; documents without it are skipped and counted",
+    )
     p.add_argument("--seed", type=int, default=None, help="random seed (overrides the config)")
     p.add_argument("--orders", default=None, help="comma-separated orders to write: grip,diversity,random")
     p.add_argument("--restart", action="store_true", help="discard cached stages in OUT/work and start over")
@@ -38,6 +45,7 @@ def main(argv: list[str]) -> int:
         corpus=a.corpus,
         out=a.out,
         k=a.k,
+        cluster_by=a.cluster_by,
         seed=a.seed,
         orders=a.orders.split(",") if a.orders else None,
         progress=False if a.no_progress else None,
