@@ -18,8 +18,15 @@ redoes a stage whose inputs changed):
 Randomness: one seed. Cluster k's orders share the same uniform draws (common random
 numbers: "grip", "diversity" and "random" differ only by their weights, which is what an
 ablation should compare); the probe draws from its own stream, uniformly inside the cluster,
-so Q_k and RAP see a representative sample, not the density-biased head of the order. Probe
-documents stay in the training shards too.
+so Q_k and RAP see a representative sample, not the density-biased head of the order. The
+probe's documents alternate along that draw between *adaptation* documents (they stay in the
+training shards) and *evaluation* documents (`ClusterInfo.eval_ids`: written only to the probe
+shard, never trained on, unless `probe_eval_in_training`), so the probe measures how learnable a
+cluster is on text the model has not memorised. N_k counts training documents.
+
+Clusters: spherical k-means (`k`), or one per distinct value of a document field
+(`cluster_by`: `grip prepare --cluster-by lang`), named either way (`ClusterInfo.name`; see
+`grip_loop.naming`).
 
 Held-out slice: `heldout_fraction` of each language's documents (a seeded draw per language,
 so every language with enough files is represented) is removed before clustering and never
@@ -37,6 +44,7 @@ import math
 import os
 import shutil
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -47,6 +55,7 @@ from grip_loop.budget import apportion, geometric_consistency
 from grip_loop.embed import EncoderConfig, embed_corpus
 from grip_loop.judge import JudgeConfig, JudgeInput, cluster_quality
 from grip_loop.manifest import SCHEMA_VERSION, ClusterInfo, Manifest, ShardInfo
+from grip_loop.naming import cluster_names
 from grip_loop.selection import kernel_density, knn, selection_order, selection_weights
 
 ORDERS = ("grip", "diversity", "random")
@@ -59,7 +68,12 @@ class PrepareConfig:
     out: str = ""
     """Output directory (the prepared corpus)."""
     k: int = 64
-    """Number of clusters K."""
+    """Number of clusters K (k-means). Ignored with `cluster_by`."""
+    cluster_by: str | None = None
+    """Make one cluster per distinct value of this document field instead of k-means (JSONL
+    and shard metadata: any string field, e.g. `lang` or `source`; source directories: `lang`).
+    Clusters are in sorted order of the value and named by it; documents without the field are
+    counted and skipped."""
     seed: int = 0
     max_file_bytes: int = 1 << 20
     """Skip files (and JSONL texts) larger than this: generated code and data dumps."""
@@ -77,8 +91,9 @@ class PrepareConfig:
     """Fit centroids on at most this many documents, then assign all."""
     probe_fraction: float = 0.005
     """B_probe as a fraction of the corpus (paper: ~0.5%)."""
-    probe_min_per_cluster: int = 4
-    """Floor of n_k^probe (capped at N_k), so every cluster gets a Q_k and a RAP batch."""
+    probe_min_per_cluster: int = 64
+    """Floor of n_k^probe (capped at N_k): every cluster gets a Q_k and enough documents for a
+    stable probe (half adaptation, half evaluation: 32 + 32 by default, docs/rap.md)."""
     knn_k: int = 10
     """Neighbours in the Eq. 9 density."""
     beta: float = 0.3
@@ -92,6 +107,11 @@ class PrepareConfig:
     n_examples: int = 3
     heldout_fraction: float = 0.02
     """Fraction of each language's documents held out for evaluation (not clustered, not trained on)."""
+    probe_eval_in_training: bool = False
+    """Keep the probe's evaluation documents in the training shards too. Default: no, so the
+    probe measures documents the model never trained on (memorised documents look learnable;
+    docs/rap.md). They are at most probe_min_per_cluster / 2 per cluster (32): negligible at
+    scale, a visible share of a corpus of a few thousand files."""
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -101,6 +121,8 @@ class PrepareConfig:
             self.judge = _build(JudgeConfig, self.judge, "judge")
         if self.k < 1:
             raise ValueError(f"k: must be >= 1, got {self.k}")
+        if self.cluster_by is not None and (not isinstance(self.cluster_by, str) or not self.cluster_by):
+            raise ValueError(f"cluster_by: expected a field name or null, got {self.cluster_by!r}")
         if not 0 < self.probe_fraction <= 1:
             raise ValueError(f"probe_fraction: must lie in (0, 1], got {self.probe_fraction}")
         if self.probe_min_per_cluster < 1:
@@ -179,6 +201,12 @@ def _atomic_npz(path: Path, **arrays) -> None:
     os.replace(tmp, path)
 
 
+def _atomic_npy(path: Path, arr: np.ndarray) -> None:
+    with open(str(path) + ".tmp", "wb") as fh:
+        np.save(fh, arr)
+    os.replace(str(path) + ".tmp", path)
+
+
 def _done(meta: Path, key: str) -> bool:
     try:
         return json.loads(meta.read_text()).get("key") == key
@@ -215,7 +243,9 @@ def _ingest(cfg: PrepareConfig, work: Path) -> dict:
     from grip_loop.corpus import CorpusReader, humaneval_hashes
 
     meta = work / "ingest.json"
-    key = _key("ingest", str(Path(cfg.corpus).resolve()), cfg.max_file_bytes, cfg.exclude_humaneval)
+    key = _key(
+        "ingest", str(Path(cfg.corpus).resolve()), cfg.max_file_bytes, cfg.exclude_humaneval, cfg.cluster_by
+    )
     if _done(meta, key):
         return json.loads(meta.read_text())
     reader = CorpusReader(
@@ -225,20 +255,43 @@ def _ingest(cfg: PrepareConfig, work: Path) -> dict:
     )
     h = hashlib.sha256()
     tmp = work / "docs.jsonl.tmp"
-    n = 0
+    n = missing = 0
+    fields_seen: Counter = Counter()
     with open(tmp, "w", encoding="utf-8") as fh:
         for d in tqdm(reader, desc="read", unit="doc", disable=not cfg.progress):
             rec = {"id": d.id, "lang": d.lang, "path": d.path, "text": d.text}
+            if cfg.cluster_by:
+                value = d.field_value(cfg.cluster_by)
+                fields_seen.update(d.fields)
+                if value is None or not value.strip():
+                    missing += 1  # never merged into some cluster: counted and skipped
+                    continue
+                rec["group"] = value
             fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
             h.update(d.id.encode("utf-8", "surrogatepass") + b"\x00")
             h.update(hashlib.sha256(d.text.encode("utf-8", "surrogatepass")).digest())
             n += 1
-    os.replace(tmp, work / "docs.jsonl")
     if reader.stats.skipped:
         print(f"warning: {cfg.corpus}: {reader.stats.summary()}")
+    if cfg.cluster_by and missing:
+        print(
+            f"warning: {cfg.corpus}: {missing} of {n + missing} documents have no {cfg.cluster_by!r} "
+            "field (--cluster-by); they were skipped"
+        )
     if n == 0:
+        tmp.unlink(missing_ok=True)
+        if cfg.cluster_by and missing:
+            have = ", ".join(sorted(fields_seen)) or "none"
+            raise ValueError(
+                f"corpus: no document in {cfg.corpus} has the field {cfg.cluster_by!r} (--cluster-by); "
+                f"string fields present: {have}. Pick one of them, or drop --cluster-by for k-means"
+            )
         raise ValueError(f"corpus: no readable documents in {cfg.corpus} ({reader.stats.summary()})")
-    info = {"key": key, "n_docs": n, "fingerprint": h.hexdigest(), "read_stats": reader.stats.to_dict()}
+    os.replace(tmp, work / "docs.jsonl")
+    stats = reader.stats.to_dict()
+    if cfg.cluster_by:
+        stats["missing_field"] = {cfg.cluster_by: missing}
+    info = {"key": key, "n_docs": n, "fingerprint": h.hexdigest(), "read_stats": stats}
     _atomic_json(meta, info)
     return info
 
@@ -308,6 +361,21 @@ def heldout_split(langs: list[str], fraction: float, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
 
 
+def clusters_from_field(values: list[str], emb: np.ndarray, train: np.ndarray):
+    """`--cluster-by`: (centroids, labels, names). One cluster per distinct value, in sorted
+    order; a centroid is the L2-normalised mean embedding of its training documents (held-out
+    documents keep their own value's label)."""
+    names = sorted(set(values))
+    lookup = {v: i for i, v in enumerate(names)}
+    labels = np.array([lookup[v] for v in values], dtype=np.int64)
+    emb = np.asarray(emb, dtype=np.float32)
+    centroids = np.zeros((len(names), emb.shape[1]), np.float32)
+    np.add.at(centroids, labels[train], emb[train])
+    norm = np.linalg.norm(centroids, axis=1, keepdims=True)
+    centroids = np.where(norm > 0, centroids / np.maximum(norm, 1e-12), 0.0).astype(np.float32)
+    return centroids, labels, names
+
+
 def _cluster(
     cfg: PrepareConfig, out: Path, work: Path, emb: np.ndarray, emb_key: str, train: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -331,12 +399,17 @@ def _cluster(
         np.asarray(emb)[train], cfg.k, seed=cfg.seed, niter=cfg.kmeans_niter, sample_size=cfg.kmeans_sample
     )
     labels = assign(emb, centroids)
-    for path, arr in ((out / "centroids.npy", centroids), (work / "labels.npy", labels)):
-        with open(str(path) + ".tmp", "wb") as fh:
-            np.save(fh, arr)
-        os.replace(str(path) + ".tmp", path)
+    _atomic_npy(out / "centroids.npy", centroids)
+    _atomic_npy(work / "labels.npy", labels)
     _atomic_json(meta, {"key": key})
     return centroids, labels
+
+
+def split_probe(probe_ids: list[str]) -> tuple[list[str], list[str]]:
+    """(adaptation, evaluation) documents of a cluster's probe: alternating along the probe's
+    random draw order, so every prefix of the draw is split evenly (the adaptation half gets
+    the odd one out)."""
+    return list(probe_ids[0::2]), list(probe_ids[1::2])
 
 
 def probe_sizes(sizes: np.ndarray, sigma: np.ndarray, fraction: float, floor: int) -> np.ndarray:
@@ -400,7 +473,7 @@ def prepare(cfg: PrepareConfig) -> Manifest | None:
         timer.record("ingest", t0, ingest["n_docs"])
     distributed.barrier()
     ingest = json.loads((work / "ingest.json").read_text())
-    if cfg.k > ingest["n_docs"]:  # checked before the expensive stages, on every rank
+    if not cfg.cluster_by and cfg.k > ingest["n_docs"]:  # checked before the expensive stages, on every rank
         distributed.shutdown()
         raise ValueError(
             f"k: {cfg.k} clusters but {cfg.corpus} has only {ingest['n_docs']} usable documents; "
@@ -439,31 +512,55 @@ def _finish(cfg, out, work, docs, emb, emb_key, ingest, tok_info, timer, ShardWr
     lengths = np.diff(offsets)
 
     t0 = time.perf_counter()
-    held = heldout_split([d["lang"] for d in docs], cfg.heldout_fraction, cfg.seed)
+    # held-out slice: stratified by the cluster field with --cluster-by (every cluster is
+    # represented in the evaluation), by language otherwise
+    strata = [d["group"] if cfg.cluster_by else d["lang"] for d in docs]
+    held = heldout_split(strata, cfg.heldout_fraction, cfg.seed)
     train = np.ones(n, bool)
     train[held] = False
-    if cfg.k > int(train.sum()):
-        raise ValueError(
-            f"k: {cfg.k} clusters but the corpus has only {int(train.sum())} training documents; lower k"
+    if cfg.cluster_by:
+        centroids, labels, names = clusters_from_field([d["group"] for d in docs], emb, train)
+        _atomic_npy(out / "centroids.npy", centroids)
+        n_clusters = len(names)
+    else:
+        if cfg.k > int(train.sum()):
+            raise ValueError(
+                f"k: {cfg.k} clusters but the corpus has only {int(train.sum())} training documents; lower k"
+            )
+        centroids, labels = _cluster(cfg, out, work, emb, emb_key, train)
+        n_clusters = cfg.k
+        names = cluster_names(
+            np.where(train, labels, -1),
+            n_clusters,
+            [d["lang"] for d in docs],
+            [d["path"] for d in docs],
+            [d["text"] for d in docs],
+            seed=cfg.seed,
         )
-    centroids, labels = _cluster(cfg, out, work, emb, emb_key, train)
     timer.record("cluster", t0, n)
 
     t0 = time.perf_counter()
-    sizes = np.bincount(labels[train], minlength=cfg.k)
+    sizes = np.bincount(labels[train], minlength=n_clusters)
     sigma = geometric_consistency(emb[train], labels[train], centroids)
     n_probe = probe_sizes(sizes, sigma, cfg.probe_fraction, cfg.probe_min_per_cluster)
-    members = [np.flatnonzero((labels == k) & train) for k in range(cfg.k)]
+    members = [np.flatnonzero((labels == k) & train) for k in range(n_clusters)]
     orders, probes = [], []
-    for k in tqdm(range(cfg.k), desc="density+order", unit="cluster", disable=not cfg.progress):
+    for k in tqdm(range(n_clusters), desc="density+order", unit="cluster", disable=not cfg.progress):
         m = members[k]
+        # a uniform draw, kept in draw order: any prefix is a uniform sample, and the probe's
+        # adaptation / evaluation roles alternate along it (split_probe)
+        pick = selection_order(np.ones(len(m)), seed=_seed(cfg.seed, k, 1))[: n_probe[k]]
+        probes.append(m[pick])
+        if not cfg.probe_eval_in_training:  # the probe measures documents training never sees
+            held_out = set(split_probe(m[pick].tolist())[1])
+            m = members[k] = np.array([i for i in m if i not in held_out], dtype=np.int64)
+            train[list(held_out)] = False
         orders.append(
             cluster_orders(
                 emb[m], lengths[m], cfg.orders, beta=cfg.beta, knn_k=cfg.knn_k, seed=_seed(cfg.seed, k, 0)
             )
         )
-        pick = selection_order(np.ones(len(m)), seed=_seed(cfg.seed, k, 1))[: n_probe[k]]
-        probes.append(m[np.sort(pick)])
+    sizes = np.array([len(m) for m in members], dtype=np.int64)
     pathology = _pathology(cfg, out, emb, lengths)
     timer.record("geometry", t0, n)
 
@@ -500,7 +597,7 @@ def _finish(cfg, out, work, docs, emb, emb_key, ingest, tok_info, timer, ShardWr
     bar = tqdm(
         total=int(train.sum()) * len(cfg.orders), desc="write shards", unit="doc", disable=not cfg.progress
     )
-    for k in range(cfg.k):
+    for k in range(n_clusters):
         m = members[k]
         shard_lists = {}
         for name in cfg.orders:
@@ -516,16 +613,19 @@ def _finish(cfg, out, work, docs, emb, emb_key, ingest, tok_info, timer, ShardWr
                 write(w, int(i), k, pos)
             probe_infos = [ShardInfo(f"probe/{s.path}", s.n_docs, s.n_tokens) for s in w.close()]
         first = orders[k][cfg.orders[0]][: cfg.n_examples]
+        probe_ids = [docs[int(i)]["id"] for i in probes[k]]
         clusters.append(
             ClusterInfo(
                 id=k,
+                name=names[k],
                 n_docs=int(sizes[k]),
                 n_tokens=int(lengths[m].sum()),
                 mean_length=float(lengths[m].mean()) if len(m) else 0.0,
                 sigma=float(sigma[k]),
                 quality=float(quality[k]),
                 quality_scores=dims[k],
-                probe_ids=[docs[i]["id"] for i in probes[k]],
+                probe_ids=probe_ids,
+                eval_ids=split_probe(probe_ids)[1],
                 probe_shards=probe_infos,
                 shards=shard_lists,
                 examples=[docs[int(m[j])]["path"] for j in first],
@@ -558,7 +658,7 @@ def _finish(cfg, out, work, docs, emb, emb_key, ingest, tok_info, timer, ShardWr
             "max_chunks": cfg.encoder.max_chunks,
             "pooling": "mean",
         },
-        k=cfg.k,
+        k=n_clusters,
         seed=cfg.seed,
         orders=list(cfg.orders),
         clusters=clusters,
@@ -572,6 +672,8 @@ def _finish(cfg, out, work, docs, emb, emb_key, ingest, tok_info, timer, ShardWr
             "heldout_langs": held_langs,
             "read": ingest["read_stats"],
             "probe_docs": int(n_probe.sum()),
+            "probe_eval_docs": sum(len(c.eval_ids) for c in clusters),
+            "probe_eval_in_training": cfg.probe_eval_in_training,
             "judge": getattr(judge, "stats", {"kind": cfg.judge.kind}),
             "length_knn": pathology,
             "centroids": "centroids.npy",

@@ -29,7 +29,8 @@ def make_prepared(
 ):
     """Clusters listed in `easy` repeat one fixed 8-token pattern as filler (learnable);
     the others draw uniform random filler (hard). The first `n_probe` documents of each
-    cluster also go to its probe shard."""
+    cluster also go to its probe shard; every other one of them (positions 1, 3, ...) is an
+    evaluation document of the probe, as `grip prepare` splits them."""
     rng = np.random.default_rng(seed)
     pattern = np.arange(100, 108)
     root = Path(root)
@@ -54,10 +55,10 @@ def make_prepared(
             ]
         probe = []
         if nk:
-            first = shards[orders[0]][0]
-            with ShardWriter(root / "probe", prefix=f"cluster-{k:05d}") as w:
-                for doc in list(iter_shard(root / first.path, "uint16"))[:n_probe]:
-                    w.write(doc.key, doc.tokens, doc.text, doc.meta)
+            docs = [d for s in shards[orders[0]] for d in iter_shard(root / s.path, "uint16")][:n_probe]
+            with ShardWriter(root / "probe", prefix=f"cluster-{k:05d}", max_docs=1 << 30) as w:
+                for doc in docs:
+                    w.write(doc.key, doc.tokens, doc.text, {**doc.meta, "doc_id": doc.key})
             probe = [ShardInfo(f"probe/{s.path}", s.n_docs, s.n_tokens) for s in w.finished]
         n_tok = int(sum(s.n_tokens for s in shards[orders[0]]))
         clusters.append(
@@ -71,6 +72,8 @@ def make_prepared(
                 shards=shards,
                 probe_shards=probe,
                 probe_ids=[f"{k:03d}{p:06d}" for p in range(min(n_probe, nk))],
+                eval_ids=[f"{k:03d}{p:06d}" for p in range(1, min(n_probe, nk), 2)],
+                name=f"synthetic-{k}",
             )
         )
     m = Manifest(

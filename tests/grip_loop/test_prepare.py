@@ -38,7 +38,9 @@ def test_end_to_end_manifest_and_shards(stdlib_prepared):
     m = load_manifest(stdlib_prepared)
     cfg = PrepareConfig.from_dict(m.config)
     n_held = m.stats["heldout_docs"]
-    assert m.n_docs == m.stats["n_docs"] == N_DOCS - n_held and n_held >= 1
+    n_eval = m.stats["probe_eval_docs"]
+    assert n_eval == sum(len(c.eval_ids) for c in m.clusters) > 0
+    assert m.n_docs == m.stats["n_docs"] == N_DOCS - n_held - n_eval and n_held >= 1
     assert m.stats["read"]["skipped"] == {"binary": 1, "empty": 1}
     assert m.k == 8 and m.orders == ["grip", "diversity", "random"]
     emb = np.load(stdlib_prepared / "work" / "embeddings.npy")
@@ -51,16 +53,28 @@ def test_end_to_end_manifest_and_shards(stdlib_prepared):
 
     tok = Tokenizer.from_file(str(stdlib_prepared / m.tokenizer["path"]))
     assert m.tokenizer["eos_id"] == tok.token_to_id("<|endoftext|>")
-    n_probe = probe_sizes(np.array(m.sizes), np.array([c.sigma for c in m.clusters]), 0.02, 3)
+    before_split = np.array(m.sizes) + np.array([len(c.eval_ids) for c in m.clusters])  # Eq. 4's N_k
+    n_probe = probe_sizes(
+        before_split, np.array([c.sigma for c in m.clusters]), 0.02, cfg.probe_min_per_cluster
+    )
     held = {d.meta["doc_id"] for s in m.heldout for d in iter_shard(stdlib_prepared / s.path, "uint16")}
     train = np.array([d["id"] not in held for d in docs])
+    in_file_order = 0
+    evaluation = {i for c in m.clusters for i in c.eval_ids}
     for c in m.clusters:
-        members = np.flatnonzero((labels == c.id) & train)
-        assert c.n_docs == len(members)
+        members = np.flatnonzero(
+            (labels == c.id) & train & np.array([d["id"] not in evaluation for d in docs])
+        )
+        assert c.n_docs == len(members)  # the probe's evaluation documents are not trained on
         assert 0 <= c.quality <= 1 and 0 <= c.sigma < 2  # 0: a singleton cluster
-        assert len(c.probe_ids) == n_probe[c.id] >= min(3, c.n_docs)
+        assert len(c.probe_ids) == n_probe[c.id] >= min(cfg.probe_min_per_cluster, c.n_docs)
         member_ids = {docs[i]["id"] for i in members}
-        assert set(c.probe_ids) <= member_ids
+        assert set(c.probe_ids) - set(c.eval_ids) <= member_ids and not set(c.eval_ids) & member_ids
+        # the probe's split: every other document along the (random) draw is an evaluation one
+        assert c.eval_ids == c.probe_ids[1::2] and len(c.eval_ids) == len(c.probe_ids) // 2
+        ids = [d["id"] for d in docs]
+        in_file_order += c.probe_ids == sorted(c.probe_ids, key=ids.index)
+        assert c.name and c.name.split(":")[0] in {"python", "mixed"}
         probe = [
             d
             for s in c.probe_shards
@@ -78,6 +92,8 @@ def test_end_to_end_manifest_and_shards(stdlib_prepared):
             per_order[order] = [int(key) for key, _, _ in got]
         assert c.examples == [docs[i]["path"] for i in per_order["grip"][: cfg.n_examples]]
         assert sum(len(v) for v in per_order.values()) == 3 * c.n_docs
+    assert in_file_order < m.k  # the probe is a uniform draw kept in draw order, not file order
+    assert len(set(m.names)) == m.k  # names are unique
     assert sum(c.n_tokens for c in m.clusters) == m.stats["n_tokens"]
     assert m.stats["probe_docs"] == n_probe.sum() >= round(0.02 * N_DOCS)
 
@@ -131,7 +147,10 @@ def test_grip_order_is_the_es_order_of_eq10_weights(stdlib_prepared):
     labels = np.load(stdlib_prepared / "work" / "labels.npy")
     offsets = np.load(stdlib_prepared / "work" / "tokens.npz")["offsets"]
     k = int(np.argmax(m.sizes))
-    members = np.flatnonzero(labels == k)
+    ids = [json.loads(line)["id"] for line in open(stdlib_prepared / "work" / "docs.jsonl")]
+    held = {d.meta["doc_id"] for s in m.heldout for d in iter_shard(stdlib_prepared / s.path, "uint16")}
+    not_trained = held | set(m.clusters[k].eval_ids)  # held-out slice, the probe's evaluation documents
+    members = np.array([i for i in np.flatnonzero(labels == k) if ids[i] not in not_trained])
     orders = cluster_orders(
         emb[members], np.diff(offsets)[members], m.orders, beta=0.3, knn_k=10, seed=_seed(0, k, 0)
     )
@@ -268,3 +287,56 @@ def test_every_prepare_config_parses():
     for path in sorted((ROOT / "configs" / "prepare").glob("*.yaml")):
         cfg = load_config(path, corpus="x", out="y")
         assert cfg.k >= 1
+
+
+def _jsonl_corpus(path: Path, groups: dict[str, int], missing: int = 0) -> Path:
+    """A JSONL corpus of real stdlib code: `groups[value]` documents with src=value each, plus
+    `missing` documents without the field."""
+    import sysconfig
+
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    files = [f for f in files if 500 < f.stat().st_size < 8000]
+    i = 0
+    with open(path, "w") as fh:
+        for value, n in groups.items():
+            for _ in range(n):
+                rec = {"id": f"d{i}", "text": files[i].read_text(), "lang": "python", "src": value}
+                fh.write(json.dumps(rec) + "\n")
+                i += 1
+        for _ in range(missing):
+            fh.write(json.dumps({"id": f"d{i}", "text": files[i].read_text(), "lang": "python"}) + "\n")
+            i += 1
+    return path
+
+
+@pytest.mark.slow
+def test_cluster_by_a_field_makes_one_named_cluster_per_value(tmp_path, capsys):
+    corpus = _jsonl_corpus(tmp_path / "c.jsonl", {"zeta": 12, "alpha": 14, "mid": 10}, missing=3)
+    m = prepare(_cfg(corpus, tmp_path / "out", cluster_by="src", heldout_fraction=0.2))
+    assert m.k == 3 and m.names == ["alpha", "mid", "zeta"]  # sorted by value, named by it
+    assert "3 of 39 documents have no 'src' field" in capsys.readouterr().out
+    assert m.stats["read"]["missing_field"] == {"src": 3}
+    docs = {json.loads(line)["id"]: json.loads(line) for line in open(corpus)}
+    for c in m.clusters:
+        got = [
+            d.meta["doc_id"]
+            for s in c.shards["grip"]
+            for d in iter_shard(tmp_path / "out" / s.path, "uint16")
+        ]
+        assert got and all(docs[i]["src"] == c.name for i in got)  # nothing merged from elsewhere
+        assert c.eval_ids == c.probe_ids[1::2]
+    # held-out documents: stratified by the cluster field, labelled with their own value
+    held = [d for s in m.heldout for d in iter_shard(tmp_path / "out" / s.path, "uint16")]
+    assert sorted(m.names[d.meta["cluster"]] for d in held) == ["alpha"] * 3 + ["mid"] * 2 + ["zeta"] * 2
+    assert all(docs[d.meta["doc_id"]]["src"] == m.names[d.meta["cluster"]] for d in held)
+    assert m.n_docs + len(held) + m.stats["probe_eval_docs"] == 36
+    # centroids: the normalised mean embedding of each value's training documents
+    cent = np.load(tmp_path / "out" / "centroids.npy")
+    assert cent.shape == (3, 384) and np.allclose(np.linalg.norm(cent, axis=1), 1, atol=1e-5)
+
+
+def test_cluster_by_a_field_nobody_has_is_a_clear_error(tmp_path):
+    corpus = _jsonl_corpus(tmp_path / "c.jsonl", {}, missing=4)
+    with pytest.raises(ValueError, match=r"no document in .*c\.jsonl has the field 'topic'.*id, lang") as e:
+        prepare(_cfg(corpus, tmp_path / "out", cluster_by="topic"))
+    assert "--cluster-by" in str(e.value)

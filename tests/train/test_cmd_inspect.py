@@ -11,7 +11,8 @@ def test_inspect_prints_table_and_writes_png(stdlib_prepared, capsys, tmp_path):
     rows = [line for line in out.splitlines() if line[:4].strip().isdigit()]
     assert len(rows) == 8
     m = load_manifest(stdlib_prepared)
-    assert m.n_docs + m.stats["heldout_docs"] == 120  # the 120 readable files of the fixture
+    # the 120 readable files of the fixture: training, held-out and the probe's evaluation documents
+    assert m.n_docs + m.stats["heldout_docs"] + m.stats["probe_eval_docs"] == 120
     assert f"total {m.n_docs} documents" in out
     png = (tmp_path / "p.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
