@@ -216,20 +216,35 @@ def baseline_budget(
 
 
 def replay_multiplier(
-    delta, quality, alpha: float = 2.0, quality_threshold: float = DEFAULT_QUALITY_THRESHOLD
+    delta,
+    quality,
+    alpha: float = 2.0,
+    quality_threshold: float = DEFAULT_QUALITY_THRESHOLD,
+    shrink: float = 1.0,
 ) -> np.ndarray:
-    """Eq. 7: r_k = 1 + alpha exp(-Delta L_k / tau_norm) 1(Q_k > tau_th), tau_norm = mean_k Delta L_k.
+    """Eq. 7: r_k = 1 + alpha exp(-Delta L_k / tau_norm) 1(Q_k > tau_th), tau_norm = mean Delta L_k
+    over the clusters whose gate is open (Q_k > tau_th).
+
+    The paper sets tau_norm ~ E[Delta L] without saying over which clusters. Here it is the mean
+    over the clusters that can receive replay: a gated cluster (noise, by the judge) has a drop
+    near 0, and counting it would lower tau_norm, raise every other cluster's ratio, shrink their
+    multipliers and so hand the gated cluster a larger share through Eq. 8's renormalisation.
 
     r_k lies in [1, 1 + alpha]. Defined fallbacks (the result is never NaN):
 
     * Delta L_k < 0 (the probe's loss went *up*: nothing learnable in N steps) is clipped to
       0, the largest deficit, so r_k = 1 + alpha.
-    * Delta L_k NaN or infinite (the probe failed on that cluster) is treated as the mean,
-      the neutral value r_k = 1 + alpha / e.
+    * Delta L_k NaN or infinite (the probe failed on that cluster, or flagged it for having
+      too few documents) is treated as the mean, the neutral value r_k = 1 + alpha / e.
     * When tau_norm is 0 or undefined (every delta <= 0 or non-finite) the probe ranks
       nothing, and every gated cluster gets the neutral value 1 + alpha / e; all-equal
       deltas give that same value by Eq. 7 itself.
     * Clusters with Q_k <= tau_th get r_k = 1 (so all-below-threshold gives all ones).
+
+    `shrink` in [0, 1] is how far to trust the probe (its split-half reliability, see
+    `RAPResult.shrink`): the deviation of every gated r_k from the neutral 1 + alpha / e is
+    multiplied by it, r_k = 1 + alpha (shrink e^{-Delta/tau_norm} + (1 - shrink) e^{-1}).
+    0 = every gated cluster neutral (Eq. 5's budgets, the gate still applied), 1 = Eq. 7.
     """
     d = np.asarray(delta, dtype=np.float64)
     if d.ndim != 1:
@@ -238,15 +253,16 @@ def replay_multiplier(
     same_length(delta=d, quality=q)
     a = finite_scalar("alpha", alpha, lo=0)
     th = finite_scalar("quality_threshold", quality_threshold)
+    s = finite_scalar("shrink", shrink, lo=0, hi=1)
     ok = np.isfinite(d)
     d = np.where(ok, np.maximum(d, 0.0), np.nan)
-    tau_norm = float(d[ok].mean()) if ok.any() else 0.0
+    gate = q > th
+    tau_norm = float(d[ok & gate].mean()) if (ok & gate).any() else 0.0
     if tau_norm > 0:
         ratio = np.where(ok, d / tau_norm, 1.0)
     else:
         ratio = np.ones_like(d)
-    gate = q > th
-    return 1.0 + a * np.exp(-ratio) * gate
+    return 1.0 + a * (s * np.exp(-ratio) + (1.0 - s) * np.exp(-1.0)) * gate
 
 
 def allocate(base, replay, b_total: int) -> np.ndarray:

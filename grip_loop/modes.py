@@ -96,8 +96,9 @@ def base_budget(mode: Mode, sizes, sigma, quality, cfg: BudgetConfig) -> np.ndar
     return baseline_budget(sizes, sigma, quality, b, tau=cfg.tau, temperature=cfg.temperature)
 
 
-def replay_for(mode: Mode, quality, cfg: BudgetConfig, delta=None) -> np.ndarray:
-    """r_k of a mode; `delta` (the probe's Delta L_k) is used only by loss replay."""
+def replay_for(mode: Mode, quality, cfg: BudgetConfig, delta=None, shrink: float = 1.0) -> np.ndarray:
+    """r_k of a mode; `delta` (the probe's Delta L_k) and `shrink` (how far to trust it, from
+    its reliability; see `budget.replay_multiplier`) are used only by loss replay."""
     q = np.asarray(quality, dtype=np.float64)
     if mode.replay == "none":
         return np.ones_like(q)
@@ -105,7 +106,9 @@ def replay_for(mode: Mode, quality, cfg: BudgetConfig, delta=None) -> np.ndarray
         return replay_multiplier(1.0 - q, q, alpha=cfg.alpha, quality_threshold=cfg.quality_threshold)
     if delta is None:  # before the first probe: neutral
         delta = np.full_like(q, np.nan)
-    return replay_multiplier(delta, q, alpha=cfg.alpha, quality_threshold=cfg.quality_threshold)
+    return replay_multiplier(
+        delta, q, alpha=cfg.alpha, quality_threshold=cfg.quality_threshold, shrink=shrink
+    )
 
 
 def budgets(base, replay, b_total: int, *, sizes=None, floor: float = 0.0) -> np.ndarray:

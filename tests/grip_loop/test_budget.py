@@ -212,7 +212,11 @@ def test_replay_multiplier_matches_formula_and_bounds(rng):
         k = int(rng.integers(2, 40))
         d, q = rng.uniform(0.01, 3, size=k), rng.uniform(0, 1, size=k)
         r = gl.replay_multiplier(d, q)
-        ref = 1 + 2.0 * np.exp(-d / d.mean()) * (q > gl.DEFAULT_QUALITY_THRESHOLD)
+        gate = q > gl.DEFAULT_QUALITY_THRESHOLD
+        if not gate.any():
+            np.testing.assert_array_equal(r, 1.0)
+            continue
+        ref = 1 + 2.0 * np.exp(-d / d[gate].mean()) * gate  # tau_norm over the open gates
         np.testing.assert_allclose(r, ref)
         assert np.all(r >= 1) and np.all(r <= 3)
     # the deficit cluster (small drop) gets more replay than the saturated one
@@ -233,12 +237,37 @@ def test_replay_multiplier_fallbacks_never_nan():
     assert r[1] == pytest.approx(neutral)
     for d in ([np.nan] * 3, [0.0, 0.0, 0.0], [-1.0, -2.0, 0.0]):
         np.testing.assert_allclose(gl.replay_multiplier(d, q), [neutral] * 3)
+    # a gated cluster's drop does not enter tau_norm: noise (drop ~0) cannot lower it
+    a = gl.replay_multiplier([0.0, 0.5, 1.0], [0.1, 0.9, 0.9])
+    b = gl.replay_multiplier([2.0, 0.5, 1.0], [0.1, 0.9, 0.9])
+    np.testing.assert_array_equal(a, b)
+    assert a[0] == 1.0 and a[1] == pytest.approx(1 + 2 * math.exp(-0.5 / 0.75))
     # every cluster below the quality gate: no replay at all
     np.testing.assert_array_equal(gl.replay_multiplier([0.1, 0.2, 3.0], [0.1, 0.2, 0.35]), [1, 1, 1])
     with pytest.raises(ValueError, match="quality"):
         gl.replay_multiplier([0.1, 0.2], [np.nan, 0.5])
     with pytest.raises(ValueError, match="alpha"):
         gl.replay_multiplier([0.1, 0.2], [0.5, 0.5], alpha=-1)
+
+
+def test_replay_shrink_moves_gated_multipliers_linearly_toward_neutral(rng):
+    neutral = 1 + 2.0 / math.e
+    for _ in range(10):
+        k = int(rng.integers(3, 20))
+        d, q = rng.uniform(0.01, 3, size=k), rng.uniform(0, 1, size=k)
+        full = gl.replay_multiplier(d, q)
+        gate = q > gl.DEFAULT_QUALITY_THRESHOLD
+        for s in (0.0, 0.3, 1.0):
+            r = gl.replay_multiplier(d, q, shrink=s)
+            want = np.where(gate, neutral + s * (full - neutral), 1.0)
+            np.testing.assert_allclose(r, want)
+    # shrink 0: Eq. 5's budgets for the gated clusters, the gate still closed for the others
+    np.testing.assert_allclose(
+        gl.replay_multiplier([0.1, 3.0, 1.0], [0.9, 0.9, 0.1], shrink=0.0), [neutral, neutral, 1]
+    )
+    for bad in (-0.1, 1.5, np.nan):
+        with pytest.raises(ValueError, match="shrink"):
+            gl.replay_multiplier([0.1, 0.2], [0.5, 0.5], shrink=bad)
 
 
 # ----------------------------------------------------------------------------- Eq. 8
@@ -301,6 +330,10 @@ def test_paper_defaults_are_the_function_defaults():
         return {k: p.default for k, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
 
     assert defaults(gl.baseline_budget) == {"tau": 0.5, "temperature": 1.0}
-    assert defaults(gl.replay_multiplier) == {"alpha": 2.0, "quality_threshold": gl.DEFAULT_QUALITY_THRESHOLD}
+    assert defaults(gl.replay_multiplier) == {
+        "alpha": 2.0,
+        "quality_threshold": gl.DEFAULT_QUALITY_THRESHOLD,
+        "shrink": 1.0,  # Eq. 7 as written; the callback passes the probe reliability's shrink
+    }
     assert defaults(gl.selection_weights) == {"beta": 0.3}
     assert defaults(gl.kernel_density)["k"] == 10 and defaults(gl.kernel_density)["bandwidth"] is None
