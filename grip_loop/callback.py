@@ -8,31 +8,48 @@ paper's ablation table, see `grip_loop.modes`) lives here: at `setup` the callba
 the dataset's selection order and publishes the mode's initial budgets; rows without loss
 replay never probe.
 
-Cadence and cost: a refresh costs the probe's FLOPs (`RAPResult.flops`), roughly
-K x probe tokens x (steps + 1) x the reset part's parameters, whatever the training batch. With
-`max_probe_overhead` (default 0.005) the callback keeps that under the given fraction of the
-training FLOPs between two refreshes: after the first probe whose training batch size is known,
-the interval becomes max(refresh_every_n_steps, ceil(probe FLOPs / (max_probe_overhead x
-training FLOPs per step))). At pretraining batch sizes that leaves `refresh_every_n_steps` as
+Cadence and cost: a refresh costs the probe's FLOPs (`RAPResult.flops`, known before it runs:
+`estimate_probe_flops`), roughly K x adaptation tokens x (6 epochs + 4) x the reset part's
+parameters, whatever the training batch. With `max_probe_overhead` (default 0.005) the
+callback keeps that under the given fraction of the training FLOPs between two refreshes: at
+the first training batch (when its size is known) the interval becomes
+max(refresh_every_n_steps, ceil(probe FLOPs / (max_probe_overhead x training FLOPs per step))). At pretraining batch sizes that leaves `refresh_every_n_steps` as
 it is (docs/benchmarks.md: <= 0.3% at 50 steps for moe-8b/16b with K <= 256); on a tiny CPU
 model it stretches the interval to ~10^4 steps, so the CPU demo configs set
 `max_probe_overhead: null` (a fixed cadence) and say what that costs. The interval is
 deterministic (FLOP counts, not timings) and checkpointed.
 
-Failure policy: if the probe raises, or returns a non-finite value for a cluster that has
-probe data, the previous budgets stay in force, a warning is logged (`grip/rap_failed` = 1)
+First refresh: no probe runs before `first_refresh_after_steps` (default 100): the features
+of an untrained trunk predict nothing, so a probe there is noise and budgets stay Eq. 5's
+(neutral replay) until then. With `proxy` (a Hugging Face folder probed instead of the live
+model, as the paper does with its proxies) the first probe runs before step 1.
+
+Trust: every probe reports its split-half reliability (`RAPResult.reliability`: Spearman of
+Delta L between two halves of the evaluation documents). Below `rap.reliability_threshold`
+Eq. 7's deviations from neutral are shrunk in proportion (`RAPResult.shrink`,
+`budget.replay_multiplier`); the history records both.
+
+Failure policy: if the probe raises, or returns a non-finite value for a cluster that it
+probed (clusters flagged for having too few documents are expected to be NaN and stay
+neutral), the previous budgets stay in force, a warning is logged (`grip/rap_failed` = 1)
 and training goes on.
 
 Logged at each refresh (Lightning loggers: CSV always, W&B when configured): per-cluster
 n_k, r_k, Delta L_k (and Q_k once), consumed vs planned token shares, the budget drift
-||n^(t) - n^(t-1)||_1 / B, RAP seconds and its FLOPs as a fraction of the training FLOPs
-between refreshes. Rank 0 also appends every refresh to `<log_dir>/grip_history.jsonl` and
-redraws `<log_dir>/grip_budget_share.png` (one line per cluster: share of the budget over
-steps); at the end of training the same chart goes to W&B as a line series.
+||n^(t) - n^(t-1)||_1 / B, the probe's reliability and shrink, its learning rate, logit
+ceiling and how much of it the largest drop used (`grip/ceiling_use`), RAP seconds and its
+FLOPs as a fraction of the training FLOPs between refreshes. Rank 0 also appends every
+refresh to `<log_dir>/grip_history.jsonl`, the probe's per-cluster table (the `grip probe`
+columns, cluster names included) to `<log_dir>/grip_probe.csv` and to the log, and redraws
+`<log_dir>/grip_budget_share.png` (one line per cluster, labelled with its name); W&B also
+gets the table (`grip/probe_table`, a `wandb.Table` per refresh) and share / Delta L series
+keyed by cluster name, and at the end of training the budget chart as a line series.
 """
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import json
 import logging
 import time
@@ -44,34 +61,19 @@ import torch
 
 from grip_loop.dataset import GripIterableDataset
 from grip_loop.modes import BudgetConfig, base_budget, budgets, get_mode, replay_for
-from grip_loop.rap import RAPConfig, estimate_train_flops, rapid_adaptation_probe, refresh_interval
-from grip_loop.shards import iter_shard
+from grip_loop.probe_report import COLUMNS, format_table, probe_rows
+from grip_loop.probeset import check_model_fits, probe_set
+from grip_loop.rap import (
+    ProbeBatch,
+    RAPConfig,
+    estimate_probe_flops,
+    estimate_train_flops,
+    full_params,
+    rapid_adaptation_probe,
+    refresh_interval,
+)
 
 log = logging.getLogger(__name__)
-
-
-def probe_blocks(dataset: GripIterableDataset, seq_len: int, max_blocks: int) -> dict[int, torch.Tensor]:
-    """Each cluster's probe documents (from the manifest's probe shards), packed with EOS into
-    at most `max_blocks` blocks of `seq_len` tokens; the last block is right-padded with EOS."""
-    out: dict[int, torch.Tensor] = {}
-    eos, dtype = dataset.eos_id, dataset.token_dtype
-    for c in dataset.manifest.clusters:
-        toks: list[np.ndarray] = []
-        have = 0
-        for s in c.probe_shards:
-            for doc in iter_shard(dataset.root / s.path, dtype, with_text=False):
-                toks += [doc.tokens.astype(np.int64), np.array([eos])]
-                have += len(doc.tokens) + 1
-                if have >= seq_len * max_blocks:
-                    break
-        if not have:
-            continue
-        flat = np.concatenate(toks)[: seq_len * max_blocks]
-        n = -(-len(flat) // seq_len)
-        padded = np.full(n * seq_len, eos, dtype=np.int64)
-        padded[: len(flat)] = flat
-        out[c.id] = torch.from_numpy(padded.reshape(n, seq_len))
-    return out
 
 
 class GripCallback(L.Callback):
@@ -81,15 +83,22 @@ class GripCallback(L.Callback):
         mode: sampler mode / ablation row: random, static-budget, static-replay,
             loss-replay, diversity, grip.
         budget: Eq. 5/7/8 settings (B, tau, T, alpha, quality gate, optional EMA and floor).
-        rap: Rapid Adaptation Probe settings (reset depth, steps, lr, seed).
+        rap: Rapid Adaptation Probe settings (docs/rap.md): evaluation split, baseline, epochs,
+            micro-batch, learning rate (auto), reset depth, reliability threshold.
         refresh_every_n_steps: probe cadence in optimizer steps (the shortest interval).
         max_probe_overhead: the most the probe may cost as a fraction of the training FLOPs
             between refreshes; the interval is stretched to respect it (see the module
             docstring). None = a fixed cadence of `refresh_every_n_steps`, whatever it costs.
-        refresh_at_start: probe once before the first step (otherwise the loss-replay rows
-            start from the neutral multiplier).
-        probe_seq_len: tokens per probe block.
-        probe_max_blocks: probe blocks per cluster (the probe docs are cut to fit).
+        first_refresh_after_steps: no probe before this optimizer step: the features of an
+            untrained trunk predict nothing, so its probe is noise (docs/rap.md). 0 = probe once
+            before the first step as well. Budgets are Eq. 5's (neutral replay) until then.
+        probe_seq_len: tokens per probe window.
+        probe_docs: documents per role (adaptation, evaluation) and cluster, at most; one
+            window each (`probe_windows_per_doc`). `grip prepare` provides 32 + 32 by default.
+        probe_windows_per_doc: windows taken from each document longer than a window.
+        proxy: a Hugging Face causal-LM folder (e.g. from `grip export-hf`) to probe instead of
+            the live model, as the paper does with its proxies; its vocabulary must cover the
+            prepared tokenizer's. With a proxy the first probe runs before the first step.
     """
 
     def __init__(
@@ -99,29 +108,38 @@ class GripCallback(L.Callback):
         rap: RAPConfig | None = None,
         refresh_every_n_steps: int = 50,
         max_probe_overhead: float | None = 0.005,
-        refresh_at_start: bool = True,
+        first_refresh_after_steps: int = 100,
         probe_seq_len: int = 128,
-        probe_max_blocks: int = 4,
+        probe_docs: int = 32,
+        probe_windows_per_doc: int = 1,
+        proxy: str | None = None,
     ) -> None:
         super().__init__()
         self.mode_name = mode
         self.mode = get_mode(mode)
         self.budget_cfg = budget or BudgetConfig()
         self.rap_cfg = rap or RAPConfig()
-        if refresh_every_n_steps < 1:
-            raise ValueError(f"refresh_every_n_steps: must be >= 1, got {refresh_every_n_steps}")
-        if probe_seq_len < 2 or probe_max_blocks < 1:
-            raise ValueError("probe_seq_len must be >= 2 and probe_max_blocks >= 1")
+        for name, v, lo in (
+            ("refresh_every_n_steps", refresh_every_n_steps, 1),
+            ("first_refresh_after_steps", first_refresh_after_steps, 0),
+            ("probe_seq_len", probe_seq_len, 2),
+            ("probe_docs", probe_docs, 1),
+            ("probe_windows_per_doc", probe_windows_per_doc, 1),
+        ):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
         if max_probe_overhead is not None and not (0 < float(max_probe_overhead) <= 1):
             raise ValueError(
                 f"max_probe_overhead: expected None or a number in (0, 1], got {max_probe_overhead!r}"
             )
         self.every = int(refresh_every_n_steps)
+        self.first_after = int(first_refresh_after_steps)
         self.max_overhead = None if max_probe_overhead is None else float(max_probe_overhead)
         self.interval: int | None = None if self.max_overhead is not None else self.every
-        self._probe_flops: float | None = None  # of the last successful probe (deterministic)
-        self.at_start = bool(refresh_at_start)
-        self.probe_seq_len, self.probe_max_blocks = int(probe_seq_len), int(probe_max_blocks)
+        self._probe_flops: float | None = None  # estimated before the first probe (deterministic)
+        self.probe_seq_len, self.probe_docs = int(probe_seq_len), int(probe_docs)
+        self.probe_windows_per_doc = int(probe_windows_per_doc)
+        self.proxy_path = proxy
         # state (checkpointed)
         self.history: list[dict] = []
         self.effective_steps: dict[int, int] = {}
@@ -130,7 +148,8 @@ class GripCallback(L.Callback):
         self.refreshes = 0
         self._restored = False
         self._dataset: GripIterableDataset | None = None
-        self._probe: dict[int, torch.Tensor] | None = None
+        self._probe: dict[int, ProbeBatch] | None = None
+        self._proxy = None
         self._log_dir: Path | None = None
 
     # ------------------------------------------------------------------ wiring
@@ -158,18 +177,32 @@ class GripCallback(L.Callback):
         self._check_model(pl_module, ds)
         ds.set_order(self.mode.order)
         m = ds.manifest
+        self.names = m.names
         self.sizes = np.array(m.sizes, dtype=np.int64)
         self.sigma = np.array([c.sigma for c in m.clusters])
         self.quality = np.array([c.quality for c in m.clusters])
         self.mean_len = np.array([c.mean_length for c in m.clusters], dtype=np.float64)
         self.b_total = int(self.budget_cfg.b_total or self.sizes.sum())
         self.base = base_budget(self.mode, self.sizes, self.sigma, self.quality, self.budget_cfg)
+        if self.mode.replay == "loss":
+            # fail before step 1 on a corpus without the probe's evaluation documents
+            self._probe = probe_set(
+                m,
+                ds.root,
+                seq_len=self.probe_seq_len,
+                max_docs=self.probe_docs,
+                windows_per_doc=self.probe_windows_per_doc,
+                eval_split=self.rap_cfg.eval_split,
+                seed=self.rap_cfg.seed,
+            )
+            if self.proxy_path is not None:
+                self._proxy = load_proxy(self.proxy_path, ds)
         if self.consumed is None:
             self.consumed = np.zeros(len(self.sizes))
             self.planned = np.zeros(len(self.sizes))
         if not self._restored:
             r = replay_for(self.mode, self.quality, self.budget_cfg)
-            self._publish(trainer, r, delta=None, rap=None, step=0)
+            self._publish(trainer, r, res=None, rap=None, step=0)
 
     def _check_model(self, pl_module, ds: GripIterableDataset) -> None:
         """Fail at setup, before step 1, on what the first probe or batch would trip over.
@@ -185,17 +218,27 @@ class GripCallback(L.Callback):
                 f"({ds.vocab_size}, {ds.root / 'manifest.json'}); set model.vocab_size >= {ds.vocab_size}"
             )
         layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "num_layers", None)
-        if self.mode.replay == "loss" and layers is not None and self.rap_cfg.reset_depth > layers:
+        if (
+            self.mode.replay == "loss"
+            and self.proxy_path is None
+            and layers is not None
+            and self.rap_cfg.reset_depth > layers
+        ):
             raise ValueError(
                 f"rap.reset_depth: {self.rap_cfg.reset_depth} exceeds the model's {layers} decoder "
                 f"layers; set it to at most {layers} (0 = re-initialise the LM head only)"
             )
 
+    def _probe_model(self, pl_module):
+        if self._proxy is not None:
+            return self._proxy.to(pl_module.device)
+        return getattr(pl_module, "model", pl_module)
+
     def on_train_start(self, trainer, pl_module) -> None:
         if self._restored and self.history:
             last = self.history[-1]
             self.dataset.publish(last["n"], version=last["version"])
-        elif self.at_start and self.mode.replay == "loss":
+        elif self.mode.replay == "loss" and (self.first_after == 0 or self._proxy is not None):
             self.refresh(trainer, pl_module)
 
     # ------------------------------------------------------------------ the loop
@@ -218,25 +261,37 @@ class GripCallback(L.Callback):
         if self.mode.replay != "loss":
             return
         tokens_per_step = self._tokens_per_step(batch, trainer)
-        # the interval is fixed at the first batch after a successful probe (the one at the
-        # start, or the first scheduled one when there is none at the start)
-        if self.interval is None and self._probe_flops is not None:
+        # the FLOPs-budgeted interval is fixed at the first batch (the probe's FLOPs are known
+        # before it runs: estimate_probe_flops counts exactly what a probe will do)
+        if self.interval is None:
             self._set_interval(trainer, pl_module, tokens_per_step)
-        if step > 0 and step % (self.interval or self.every) == 0:
+        if step > 0 and step >= self.first_after and step % (self.interval or self.every) == 0:
             self.refresh(trainer, pl_module, tokens_per_step=tokens_per_step)
+
+    def probe_flops(self, pl_module) -> float:
+        """FLOPs of one probe of this run (collective under FSDP: parameters are gathered)."""
+        if self._probe_flops is None:
+            model = self._probe_model(pl_module)
+            cfg = self._rap_config()
+            with full_params(model):
+                self._probe_flops = estimate_probe_flops(
+                    model, self._probe, cfg, num_clusters=len(self.sizes)
+                )
+        return self._probe_flops
 
     def _set_interval(self, trainer, pl_module, tokens_per_step: float) -> None:
         """Stretch the cadence so that probe FLOPs <= max_probe_overhead x training FLOPs."""
         per_step = estimate_train_flops(getattr(pl_module, "model", pl_module), tokens_per_step)
-        self.interval = refresh_interval(self._probe_flops, per_step, self.every, self.max_overhead)
+        probe = self.probe_flops(pl_module)
+        self.interval = refresh_interval(probe, per_step, self.every, self.max_overhead)
         for lg in trainer.loggers:
             lg.log_metrics({"grip/refresh_interval": float(self.interval)}, step=trainer.global_step)
         if self.interval > self.every:
             log.info(
                 "grip: a probe costs %.3g FLOPs = %.1f training steps; refreshing every %d steps "
                 "(not %d) keeps it under max_probe_overhead=%g",
-                self._probe_flops,
-                self._probe_flops / per_step,
+                probe,
+                probe / per_step,
                 self.interval,
                 self.every,
                 self.max_overhead,
@@ -247,20 +302,34 @@ class GripCallback(L.Callback):
         ids = batch["input_ids"] if isinstance(batch, dict) else batch[0]
         return float(ids.numel() * trainer.world_size * trainer.accumulate_grad_batches)
 
+    def _rap_config(self) -> RAPConfig:
+        cfg = self.rap_cfg
+        if cfg.pad_id is None:  # probe windows are right-padded with EOS
+            cfg = dataclasses.replace(cfg, pad_id=self.dataset.eos_id)
+        return cfg
+
     def refresh(self, trainer, pl_module, tokens_per_step: float | None = None) -> None:
         """Run the probe and publish new budgets (or keep the old ones if the probe fails)."""
-        if self._probe is None:
-            self._probe = probe_blocks(self.dataset, self.probe_seq_len, self.probe_max_blocks)
-        cfg = self.rap_cfg
-        if cfg.pad_id is None:
-            cfg = RAPConfig(**{**cfg.__dict__, "pad_id": self.dataset.eos_id})
-        model = getattr(pl_module, "model", pl_module)
+        cfg = self._rap_config()
+        model = self._probe_model(pl_module)
         t0 = time.perf_counter()
+        if trainer.is_global_zero:
+            log.info(
+                "grip: probing %d clusters at step %d (%s)",
+                len(self._probe),
+                trainer.global_step,
+                "proxy" if self._proxy is not None else "live model",
+            )
         try:
             res = rapid_adaptation_probe(
-                model, self._probe, cfg, refresh_index=self.refreshes, num_clusters=len(self.sizes)
+                model,
+                self._probe,
+                cfg,
+                refresh_index=self.refreshes,
+                num_clusters=len(self.sizes),
+                progress=trainer.is_global_zero,
             )
-            probed = np.array([k in self._probe for k in range(len(self.sizes))])
+            probed = np.array([k in self._probe for k in range(len(self.sizes))]) & ~res.flagged
             if not np.all(np.isfinite(res.delta[probed])):
                 raise FloatingPointError(
                     f"non-finite Delta L for clusters {np.flatnonzero(~np.isfinite(res.delta) & probed).tolist()}"
@@ -274,21 +343,31 @@ class GripCallback(L.Callback):
             self.refreshes += 1
             return
         seconds = time.perf_counter() - t0
-        self._probe_flops = res.flops
         frac = None
         if tokens_per_step:
             frac = res.cost_fraction(
-                estimate_train_flops(model, tokens_per_step * (self.interval or self.every))
+                estimate_train_flops(
+                    getattr(pl_module, "model", pl_module), tokens_per_step * (self.interval or self.every)
+                )
             )
-        r = replay_for(self.mode, self.quality, self.budget_cfg, delta=res.delta)
+        shrink = res.shrink(cfg.reliability_threshold)
+        r = replay_for(self.mode, self.quality, self.budget_cfg, delta=res.delta, shrink=shrink)
         if self.budget_cfg.ema > 0 and self.history and self.history[-1].get("r") is not None:
             r = self.budget_cfg.ema * np.asarray(self.history[-1]["r"]) + (1 - self.budget_cfg.ema) * r
         self.refreshes += 1
-        self._publish(
-            trainer, r, delta=res, rap={"seconds": seconds, "cost_fraction": frac}, step=trainer.global_step
-        )
+        drop = res.loss_init - res.loss_final
+        rap = {
+            "seconds": seconds,
+            "cost_fraction": frac,
+            "reliability": _finite(res.reliability),
+            "shrink": shrink,
+            "lr": _finite(np.nanmax(res.lr)) if np.isfinite(res.lr).any() else None,
+            "ceiling": _finite(np.nanmax(res.ceiling)) if np.isfinite(res.ceiling).any() else None,
+            "ceiling_use": _finite(np.nanmax(drop / res.ceiling)) if np.isfinite(drop).any() else None,
+        }
+        self._publish(trainer, r, res=res, rap=rap, step=trainer.global_step)
 
-    def _publish(self, trainer, r: np.ndarray, *, delta, rap, step: int) -> None:
+    def _publish(self, trainer, r: np.ndarray, *, res, rap, step: int) -> None:
         n = budgets(self.base, r, self.b_total, sizes=self.sizes, floor=self.budget_cfg.floor)
         strategy = getattr(trainer, "strategy", None)
         if strategy is not None and trainer.world_size > 1:  # one source of truth across ranks
@@ -302,19 +381,25 @@ class GripCallback(L.Callback):
             "r": np.asarray(r).tolist(),
             "drift": float(np.abs(n - prev).sum() / self.b_total) if prev is not None else 0.0,
         }
-        if delta is not None:
+        if res is not None:
             entry.update(
-                delta=delta.delta.tolist(),
-                delta_abs=delta.delta_abs.tolist(),
-                loss_init=delta.loss_init.tolist(),
+                delta=res.delta.tolist(),
+                delta_abs=res.delta_abs.tolist(),
+                loss_init=res.loss_init.tolist(),
+                loss_final=res.loss_final.tolist(),
+                loss_base=res.loss_base.tolist(),
+                flagged=np.flatnonzero(res.flagged).tolist(),
             )
         if rap is not None:
             entry.update(rap)
         self.history.append(entry)
-        self._log(trainer, entry)
+        rows = None
+        if res is not None:
+            rows = probe_rows(self.dataset.manifest, res, r, prev if prev is not None else n, n)
+        self._log(trainer, entry, rows)
 
     # ------------------------------------------------------------------ logging
-    def _log(self, trainer, e: dict) -> None:
+    def _log(self, trainer, e: dict, rows: list[dict] | None) -> None:
         metrics = {"grip/version": float(e["version"]), "grip/drift": e["drift"], "grip/rap_failed": 0.0}
         for k, (nk, rk) in enumerate(zip(e["n"], e["r"], strict=True)):
             metrics[f"grip/n/{k:03d}"] = float(nk)
@@ -327,10 +412,11 @@ class GripCallback(L.Callback):
             for k in range(len(share_c)):
                 metrics[f"grip/consumed_share/{k:03d}"] = float(share_c[k])
                 metrics[f"grip/planned_share/{k:03d}"] = float(share_p[k])
-        if e.get("seconds") is not None:
-            metrics["grip/rap_seconds"] = float(e["seconds"])
-        if e.get("cost_fraction") is not None:
-            metrics["grip/rap_cost_fraction"] = float(e["cost_fraction"])
+        for key in ("seconds", "cost_fraction", "reliability", "shrink", "lr", "ceiling", "ceiling_use"):
+            if e.get(key) is not None:
+                metrics[f"grip/rap_{key}" if key in ("seconds", "cost_fraction", "lr") else f"grip/{key}"] = (
+                    float(e[key])
+                )
         if self.interval is not None:
             metrics["grip/refresh_interval"] = float(self.interval)
         if len(self.history) == 1:
@@ -338,8 +424,31 @@ class GripCallback(L.Callback):
                 metrics[f"grip/quality/{k:03d}"] = float(q)
         for lg in trainer.loggers:
             lg.log_metrics(metrics, step=e["step"])
+            if type(lg).__name__ == "WandbLogger" and trainer.is_global_zero:
+                self._log_wandb(lg, e, rows)
         if trainer.is_global_zero:
-            self._write_files(trainer, e)
+            self._write_files(trainer, e, rows)
+
+    def _log_wandb(self, lg, e: dict, rows: list[dict] | None) -> None:
+        """W&B only: the same series keyed by cluster name (readable chart legends) and the
+        refresh's probe table."""
+        import wandb
+
+        b = float(sum(e["n"]))
+        named = {f"grip/share_by_name/{name}": nk / b for name, nk in zip(self.names, e["n"], strict=True)}
+        if "delta" in e:
+            named.update(
+                {
+                    f"grip/delta_by_name/{name}": d
+                    for name, d in zip(self.names, e["delta"], strict=True)
+                    if np.isfinite(d)
+                }
+            )
+        if rows is not None:
+            named["grip/probe_table"] = wandb.Table(
+                columns=["step", *COLUMNS], data=[[e["step"], *[row[c] for c in COLUMNS]] for row in rows]
+            )
+        lg.experiment.log({**named, "trainer/global_step": e["step"]})
 
     def log_dir(self, trainer) -> Path:
         # `trainer.log_dir` is a collective (it broadcasts rank 0's path), so it is resolved
@@ -350,10 +459,30 @@ class GripCallback(L.Callback):
         self._log_dir.mkdir(parents=True, exist_ok=True)
         return self._log_dir
 
-    def _write_files(self, trainer, e: dict) -> None:
+    def _write_files(self, trainer, e: dict, rows: list[dict] | None) -> None:
         d = self.log_dir(trainer)
+        # the file also gets the probe's per-cluster table (the checkpointed history stays lean)
         with open(d / "grip_history.jsonl", "a") as fh:
-            fh.write(json.dumps(e) + "\n")
+            fh.write(json.dumps(e if rows is None else {**e, "probe": rows}) + "\n")
+        if rows is not None:
+            path = d / "grip_probe.csv"
+            new = not path.exists()
+            with open(path, "a", newline="") as fh:
+                w = csv.writer(fh)
+                if new:
+                    w.writerow(["step", "refresh", *COLUMNS, "reliability", "shrink"])
+                for row in rows:
+                    w.writerow(
+                        [e["step"], self.refreshes, *["" if row[c] is None else row[c] for c in COLUMNS]]
+                        + ["" if e.get("reliability") is None else e["reliability"], e.get("shrink", "")]
+                    )
+            log.info(
+                "grip: probe at step %d\n%s",
+                e["step"],
+                format_table(
+                    rows, float("nan") if e.get("reliability") is None else e["reliability"], e["shrink"]
+                ),
+            )
         self.plot(d / "grip_budget_share.png")
 
     def plot(self, path: Path) -> None:
@@ -366,15 +495,19 @@ class GripCallback(L.Callback):
         steps = [h["step"] for h in self.history]
         shares = np.array([np.asarray(h["n"]) / self.b_total for h in self.history])
         fig, ax = plt.subplots(figsize=(9, 4.5))
+        names = getattr(self, "names", [f"cluster {k}" for k in range(shares.shape[1])])
         for k in range(shares.shape[1]):
-            ax.step(
-                steps, shares[:, k], where="post", label=f"cluster {k}" if shares.shape[1] <= 16 else None
-            )
+            ax.step(steps, shares[:, k], where="post", label=names[k] if shares.shape[1] <= 20 else None)
         ax.set_xlabel("step")
         ax.set_ylabel("budget share n_k / B")
         ax.set_title(f"GRIP budget drift ({self.mode_name})")
         if shares.shape[1] <= 20:
-            ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+            ax.legend(
+                fontsize=7,
+                ncol=1 if shares.shape[1] <= 10 else 2,
+                loc="upper left",
+                bbox_to_anchor=(1.01, 1.0),
+            )
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)
@@ -394,7 +527,7 @@ class GripCallback(L.Callback):
                     "grip/budget_share": wandb.plot.line_series(
                         xs=steps,
                         ys=ys,
-                        keys=[f"cluster {k}" for k in range(len(ys))],
+                        keys=list(self.names),
                         title="GRIP budget share per cluster",
                         xname="step",
                     ),
@@ -434,3 +567,25 @@ class GripCallback(L.Callback):
         if self._dataset is not None and self.history:
             last = self.history[-1]
             self._dataset.publish(last["n"], version=last["version"])
+
+
+def _finite(x) -> float | None:
+    x = float(x)
+    return x if np.isfinite(x) else None
+
+
+def load_proxy(path: str, ds: GripIterableDataset):
+    """The proxy model for `GripCallback(proxy=...)`: a Hugging Face causal-LM folder whose
+    vocabulary covers the prepared tokenizer (and whose tokenizer.json, when it has one, is the
+    prepared one). Errors name the folder, the manifest and the fix."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise ValueError(
+            f"proxy: {folder} is not a Hugging Face model folder (no config.json); write one with "
+            "`grip export-hf CKPT OUT` or point proxy at a causal LM saved with save_pretrained"
+        )
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    check_model_fits(model, ds.manifest, ds.root, folder)
+    return model

@@ -80,7 +80,9 @@ def test_extra_callbacks_can_be_added(tmp_path, monkeypatch):
     assert any(isinstance(c, LearningRateMonitor) for c in cli.trainer.callbacks)
 
 
+ABLATION_DIRS = ("ablation", "ablation-testbed")
 ABLATION_YAMLS = sorted((ROOT / "configs" / "ablation").glob("*.yaml"))
+TESTBED_YAMLS = sorted((ROOT / "configs" / "ablation-testbed").glob("*.yaml"))
 
 
 def _without_mode(cfg: dict) -> tuple[dict, str]:
@@ -96,12 +98,14 @@ def _without_mode(cfg: dict) -> tuple[dict, str]:
     return cfg, modes[0]
 
 
-def test_ablation_rows_differ_only_in_the_sampler_mode():
+@pytest.mark.parametrize("folder", ABLATION_DIRS)
+def test_ablation_rows_differ_only_in_the_sampler_mode(folder):
     import yaml
 
     from grip_loop.modes import MODES
 
-    assert [p.stem for p in ABLATION_YAMLS] == [
+    yamls = sorted((ROOT / "configs" / folder).glob("*.yaml"))
+    assert [p.stem for p in yamls] == [
         "1-random",
         "2-static-budget",
         "3-static-replay",
@@ -109,21 +113,22 @@ def test_ablation_rows_differ_only_in_the_sampler_mode():
         "5-diversity",
         "6-grip",
     ]
-    rest, modes = zip(*(_without_mode(yaml.safe_load(p.read_text())) for p in ABLATION_YAMLS), strict=True)
+    rest, modes = zip(*(_without_mode(yaml.safe_load(p.read_text())) for p in yamls), strict=True)
     assert list(modes) == list(MODES)  # the rows of Table 1 Panel B, in the paper's order
     assert all(r == rest[0] for r in rest[1:])  # same budget, steps, seed, data, model, probe
     assert rest[0]["seed_everything"] == 0 and rest[0]["trainer"]["max_steps"] > 0
 
 
-@pytest.mark.parametrize("path", ABLATION_YAMLS[-1:], ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", ABLATION_YAMLS[-1:] + TESTBED_YAMLS[-1:], ids=lambda p: p.parent.name)
 def test_ablation_yaml_builds(path, tmp_path, monkeypatch):
+    import yaml
+
     from tests.prepared import make_prepared
     from train.main import build_cli
 
     monkeypatch.chdir(tmp_path)
-    make_prepared(
-        tmp_path / "runs" / "quickstart" / "data", [5, 7, 3], orders=("grip", "diversity", "random")
-    )
+    root = yaml.safe_load(path.read_text())["data"]["dataset"]["init_args"]["root"]
+    make_prepared(tmp_path / root, [5, 7, 3], orders=("grip", "diversity", "random"))
     cli = build_cli(["--config", str(path)], run=False)
     cli.datamodule.setup("fit")
     assert cli.model.model_config.vocab_size >= cli.datamodule.dataset.vocab_size

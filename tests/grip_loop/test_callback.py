@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from grip_loop.callback import GripCallback, probe_blocks
+from grip_loop.callback import GripCallback
 from grip_loop.dataset import GripIterableDataset
 from grip_loop.modes import BudgetConfig
 from grip_loop.rap import RAPConfig, estimate_train_flops
@@ -36,7 +36,7 @@ TINY = dict(
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("prepared")
-    make_prepared(root, SIZES, orders=("grip", "diversity", "random"), easy={0}, max_len=60, n_probe=4)
+    make_prepared(root, SIZES, orders=("grip", "diversity", "random"), easy={0}, max_len=60, n_probe=16)
     return root
 
 
@@ -82,19 +82,11 @@ def run(root, out, *, steps=12, callback=None, ckpt=None, seed=0, every_ckpt=Non
 def cb(**kw):
     kw.setdefault("refresh_every_n_steps", 4)
     kw.setdefault("max_probe_overhead", None)  # a fixed cadence: these tests count refreshes
+    kw.setdefault("first_refresh_after_steps", 0)  # and a probe at the start
     kw.setdefault("probe_seq_len", 32)
-    kw.setdefault("probe_max_blocks", 2)
-    kw.setdefault("rap", RAPConfig(steps=3, lr=1e-2))
+    kw.setdefault("probe_docs", 4)
+    kw.setdefault("rap", RAPConfig(epochs=2, micro_batch=2, min_docs=2))
     return GripCallback(**kw)
-
-
-def test_probe_blocks_pack_each_clusters_probe_docs(prepared):
-    ds = GripIterableDataset(prepared)
-    blocks = probe_blocks(ds, seq_len=16, max_blocks=3)
-    assert sorted(blocks) == [0, 1, 2, 4]  # cluster 3 is empty: no probe
-    for k, b in blocks.items():
-        assert b.dtype == torch.int64 and b.shape[1] == 16 and 1 <= b.shape[0] <= 3
-        assert b[0, 0].item() == 1 + k  # the first probe document of cluster k starts the block
 
 
 def test_training_run_refreshes_publishes_and_logs_drift(prepared, tmp_path):
@@ -135,7 +127,7 @@ def test_training_run_refreshes_publishes_and_logs_drift(prepared, tmp_path):
 
 
 def test_easy_cluster_gets_less_replay_than_random_ones(prepared, tmp_path):
-    c = cb(rap=RAPConfig(steps=10, lr=3e-2), probe_max_blocks=4)
+    c = cb(rap=RAPConfig(min_docs=4), probe_docs=8)
     run(prepared, tmp_path, callback=c, steps=24)
     last = c.history[-1]
     # cluster 0 repeats one pattern (easy, large relative drop), clusters 1, 2, 4 are random
@@ -241,3 +233,142 @@ def test_model_vocabulary_smaller_than_the_tokenizer_is_rejected(prepared, tmp_p
     )
     with pytest.raises(ValueError, match="model.vocab_size"):
         trainer.fit(model, datamodule=GripDataModule(ds, batch_size=2))
+
+
+def test_no_probe_before_first_refresh_after_steps(prepared, tmp_path):
+    c = cb(first_refresh_after_steps=8)
+    run(prepared, tmp_path, callback=c, steps=12)
+    assert [h["step"] for h in c.history] == [0, 8, 12]  # not at the start, not at step 4
+    assert "delta" not in c.history[0]
+    # by default nothing is probed in a run shorter than 100 steps
+    d = GripCallback(refresh_every_n_steps=4, max_probe_overhead=None, probe_seq_len=32, probe_docs=4)
+    run(prepared, tmp_path / "default", callback=d, steps=8)
+    assert [h["step"] for h in d.history] == [0]
+
+
+def test_each_refresh_records_the_probe_table_and_its_reliability(prepared, tmp_path):
+    import csv
+
+    from grip_loop.probe_report import COLUMNS
+
+    c = cb(first_refresh_after_steps=4)
+    run(prepared, tmp_path, callback=c, steps=8)
+    probed = [h for h in c.history if "delta" in h]
+    assert [h["step"] for h in probed] == [4, 8]
+    for h in probed:
+        for key in (
+            "loss_base",
+            "loss_final",
+            "reliability",
+            "shrink",
+            "lr",
+            "ceiling",
+            "ceiling_use",
+            "flagged",
+        ):
+            assert key in h, key
+        assert 0.0 <= h["shrink"] <= 1.0 and h["flagged"] == []
+    lines = [json.loads(x) for x in (tmp_path / "csv" / "grip_history.jsonl").read_text().splitlines()]
+    tables = [x["probe"] for x in lines if "probe" in x]
+    assert len(tables) == 2 and [t["name"] for t in tables[0]] == [
+        f"synthetic-{k}" for k in range(len(SIZES))
+    ]
+    assert all("probe" not in h for h in c.history)  # the checkpointed history stays lean
+    with open(tmp_path / "csv" / "grip_probe.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["step", "refresh", *COLUMNS, "reliability", "shrink"]
+    assert len(rows) == 2 * len(SIZES)
+    assert [r["name"] for r in rows[: len(SIZES)]] == [f"synthetic-{k}" for k in range(len(SIZES))]
+    first = rows[: len(SIZES)]
+    assert [int(r["n_after"]) for r in first] == probed[0]["n"]
+    assert [int(r["n_before"]) for r in first] == c.history[0]["n"]
+    header = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    for col in ("grip/reliability", "grip/shrink", "grip/rap_lr", "grip/ceiling_use"):
+        assert col in header, col
+
+
+def test_low_reliability_shrinks_replay_toward_neutral(prepared, tmp_path, monkeypatch):
+    import grip_loop.callback as cbmod
+    from grip_loop.budget import replay_multiplier
+
+    real = cbmod.rapid_adaptation_probe
+
+    def unreliable(*a, **kw):
+        res = real(*a, **kw)
+        res.delta[[0, 1, 2, 4]] = [0.5, 0.1, 0.2, 0.3]
+        res.reliability = 0.1
+        return res
+
+    monkeypatch.setattr(cbmod, "rapid_adaptation_probe", unreliable)
+    c = cb(first_refresh_after_steps=4, rap=RAPConfig(epochs=1, min_docs=2, reliability_threshold=0.5))
+    run(prepared, tmp_path, callback=c, steps=4)
+    h = c.history[-1]
+    assert h["reliability"] == pytest.approx(0.1) and h["shrink"] == pytest.approx(0.2)
+    want = replay_multiplier(h["delta"], c.quality, shrink=0.2)
+    np.testing.assert_allclose(h["r"], want)
+    full = replay_multiplier(h["delta"], c.quality)
+    neutral = 1 + 2 / math.e
+    assert np.all(np.abs(np.asarray(h["r"]) - neutral) <= np.abs(full - neutral) + 1e-12)
+
+
+def test_flagged_clusters_stay_neutral_and_do_not_fail_the_refresh(prepared, tmp_path):
+    # 4 + 4 probe documents per cluster and min_docs 6: every cluster is flagged
+    c = cb(first_refresh_after_steps=4, rap=RAPConfig(epochs=1, min_docs=6))
+    run(prepared, tmp_path, callback=c, steps=4)
+    h = c.history[-1]
+    assert h["flagged"] == [0, 1, 2, 4] and all(np.isnan(h["delta"]))
+    np.testing.assert_allclose(h["r"], replay_multiplier_neutral(c))
+
+
+def replay_multiplier_neutral(c):
+    from grip_loop.budget import replay_multiplier
+
+    return replay_multiplier(np.full(len(c.quality), np.nan), c.quality)
+
+
+def test_wandb_gets_a_probe_table_per_refresh_and_named_series(prepared, tmp_path):
+    c = cb(first_refresh_after_steps=4)
+    L.seed_everything(0)
+    ds = GripIterableDataset(prepared, seq_len=32, seed=0)
+    model = MoELM(model="tiny", vocab_size=2048, model_overrides=TINY, lr=3e-3, warmup_steps=2)
+    wandb_logger = L.pytorch.loggers.WandbLogger(save_dir=str(tmp_path), project="t", offline=True)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=8,
+        logger=[L.pytorch.loggers.CSVLogger(tmp_path, name="csv", version=""), wandb_logger],
+        callbacks=[c],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        log_every_n_steps=1,
+    )
+    trainer.fit(model, datamodule=GripDataModule(ds, batch_size=4, num_workers=0))
+    import wandb
+
+    wandb.finish()
+    run_dir = next((tmp_path / "wandb").glob("offline-run-*"))
+    tables = sorted((run_dir / "files" / "media" / "table" / "grip").glob("probe_table_*.table.json"))
+    assert len(tables) == 2  # one per probe (steps 4 and 8)
+    table = json.loads(tables[0].read_text())
+    assert table["columns"][:3] == ["step", "id", "name"]
+    assert [row[2] for row in table["data"]] == [f"synthetic-{k}" for k in range(len(SIZES))]
+
+
+def test_a_proxy_is_probed_from_the_start_and_must_fit_the_corpus(prepared, tmp_path):
+    from grip_loop.callback import load_proxy
+
+    proxy = MoELM(model="tiny", vocab_size=2048, model_overrides=TINY, seed=3).model
+    proxy.save_pretrained(tmp_path / "proxy")
+    c = cb(first_refresh_after_steps=100, proxy=str(tmp_path / "proxy"))
+    run(prepared, tmp_path / "run", callback=c, steps=4)
+    assert [h["step"] for h in c.history if "delta" in h] == [0]  # before step 1, then on cadence
+    small = MoELM(model="tiny", vocab_size=1024, model_overrides=TINY).model
+    small.save_pretrained(tmp_path / "small")
+    ds = GripIterableDataset(prepared)
+    with pytest.raises(
+        ValueError, match=r"small: the model's vocabulary \(1024\) is smaller.*manifest\.json"
+    ):
+        load_proxy(str(tmp_path / "small"), ds)
+    with pytest.raises(ValueError, match="not a Hugging Face model folder"):
+        load_proxy(str(tmp_path), ds)

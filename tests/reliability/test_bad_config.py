@@ -90,7 +90,11 @@ def test_budget_hyperparameters_must_be_finite(name, bad):
     [({"lr": v}, "lr") for v in NON_FINITE + [0.0, -1e-3]]
     + [({"eps": math.inf}, "eps"), ({"eps": math.nan}, "eps"), ({"weight_decay": math.inf}, "weight_decay")]
     + [({"betas": (math.nan, 0.9)}, "betas"), ({"vmap_max_bytes": math.nan}, "vmap_max_bytes")]
-    + [({"reset_depth": -1}, "reset_depth"), ({"steps": 0}, "steps")],
+    + [({"reset_depth": -1}, "reset_depth"), ({"steps": 0}, "steps"), ({"epochs": 0}, "epochs")]
+    + [({"micro_batch": -1}, "micro_batch"), ({"lr": "fastest"}, "lr"), ({"min_docs": 0}, "min_docs")]
+    + [({"auto_lr_nats": v}, "auto_lr_nats") for v in NON_FINITE + [0.0]]
+    + [({"reliability_threshold": math.nan}, "reliability_threshold"), ({"baseline": "zero"}, "baseline")]
+    + [({"eval_split": "halves"}, "eval_split"), ({"epochs": True}, "epochs")],
 )
 def test_rap_hyperparameters_are_checked(kw, name):
     with pytest.raises(ValueError, match=f"^{name}: "):

@@ -64,11 +64,11 @@ def _config(tmp: Path, data: Path, run: Path) -> Path:
                         "mode": "grip",
                         "refresh_every_n_steps": REFRESH,
                         "max_probe_overhead": None,
-                        "refresh_at_start": True,
+                        "first_refresh_after_steps": 0,
                         "probe_seq_len": 32,
-                        "probe_max_blocks": 2,
+                        "probe_docs": 2,
                         "budget": {"b_total": 60},
-                        "rap": {"steps": 2, "lr": 0.01},
+                        "rap": {"epochs": 1, "micro_batch": 2, "min_docs": 1},
                     },
                 },
                 {
@@ -118,6 +118,51 @@ def _torchrun(config: Path, *extra: str, popen: bool = False):
     return r
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc: each one's parent pid)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _kill_job(pid: int) -> None:
+    """SIGKILL a torchrun job whole: the agent's process group and every worker's. torchrun
+    starts each worker in a session of its own, so killing the agent's group alone leaves the
+    workers running (orphaned, they would finish the run and append to its logs)."""
+    groups = {os.getpgid(p) for p in _descendants(pid) if _alive(p)} | {pid}
+    for g in groups:
+        try:
+            os.killpg(g, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.getpgid(pid)
+        return True
+    except ProcessLookupError:
+        return False
+
+
 def _step(path: Path) -> int:
     return int(re.search(r"step=(\d+)", path.name).group(1))
 
@@ -145,11 +190,17 @@ def test_sigkill_two_process_training_resumes_exactly(tmp_path):
             assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
             assert time.monotonic() < deadline, "run B never reached the target checkpoint"
             time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_job(proc.pid)
     finally:
         proc.wait()
         proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL
+    time.sleep(0.5)
+    config_b = str(tmp_path / "b.yaml")
+    survivors = [
+        d.name for d in Path("/proc").iterdir() if d.name.isdigit() and config_b in _cmdline(int(d.name))
+    ]
+    assert not survivors, f"processes of run B survived the kill: {survivors}"
     killed_at = max(read_log(run_b / "batches-rank0.txt"))
     assert killed_at < STEPS - 1, f"seed {seed}: run B finished before the kill"
     # the newest checkpoint on disk is complete and loadable (none is half-written)

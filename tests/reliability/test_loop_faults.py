@@ -166,7 +166,7 @@ def _rap_rank(rank: int, world: int, port: int, out: str) -> None:
 
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
-        res = rap.rapid_adaptation_probe(model, batches, rap.RAPConfig(steps=2), num_clusters=4)
+        res = rap.rapid_adaptation_probe(model, batches, rap.RAPConfig(steps=2, min_docs=1), num_clusters=4)
     np.save(f"{out}/delta{rank}.npy", res.delta)
     torch.distributed.destroy_process_group()
 
