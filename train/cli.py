@@ -24,6 +24,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "train.cmd_inspect",
         "print a prepared corpus's manifest as a table and plot the length pathology",
     ),
+    "probe": (
+        "train.cmd_probe",
+        "one Rapid Adaptation Probe refresh of a checkpoint on a prepared corpus: table and JSON",
+    ),
+    "testbed": (
+        "train.cmd_testbed",
+        "write the controlled learnability testbed (a JSONL corpus with a known cluster ranking)",
+    ),
     "rap-bench": (
         "train.cmd_rap_bench",
         "time one Rapid Adaptation Probe refresh on a tiny MoE (K clusters)",

@@ -12,7 +12,8 @@ import argparse
 from pathlib import Path
 
 
-def export_hf(ckpt: str | Path, out: str | Path) -> Path:
+def load_module(ckpt: str | Path):
+    """The `train.module.MoELM` of a single-file Lightning checkpoint, weights loaded, on CPU."""
     import torch
 
     from train.module import MoELM
@@ -31,6 +32,26 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
     hp.update(lazy_init=False, experts_backend="hf")
     module = MoELM(**hp)
     module.load_state_dict(state["state_dict"])
+    return module
+
+
+def load_causal_lm(path: str | Path):
+    """A Hugging Face causal LM from a Lightning checkpoint file (`train.module.MoELM`) or a
+    Hugging Face model folder (`grip export-hf`, any `AutoModelForCausalLM`), on CPU, eval mode."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path}: a folder without config.json is not a Hugging Face model folder")
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    if not path.is_file():
+        raise ValueError(f"{path}: no such checkpoint file or Hugging Face model folder")
+    return load_module(path).model.eval()
+
+
+def export_hf(ckpt: str | Path, out: str | Path) -> Path:
+    module = load_module(ckpt)
     out = Path(out)
     module.save_hf(out)
     return out

@@ -10,6 +10,9 @@ What is measured (all from the Hugging Face export of the checkpoint, `grip expo
   window, which overstates the loss of long documents a little, equally for every model).
   Loss = token-weighted mean next-token cross-entropy in nats; ppl = exp(loss). "overall"
   weights every held-out token equally (so the largest language dominates).
+* **Held-out loss per cluster** (`heldout_cluster`, keyed by cluster name): the same documents
+  grouped by the cluster `grip prepare` assigned them to (their `--cluster-by` value, or their
+  nearest k-means centroid), so an ablation can read what a sampler did to each cluster.
 * **HumanEval loss**: prompt + canonical solution of all 164 problems (excluded from the
   corpus by content hash), scored like a held-out document; also the loss of the solution
   tokens alone given the prompt (`humaneval_solution`). Prompt and solution are tokenized
@@ -74,8 +77,9 @@ def load_tokenizer(prepared: str | Path):
     return Tokenizer.from_file(str(path)), int(m.tokenizer["eos_id"])
 
 
-def heldout_documents(prepared: str | Path) -> dict[str, list[np.ndarray]]:
-    """Token ids of the held-out documents, grouped by language (manifest order)."""
+def heldout_documents(prepared: str | Path, with_cluster: bool = False) -> dict[str, list]:
+    """Token ids of the held-out documents, grouped by language (manifest order); with
+    `with_cluster`, (cluster id, token ids) pairs (the cluster the document was assigned to)."""
     from grip_loop.manifest import load_manifest
     from grip_loop.shards import iter_shard
 
@@ -88,7 +92,9 @@ def heldout_documents(prepared: str | Path) -> dict[str, list[np.ndarray]]:
     out: dict[str, list[np.ndarray]] = {}
     for s in m.heldout:
         for d in iter_shard(Path(prepared) / s.path, m.tokenizer["token_dtype"], with_text=False):
-            out.setdefault(d.meta.get("lang", "unknown"), []).append(d.tokens.astype(np.int64))
+            tokens = d.tokens.astype(np.int64)
+            item = (int(d.meta.get("cluster", -1)), tokens) if with_cluster else tokens
+            out.setdefault(d.meta.get("lang", "unknown"), []).append(item)
     return out
 
 
@@ -114,12 +120,19 @@ def windows(
 
 
 @torch.no_grad()
-def score_windows(model, wins, *, batch_size: int, pad: int, device, desc: str = "", progress: bool = True):
-    """(sum of next-token NLL in nats, number of scored tokens) over `wins`."""
+def score_windows(
+    model, wins, *, batch_size: int, pad: int, device, desc: str = "", progress: bool = True, keys=None
+):
+    """(sum of next-token NLL in nats, number of scored tokens) over `wins`; with `keys` (one per
+    window) also {key: (nll, tokens)}, the same sums per key."""
     from tqdm import tqdm
 
     total, count = 0.0, 0
-    wins = sorted(wins, key=lambda w: -len(w[0]))  # similar lengths together: less padding
+    per_key: dict = {}
+    keyed = list(zip(wins, keys if keys is not None else [None] * len(wins), strict=True))
+    keyed.sort(key=lambda wk: -len(wk[0][0]))  # similar lengths together: less padding
+    wins = [w for w, _ in keyed]
+    win_keys = [k for _, k in keyed]
     for lo in tqdm(
         range(0, len(wins), batch_size), desc=desc, unit="batch", disable=not progress, leave=False
     ):
@@ -141,6 +154,13 @@ def score_windows(model, wins, *, batch_size: int, pad: int, device, desc: str =
         ).view_as(tgt)
         total += float((nll * mask).sum())
         count += int(mask.sum())
+        if keys is not None:
+            row_nll, row_n = (nll * mask).sum(1).tolist(), mask.sum(1).tolist()
+            for key, a, b in zip(win_keys[lo : lo + batch_size], row_nll, row_n, strict=True):
+                s0, n0 = per_key.get(key, (0.0, 0))
+                per_key[key] = (s0 + a, n0 + int(b))
+    if keys is not None:
+        return total, count, per_key
     return total, count
 
 
@@ -230,19 +250,35 @@ def evaluate(ckpt: str | Path, prepared: str | Path, out: str | Path, cfg: EvalC
     result: dict = {"ckpt": str(ckpt), "data": str(prepared), "config": asdict(cfg), "heldout": {}}
     score = dict(batch_size=cfg.batch_size, pad=eos, device=device, progress=cfg.progress)
 
+    from grip_loop.manifest import load_manifest
+
+    names = load_manifest(prepared, check_files=False).names
     tot_nll, tot_n, tot_docs = 0.0, 0, 0
-    for lang, docs in sorted(heldout_documents(prepared).items()):
-        wins, used, have = [], 0, 0
-        for d in docs:
+    by_cluster: dict[int, list] = {}  # cluster -> [nll, tokens, docs]
+    for lang, docs in sorted(heldout_documents(prepared, with_cluster=True).items()):
+        wins, keys, used, have = [], [], 0, 0
+        for cluster, d in docs:
             if cfg.max_tokens_per_lang is not None and have >= cfg.max_tokens_per_lang:
                 break
-            wins += windows(d, cfg.seq_len, eos)
+            w = windows(d, cfg.seq_len, eos)
+            wins += w
+            keys += [cluster] * len(w)
             have += len(d) + 1
             used += 1
-        nll, n = score_windows(model, wins, desc=f"held-out {lang}", **score)
+            by_cluster.setdefault(cluster, [0.0, 0, 0])[2] += 1
+        nll, n, per = score_windows(model, wins, desc=f"held-out {lang}", keys=keys, **score)
+        for cluster, (a, b) in per.items():
+            by_cluster[cluster][0] += a
+            by_cluster[cluster][1] += b
         result["heldout"][lang] = _summary(nll, n, used)
         tot_nll, tot_n, tot_docs = tot_nll + nll, tot_n + n, tot_docs + used
     result["heldout_overall"] = _summary(tot_nll, tot_n, tot_docs)
+    # per cluster (the cluster each held-out document was assigned to: its --cluster-by value,
+    # or its nearest k-means centroid), keyed by cluster name
+    result["heldout_cluster"] = {
+        (names[c] if 0 <= c < len(names) else f"cluster {c}"): _summary(*by_cluster[c])
+        for c in sorted(by_cluster)
+    }
 
     if cfg.humaneval:
         problems = load_problems()
@@ -287,6 +323,16 @@ def markdown_table(r: dict) -> str:
             rows.append((name, r[key]))
     lines = ["| set | docs | tokens | loss (nats) | ppl |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {n} | {v['docs']} | {v['tokens']} | {v['loss']:.4f} | {v['ppl']:.2f} |" for n, v in rows]
+    if r.get("heldout_cluster"):
+        lines += [
+            "",
+            "| held-out, by cluster | docs | tokens | loss (nats) | ppl |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {n} | {v['docs']} | {v['tokens']} | {v['loss']:.4f} | {v['ppl']:.2f} |"
+            for n, v in r["heldout_cluster"].items()
+        ]
     if "pass_at_1" in r:
         p = r["pass_at_1"]
         lines.append("")

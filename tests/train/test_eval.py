@@ -70,7 +70,7 @@ def test_eval_end_to_end_on_a_tiny_checkpoint(stdlib_prepared, tmp_path, monkeyp
         "model.vocab_size=1024",
         "trainer.max_steps=3",
         "trainer.logger=false",
-        "trainer.callbacks.1.init_args.refresh_at_start=false",
+        "trainer.callbacks.1.init_args.first_refresh_after_steps=1000",
     ]
     cfg = tmp_path / "config.yaml"
     cfg.write_text(yaml.safe_dump(row_config(base, tmp_path, 0, sets, "e")))
@@ -94,9 +94,62 @@ def test_eval_end_to_end_on_a_tiny_checkpoint(stdlib_prepared, tmp_path, monkeyp
     for key in ("heldout_overall", "humaneval", "humaneval_solution"):
         assert 0 < r[key]["loss"] < 1.5 * math.log(1024)  # barely trained: near uniform, finite
         assert math.isclose(r[key]["ppl"], math.exp(r[key]["loss"]))
+    # per cluster: the same held-out tokens, split by the cluster each document was assigned to
+    from grip_loop.manifest import load_manifest
+
+    names = load_manifest(stdlib_prepared).names
+    per = r["heldout_cluster"]
+    assert set(per) <= set(names) and sum(v["tokens"] for v in per.values()) == tot
+    assert math.isclose(sum(v["loss"] * v["tokens"] for v in per.values()) / tot, mean, rel_tol=1e-6)
     assert r["humaneval"]["docs"] == 164 and r["humaneval_solution"]["tokens"] < r["humaneval"]["tokens"]
     assert r["pass_at_1"]["problems"] == 2 and r["pass_at_1"]["pass@1"] == 0.0
     assert len((out / "samples.jsonl").read_text().splitlines()) == 2
     assert (out / "hf" / "config.json").is_file() and "| held-out overall |" in (out / "eval.md").read_text()
     with pytest.raises(ValueError, match="seq_len"):
         EvalConfig(seq_len=1)
+
+    probe_cli_checks(ckpt, out / "hf", stdlib_prepared, tmp_path)
+
+
+def probe_cli_checks(ckpt, hf, prepared, tmp_path):
+    """`grip probe` on the same checkpoint (Lightning file and HF folder): table, JSON schema, errors."""
+    from grip_loop.manifest import load_manifest
+    from train.cli import main as grip
+
+    m = load_manifest(prepared)
+    fast = ["--seq-len", "64", "--docs", "8", "--set", "rap.min_docs=2", "--set", "rap.epochs=1"]
+    results = []
+    for src in (ckpt, hf):
+        out = tmp_path / f"probe-{src.name}.json"
+        assert grip(["probe", "--ckpt", str(src), "--data", str(prepared), "--json", str(out), *fast]) == 0
+        results.append(json.loads(out.read_text()))
+    doc = results[0]
+    assert set(doc) >= {"reliability", "clusters"}
+    keys = {
+        "id",
+        "name",
+        "size",
+        "quality",
+        "loss_init",
+        "loss_final",
+        "delta",
+        "delta_abs",
+        "r",
+        "n_before",
+        "n_after",
+    }
+    assert [c["id"] for c in doc["clusters"]] == list(range(m.k))
+    for c, info in zip(doc["clusters"], m.clusters, strict=True):
+        assert keys <= set(c) and c["name"] == info.label and c["size"] == info.n_docs
+        if c["delta"] is not None:  # the value Eq. 7 used: the relative drop by default
+            assert math.isclose(c["delta"], c["delta_rel"]) and 1.0 <= c["r"] <= 3.0
+    b = sum(m.sizes)
+    assert sum(c["n_before"] for c in doc["clusters"]) == b == sum(c["n_after"] for c in doc["clusters"])
+    # the exported HF folder is the same model: the same probe
+    for a, z in zip(doc["clusters"], results[1]["clusters"], strict=True):
+        assert (a["loss_final"] is None) == (z["loss_final"] is None)
+        if a["loss_final"] is not None:
+            assert math.isclose(a["loss_final"], z["loss_final"], rel_tol=1e-4)
+    # user errors: one clear line and exit status 2
+    assert grip(["probe", "--ckpt", str(ckpt), "--data", str(prepared), "--set", "rap.nope=1"]) == 2
+    assert grip(["probe", "--ckpt", str(tmp_path / "missing.ckpt"), "--data", str(prepared)]) == 2
