@@ -1,7 +1,8 @@
 """RAP cost: one refresh of the Rapid Adaptation Probe relative to the training between refreshes.
 
-Two cadences, training steps of 8 x 256 tokens, probe batches of 8 blocks x 128 tokens per
-cluster, 10 AdamW steps (`configs/train/cpu-tiny-grip.yaml`), reset depth 0/1/2/4, K clusters:
+Two cadences, training steps of 8 x 256 tokens, and the default probe (docs/rap.md): per cluster
+32 adaptation + 32 evaluation windows of 128 tokens, 10 epochs in micro-batches of 8 (40 AdamW
+steps), the null baseline, lr auto; reset depth 0/1/2/4, K clusters:
 
 * fixed: a refresh every 50 optimizer steps (the quick start's `max_probe_overhead: null`):
   FLOPs fraction = `RAPResult.flops / estimate_train_flops(model, 50 x 2048)` (deterministic);
@@ -14,7 +15,7 @@ cluster, 10 AdamW steps (`configs/train/cpu-tiny-grip.yaml`), reset depth 0/1/2/
 Clusters run one after another on CPU (no vmap there), all probe batches have the same shape, so
 probe time and FLOPs are linear in K: for large K x depth the probe is timed on `--max-timed`
 clusters and scaled by K / timed (rows marked `extrapolated`). FLOPs are scaled the same way,
-which is exact.
+which is exact (the lr calibration adds one window per cluster, also linear in K).
 """
 
 from __future__ import annotations
@@ -31,7 +32,15 @@ from common import emit, median, parser  # noqa: E402
 
 CADENCE_STEPS, TRAIN_BATCH, TRAIN_SEQ = 50, 8, 256
 MAX_OVERHEAD = 0.005  # GripCallback's default max_probe_overhead
-PROBE_BLOCKS, PROBE_SEQ = 8, 128
+PROBE_DOCS, PROBE_SEQ = 32, 128  # per role (adaptation, evaluation) and cluster
+
+
+def probe_batch(vocab: int, g, device="cpu"):
+    """One cluster's default probe windows (random tokens: the cost does not depend on them)."""
+    from grip_loop.rap import ProbeBatch
+
+    ids = torch.randint(1, vocab, (2 * PROBE_DOCS, PROBE_SEQ), generator=g).to(device)
+    return ProbeBatch(adapt=ids[:PROBE_DOCS], eval=ids[PROBE_DOCS:])
 
 
 def step_seconds(model, vocab: int, steps: int, device: str) -> float:
@@ -66,9 +75,10 @@ def analytic_rows(name: str, vocab: int, clusters, depths, step_tokens: float, b
     lm = build_model(name, vocab_size=vocab, device="meta")
     per_step = estimate_train_flops(lm, step_tokens)
     rows = []
+    g = torch.Generator().manual_seed(0)
     for depth in depths:
         for k in clusters:
-            probe = estimate_probe_flops(lm, [PROBE_BLOCKS * PROBE_SEQ] * k, RAPConfig(reset_depth=depth))
+            probe = estimate_probe_flops(lm, [probe_batch(vocab, g)] * k, RAPConfig(reset_depth=depth))
             interval = refresh_interval(probe, per_step, CADENCE_STEPS, MAX_OVERHEAD)
             rows.append(
                 {
@@ -105,7 +115,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.flops_models = []
         args.clusters, args.reset_depth, args.max_timed = [2], [0], 2
-        args.train_steps, args.repeats = 1, 1
+        args.train_steps, args.repeats, args.vocab = 1, 1, 1024
 
     from grip_loop.rap import RAPConfig, estimate_train_flops, rapid_adaptation_probe, refresh_interval
     from models import build_model
@@ -117,10 +127,7 @@ def main(argv=None) -> int:
     t_step = step_seconds(model, args.vocab, args.train_steps, args.device)
     t_train = CADENCE_STEPS * t_step
     g = torch.Generator().manual_seed(1)
-    pool = [
-        torch.randint(1, args.vocab, (PROBE_BLOCKS, PROBE_SEQ), generator=g).to(args.device)
-        for _ in range(max(args.clusters))
-    ]
+    pool = [probe_batch(args.vocab, g, args.device) for _ in range(max(args.clusters))]
     rows = []
     for depth in args.reset_depth:
         cfg = RAPConfig(reset_depth=depth)
@@ -193,9 +200,9 @@ def main(argv=None) -> int:
             "batch": TRAIN_BATCH,
             "seq_len": TRAIN_SEQ,
             "train_tokens_between_refreshes": train_tokens,
-            "probe_blocks_per_cluster": PROBE_BLOCKS,
+            "probe_docs_per_role": PROBE_DOCS,
             "probe_seq_len": PROBE_SEQ,
-            "probe_steps": 10,
+            "probe_adamw_steps": 40,
         },
         train_step_s=t_step,
         analytic_large=analytic,

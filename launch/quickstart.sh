@@ -22,7 +22,7 @@ echo "== corpus: installed Python/C/C++ sources -> $OUT/corpus"
 echo "== prepare: tokenize, embed, cluster, probe, quality, ordered shards -> $OUT/data"
 grip prepare --corpus "$OUT/corpus" --out "$OUT/data" --config configs/prepare/quickstart.yaml
 grip inspect "$OUT/data" --png "$OUT/length_pathology.png" | head -30
-echo "== train: tiny MoE, GRIP sampler, RAP every 50 steps"
+echo "== train: tiny MoE, GRIP sampler, RAP at steps 100, 150, 200"
 rm -rf "$OUT/csv" "$OUT/checkpoints" "$OUT/wandb"
 grip train --config configs/train/cpu-tiny-grip.yaml
 echo "== eval: held-out loss per language, HumanEval loss, pass@1 on ${PASS_LIMIT:-10} problems"
@@ -35,17 +35,23 @@ import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 hist = [json.loads(l) for l in (out / "csv" / "grip_history.jsonl").read_text().splitlines()]
+names = [c.get("name") or f"cluster {c['id']}" for c in json.loads((out / "data" / "manifest.json").read_text())["clusters"]]
 first, last = hist[0], hist[-1]
 b = sum(first["n"])
-print(f"budget refreshes: {len(hist) - 1} (RAP probes: {sum('delta' in h for h in hist)}), B = {b} documents")
-print("cluster  share@start  share@end   r_k   Delta L_k")
+probes = [h for h in hist if "delta" in h]
+print(f"budget refreshes: {len(hist) - 1} (RAP probes at steps {[h['step'] for h in probes]}), B = {b} documents")
+print("probe reliability per refresh (split-half Spearman; Eq. 7 is shrunk below 0.5):",
+      " ".join("n/a" if h.get("reliability") is None else f"{h['reliability']:.2f}" for h in probes))
+w = max(len(n) for n in names)
+print(f"{'cluster':<{w}}  share@start  share@end   r_k   Delta L_k")
 for k, (a, z) in enumerate(zip(first["n"], last["n"])):
     d = last.get("delta", [float('nan')] * len(last["n"]))[k]
-    print(f"{k:7d}  {a / b:11.3f}  {z / b:9.3f}  {last['r'][k]:5.2f}  {d:9.4f}")
+    print(f"{names[k]:<{w}}  {a / b:11.3f}  {z / b:9.3f}  {last['r'][k]:5.2f}  {d:9.4f}")
 runs = sorted((out / "wandb").glob("offline-run-*"))
 print("W&B offline run:   ", runs[-1] if runs else "(none)", "(sync later with `wandb sync`)")
 print("budget drift PNG:  ", out / "csv" / "grip_budget_share.png")
 print("budget history:    ", out / "csv" / "grip_history.jsonl")
+print("probe tables (CSV):", out / "csv" / "grip_probe.csv")
 print("metrics (CSV):     ", out / "csv" / "metrics.csv")
 print("checkpoint:        ", out / "checkpoints" / "last.ckpt")
 print("length pathology:  ", out / "length_pathology.png")

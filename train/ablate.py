@@ -130,18 +130,51 @@ def tokens_per_step(cfg: dict) -> int:
     return int(data.get("batch_size", 8)) * int(seq) * devices * int(tr.get("accumulate_grad_batches", 1))
 
 
-def drift_summary(history: Path) -> dict:
-    """From `grip_history.jsonl`: budget refreshes after the initial publish, RAP probes, mean/max drift."""
+def static_shares(rc: dict) -> np.ndarray:
+    """Budget shares of row 2 (static budget, Eq. 5 with r = 1) for this row's corpus and budget
+    settings: what rows 3-6 are compared with."""
+    from grip_loop.manifest import load_manifest
+    from grip_loop.modes import BudgetConfig, base_budget, budgets, get_mode
+
+    root = rc["data"]["dataset"]["init_args"]["root"]
+    m = load_manifest(ROOT / root if not Path(root).is_absolute() else root, check_files=False)
+    budget = {}
+    for cb in rc.get("trainer", {}).get("callbacks") or []:
+        if isinstance(cb, dict) and cb.get("class_path", "").endswith("GripCallback"):
+            budget = dict(cb.get("init_args", {}).get("budget") or {})
+    cfg = BudgetConfig(**budget)
+    sizes = np.array(m.sizes)
+    q = np.array([c.quality for c in m.clusters])
+    base = base_budget(get_mode("static-budget"), sizes, np.array([c.sigma for c in m.clusters]), q, cfg)
+    n = budgets(base, np.ones(len(sizes)), int(cfg.b_total or sizes.sum()))
+    return n / n.sum()
+
+
+def drift_summary(history: Path, static: np.ndarray | None = None) -> dict:
+    """From `grip_history.jsonl`: budget refreshes after the initial publish, RAP probes, mean/max
+    drift; with `static` (row 2's shares) how far the budgets sit from it (total variation
+    distance, 0.5 ||share - static||_1: the fraction of B moved) at the end and on average over
+    the published budgets; and the probes' split-half reliability (mean, min, every value)."""
     if not history.is_file():
         return {"refreshes": 0, "probes": 0, "drift_mean": float("nan"), "drift_max": float("nan")}
     hist = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
     drift = np.array([h["drift"] for h in hist[1:]], dtype=np.float64)
-    return {
+    out = {
         "refreshes": len(hist) - 1,
         "probes": sum("delta" in h for h in hist),
         "drift_mean": float(drift.mean()) if len(drift) else 0.0,
         "drift_max": float(drift.max()) if len(drift) else 0.0,
     }
+    if static is not None and len(static) == len(hist[0]["n"]):
+        tv = [0.5 * float(np.abs(np.asarray(h["n"]) / sum(h["n"]) - static).sum()) for h in hist]
+        out["moved_final"] = tv[-1]
+        out["moved_mean"] = float(np.mean(tv))
+    rel = [h["reliability"] for h in hist if h.get("reliability") is not None]
+    if any("delta" in h for h in hist):
+        out["reliability_mean"] = float(np.mean(rel)) if rel else float("nan")
+        out["reliability_min"] = float(np.min(rel)) if rel else float("nan")
+        out["reliabilities"] = " ".join(f"{x:.2f}" for x in rel)
+    return out
 
 
 def _train(config: Path, nproc: int, log: Path) -> None:
@@ -205,22 +238,26 @@ def run(cfg: AblateConfig) -> list[dict]:
                     "heldout_overall": ev["heldout_overall"]["loss"],
                     **({"humaneval": ev["humaneval"]["loss"]} if "humaneval" in ev else {}),
                     **({"pass@1": ev["pass_at_1"]["pass@1"]} if "pass_at_1" in ev else {}),
-                    **drift_summary(run_dir / "csv" / "grip_history.jsonl"),
+                    **{f"cluster:{k}": v["loss"] for k, v in ev.get("heldout_cluster", {}).items()},
+                    **drift_summary(run_dir / "csv" / "grip_history.jsonl", static_shares(rc)),
                 }
             )
             write_results(results, out)
     return results
 
 
-LOSS_PREFIXES = ("heldout_", "humaneval")
+LOSS_PREFIXES = ("heldout_", "humaneval", "cluster:")
+MAX_CLUSTER_COLUMNS = 8  # per-cluster held-out losses go to results.md up to this many clusters
 
 
-def loss_columns(results: list[dict]) -> list[str]:
+def loss_columns(results: list[dict], clusters: bool = False) -> list[str]:
     cols: list[str] = []
     for r in results:
         cols += [k for k in r if k.startswith(LOSS_PREFIXES) and k not in cols]
     lang = sorted(c for c in cols if c.startswith("heldout_") and c != "heldout_overall")
-    return lang + [c for c in ("heldout_overall", "humaneval") if c in cols]
+    per_cluster = [c for c in cols if c.startswith("cluster:")]
+    extra = per_cluster if clusters and len(per_cluster) <= MAX_CLUSTER_COLUMNS else []
+    return lang + extra + [c for c in ("heldout_overall", "humaneval") if c in cols]
 
 
 def aggregate(results: list[dict]) -> list[dict]:
@@ -257,12 +294,16 @@ def _fmt(v) -> str:
 
 
 def results_markdown(results: list[dict]) -> str:
-    losses = loss_columns(results)
+    losses = loss_columns(results, clusters=True)
     extra = [c for c in ("pass@1",) if any(c in r for r in results)]
     cols = ["row", "mode", "seed", "steps", "tokens", "wall_s", *losses, *extra]
     cols += ["refreshes", "drift_mean", "drift_max"]
+    cols += [c for c in ("moved_mean", "moved_final", "reliabilities") if any(c in r for r in results)]
     lines = [
-        "Held-out next-token loss in nats (lower is better); drift = ||n(t) - n(t-1)||_1 / B per refresh.",
+        "Held-out next-token loss in nats (lower is better), per language, per cluster (`cluster:NAME`, "
+        "up to 8 clusters) and overall; drift = ||n(t) - n(t-1)||_1 / B per refresh; moved = the fraction "
+        "of B away from row 2's static budget (0.5 ||share - share_static||_1, mean over the published "
+        "budgets and at the end); reliabilities = each probe's split-half reliability.",
         "",
         "| " + " | ".join(cols) + " |",
         "|" + "|".join("---" if c in ("row", "mode") else "---:" for c in cols) + "|",
@@ -272,6 +313,7 @@ def results_markdown(results: list[dict]) -> str:
     if any(a["n_seeds"] > 1 for a in agg):
         lines += ["", "Mean ± half-range over seeds:", ""]
         acols = ["row", "mode", "n_seeds", *losses, "drift_mean"]
+        acols += [c for c in ("moved_mean", "reliability_mean") if any(c in a for a in agg)]
         lines += ["| " + " | ".join(acols) + " |", "|" + "|".join("---:" for _ in acols) + "|"]
         for a in agg:
             cells = [a["row"], a["mode"], str(a["n_seeds"])]

@@ -1,9 +1,10 @@
 """`grip rap-bench`: wall time and FLOP cost of one RAP refresh on one of the project's models.
 
 Builds a randomly initialised model from `models.MODEL_CONFIGS` (default `tiny`; `moe-8b`
-on a GPU; no download), draws K clusters of
-random token blocks and times `rapid_adaptation_probe` (median over repeats, after one
-warm-up). The cost fraction assumes `--train-tokens` trained tokens between two refreshes.
+on a GPU; no download), draws K clusters of random token windows (`--docs` adaptation and
+`--docs` evaluation windows each) and times `rapid_adaptation_probe` with the default probe
+settings (median over repeats, after one warm-up). The cost fraction assumes `--train-tokens`
+trained tokens between two refreshes.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ import warnings
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="grip rap-bench", description=__doc__)
     p.add_argument("--clusters", type=int, nargs="+", default=[8, 64], help="cluster counts K to time")
-    p.add_argument("--docs", type=int, default=8, help="probe blocks per cluster (n_k)")
-    p.add_argument("--seq-len", type=int, default=64, help="tokens per probe block (T)")
+    p.add_argument("--docs", type=int, default=32, help="adaptation (and evaluation) windows per cluster")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per probe window (T)")
     p.add_argument("--model", default="tiny", help="a models.MODEL_CONFIGS name or configs/model/*.yaml")
     p.add_argument("--vocab", type=int, default=512, help="vocabulary size of the model")
     p.add_argument("--reset-depth", type=int, nargs="+", default=[0, 2], help="reset depths to time")
-    p.add_argument("--steps", type=int, default=10, help="AdamW steps per cluster")
+    p.add_argument("--epochs", type=int, default=10, help="passes over the adaptation windows")
     p.add_argument("--no-vmap", action="store_true", help="probe clusters one after another")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
@@ -36,7 +37,7 @@ def main(argv: list[str]) -> int:
 
     import torch
 
-    from grip_loop.rap import RAPConfig, estimate_train_flops, rapid_adaptation_probe
+    from grip_loop.rap import ProbeBatch, RAPConfig, estimate_train_flops, rapid_adaptation_probe
 
     warnings.filterwarnings("ignore", message="There is a performance drop")
     from models import build_model
@@ -48,8 +49,13 @@ def main(argv: list[str]) -> int:
     for depth in args.reset_depth:
         for k in args.clusters:
             g = torch.Generator().manual_seed(k)
-            batches = [torch.randint(0, args.vocab, (args.docs, args.seq_len), generator=g) for _ in range(k)]
-            cfg = RAPConfig(reset_depth=depth, steps=args.steps, vmap=not args.no_vmap)
+            batches = [
+                ProbeBatch(
+                    *torch.randint(0, args.vocab, (2, args.docs, args.seq_len), generator=g).to(args.device)
+                )
+                for _ in range(k)
+            ]
+            cfg = RAPConfig(reset_depth=depth, epochs=args.epochs, min_docs=1, vmap=not args.no_vmap)
             rapid_adaptation_probe(model, batches[:2], cfg)  # warm-up
             times = []
             for r in range(args.repeats):

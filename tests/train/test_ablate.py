@@ -7,7 +7,16 @@ import numpy as np
 import pytest
 import yaml
 
-from train.ablate import ROOT, AblateConfig, aggregate, drift_summary, results_markdown, row_config, run
+from train.ablate import (
+    ROOT,
+    AblateConfig,
+    aggregate,
+    drift_summary,
+    results_markdown,
+    row_config,
+    run,
+    static_shares,
+)
 from train.eval import EvalConfig
 
 
@@ -21,7 +30,7 @@ def test_row_config_redirects_every_output(tmp_path):
     assert all(lg["init_args"]["save_dir"] == str(tmp_path / "r") for lg in tr["logger"])
     assert tr["callbacks"][0]["init_args"]["dirpath"] == str(tmp_path / "r" / "checkpoints")
     assert rc["seed_everything"] == rc["model"]["seed"] == rc["data"]["dataset"]["init_args"]["seed"] == 3
-    assert base["trainer"]["max_steps"] == 200  # the row itself is untouched
+    assert base["trainer"]["max_steps"] == 300  # the row itself is untouched
     with pytest.raises(ValueError, match="KEY=VALUE"):
         AblateConfig(overrides=["nonsense"])
 
@@ -58,8 +67,10 @@ def test_ablate_two_rows_end_to_end(stdlib_prepared, tmp_path):
         "trainer.log_every_n_steps=2",
         "trainer.callbacks.1.init_args.refresh_every_n_steps=2",
         "trainer.callbacks.1.init_args.probe_seq_len=32",
-        "trainer.callbacks.1.init_args.probe_max_blocks=1",
-        "trainer.callbacks.1.init_args.rap.steps=2",
+        "trainer.callbacks.1.init_args.probe_docs=2",
+        "trainer.callbacks.1.init_args.first_refresh_after_steps=0",
+        "trainer.callbacks.1.init_args.rap.epochs=1",
+        "trainer.callbacks.1.init_args.rap.min_docs=1",
     ]
     cfg = AblateConfig(
         rows=str(ROOT / "configs/ablation"),
@@ -82,6 +93,19 @@ def test_ablate_two_rows_end_to_end(stdlib_prepared, tmp_path):
         assert int(r["tokens"]) == 4 * 4 * 64 and float(r["wall_s"]) > 0
     assert int(rows[0]["refreshes"]) == 0  # random never probes
     assert int(rows[1]["refreshes"]) == 3 and int(rows[1]["probes"]) == 3  # at start, steps 2 and 4
+    # how far from row 2's static budget, and the probe's reliability per refresh
+    hist = [
+        json.loads(x) for x in (out / "4-loss-replay" / "csv" / "grip_history.jsonl").read_text().splitlines()
+    ]
+    static = static_shares(yaml.safe_load((out / "4-loss-replay" / "config.yaml").read_text()))
+    moved = [0.5 * np.abs(np.asarray(h["n"]) / sum(h["n"]) - static).sum() for h in hist]
+    assert float(rows[1]["moved_final"]) == pytest.approx(moved[-1])
+    assert float(rows[1]["moved_mean"]) == pytest.approx(np.mean(moved))
+    assert float(rows[0]["moved_mean"]) > 0  # uniform over documents is not Eq. 5's budget
+    assert rows[1]["reliabilities"].split() == [
+        f"{h['reliability']:.2f}" for h in hist if h.get("reliability") is not None
+    ]
+    assert rows[0]["reliabilities"] == ""
     md = (out / "results.md").read_text()
     assert "| 4-loss-replay | loss-replay |" in md and (out / "results.png").stat().st_size > 1000
     # re-running resumes: nothing is retrained (train_done.json and eval.json are reused)
