@@ -52,9 +52,16 @@ def test_memory_hog_fails_under_the_limit():
     assert r.status == "failed" and "MemoryError" in r.stderr
 
 
-def test_runs_in_a_temp_dir_and_exit_code_decides():
-    assert run_program("import os, sys\nsys.exit(0 if 'grip-humaneval-' in os.getcwd() else 1)\n").passed
+def test_runs_in_a_temp_dir_and_running_to_the_end_decides():
+    assert run_program("import os\nassert 'grip-humaneval-' in os.getcwd()\n").passed
     assert run_program("raise SystemExit(3)\n").returncode == 3
+    r = run_program("import sys\nsys.exit(0)\n")  # status 0, but the program did not run to its end
+    assert (
+        not r.passed
+        and r.status == "failed"
+        and r.returncode == 0
+        and "before the tests finished" in r.detail
+    )
     with pytest.raises(ValueError, match="timeout"):
         run_program("pass", timeout=0)
 
