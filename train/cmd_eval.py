@@ -68,6 +68,13 @@ def main(argv: list[str]) -> int:
     p.add_argument(
         "--exec-memory-mb", type=int, default=d.exec_memory_mb, help="address-space limit per test program"
     )
+    p.add_argument(
+        "--exec-isolation",
+        choices=("auto", "strict", "off"),
+        default=d.exec_isolation,
+        help="sandbox of the test programs: auto (every layer the kernel allows, warn about the rest), "
+        "strict (refuse to run without all of them), off (limits only)",
+    )
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda[:i]")
     a = p.parse_args(argv)
     from train.eval import evaluate, markdown_table
@@ -78,6 +85,7 @@ def main(argv: list[str]) -> int:
         humaneval=a.humaneval,
         exec_timeout=a.exec_timeout,
         exec_memory_mb=a.exec_memory_mb,
+        exec_isolation=a.exec_isolation,
         device=a.device,
     )
     r = evaluate(a.ckpt, a.data, a.out, cfg)

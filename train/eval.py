@@ -19,8 +19,11 @@ What is measured (all from the Hugging Face export of the checkpoint, `grip expo
   separately and concatenated (the boundary is a newline in every problem).
 * **pass@1** (optional, `pass_at_1=True`): greedy `generate` from the prompt, at most
   `max_new_tokens`, stopped at EOS or the next top-level def/class/if __name__/print, then
-  run against the problem's tests by `train.humaneval.check_completion` (subprocess, time and
-  memory limits). With one greedy sample per problem pass@1 is the fraction that pass.
+  run against the problem's tests by `train.humaneval.check_completion` in the sandbox of
+  `train.sandbox` (namespaces, unprivileged uid, no network, private file system; see
+  docs/reliability.md). A problem passes only if its tests ran to the end. With one greedy
+  sample per problem pass@1 is the fraction that pass. eval.json records under `sandbox`
+  which isolation layers were in force (and why any was not).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class EvalConfig:
     max_new_tokens: int = 128
     exec_timeout: float = 5.0
     exec_memory_mb: int = 1024
+    exec_isolation: str = "auto"  # pass@1 sandbox: auto (what the kernel allows, warn), strict, off
     device: str = "auto"  # auto = cuda if available, else cpu
     progress: bool = True
 
@@ -60,6 +64,8 @@ class EvalConfig:
             raise ValueError(f"limit: must be >= 1 or None, got {self.limit}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        if self.exec_isolation not in ("auto", "strict", "off"):
+            raise ValueError(f"exec_isolation: must be auto, strict or off, got {self.exec_isolation!r}")
 
 
 # ------------------------------------------------------------------------------------- data
@@ -295,13 +301,23 @@ def evaluate(ckpt: str | Path, prepared: str | Path, out: str | Path, cfg: EvalC
 
     if cfg.pass_at_1:
         problems = load_problems(cfg.limit)
-        passed, samples = 0, []
+        passed, samples, boxes = 0, [], []
         for p in tqdm(problems, desc="pass@1 (generate + run)", unit="problem", disable=not cfg.progress):
             completion = generate_completion(model, tok, eos, p["prompt"], cfg.max_new_tokens, device)
-            r = check_completion(p, completion, timeout=cfg.exec_timeout, memory_mb=cfg.exec_memory_mb)
+            r = check_completion(
+                p,
+                completion,
+                timeout=cfg.exec_timeout,
+                memory_mb=cfg.exec_memory_mb,
+                isolation=cfg.exec_isolation,
+            )
             passed += r.passed
-            samples.append({"task_id": p["task_id"], "completion": completion, "status": r.status})
+            boxes.append(r.sandbox)
+            samples.append(
+                {"task_id": p["task_id"], "completion": completion, "status": r.status, "detail": r.detail}
+            )
         result["pass_at_1"] = {"pass@1": passed / len(problems), "passed": passed, "problems": len(problems)}
+        result["sandbox"] = sandbox_summary(boxes)
         with open(out / "samples.jsonl", "w") as fh:
             for s in samples:
                 fh.write(json.dumps(s) + "\n")
@@ -310,6 +326,24 @@ def evaluate(ckpt: str | Path, prepared: str | Path, out: str | Path, cfg: EvalC
     (out / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "eval.md").write_text(markdown_table(result))
     return result
+
+
+def sandbox_summary(boxes: list[dict | None]) -> dict:
+    """The `sandbox` entry of eval.json: the isolation layers in force for the pass@1 runs
+    (train.sandbox). A layer counts as in force only if it was in force for every run; the
+    reasons of the runs that lacked something are kept."""
+    boxes = [b for b in boxes if b]
+    if not boxes:
+        return {}
+    out = dict(boxes[0])
+    for b in boxes[1:]:
+        for k, v in b.items():
+            if isinstance(v, bool) and isinstance(out.get(k), bool):
+                out[k] = out[k] and v
+            elif k == "reason" and v and v not in out.get("reason", ""):
+                out["reason"] = "; ".join(x for x in (out.get("reason"), v) if x)
+    out["runs"] = len(boxes)
+    return out
 
 
 def markdown_table(r: dict) -> str:
@@ -337,4 +371,7 @@ def markdown_table(r: dict) -> str:
         p = r["pass_at_1"]
         lines.append("")
         lines.append(f"HumanEval pass@1 (greedy): {p['pass@1']:.3f} ({p['passed']}/{p['problems']} problems)")
+        box = r.get("sandbox") or {}
+        if box.get("reason"):
+            lines.append(f"Sandbox layers NOT in force: {box['reason']}")
     return "\n".join(lines) + "\n"
