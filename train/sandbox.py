@@ -73,6 +73,11 @@ REQUIRED = ("pid_ns", "net_ns", "mount_ns", "private_root", "proc", "unprivilege
 """Layers that `isolation="strict"` requires and whose absence `"auto"` warns about."""
 
 ISOLATION_MODES = ("auto", "strict", "off")
+SIGNALS_RESET = tuple(
+    getattr(signal, n)
+    for n in ("SIGINT", "SIGTERM", "SIGALRM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
+    if hasattr(signal, n)
+)
 RETRY_WITHOUT_USERNS = 75
 
 
@@ -195,6 +200,7 @@ def _helper_main(cfg: dict) -> None:  # A
             libc = None
     if os.getppid() != cfg["parent"]:
         os._exit(1)
+    os.set_inheritable(cfg["status_fd"], False)  # pass_fds made it inheritable: D's exec must close it
     try:  # read here, on the host's /proc (D may have none)
         with open("/proc/sys/kernel/cap_last_cap") as fh:
             cfg["cap_last"] = int(fh.read())
@@ -207,11 +213,19 @@ def _helper_main(cfg: dict) -> None:  # A
 
     signal.signal(signal.SIGTERM, die)
     signal.signal(signal.SIGALRM, die)  # backstop if the evaluator cannot kill us
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)  # the program may share our uid (no user namespace)
     signal.setitimer(signal.ITIMER_REAL, cfg["timeout"] + 10.0)
     lifeline_r, lifeline_w = os.pipe()  # C exits at once if A is gone (EOF here)
 
     use_userns = cfg["isolation"] != "off" and "user_ns" not in cfg["force_off"] and libc is not None
-    reason = {} if use_userns else {"user_ns": "disabled" if cfg["isolation"] == "off" else "not attempted"}
+    reason = {}
+    if cfg["isolation"] == "off":
+        reason["user_ns"] = "disabled"
+    elif "user_ns" in cfg["force_off"]:
+        reason["user_ns"] = "disabled by the caller"
+    elif libc is None:
+        reason["user_ns"] = "not Linux" if sys.platform != "linux" else "libc or prctl unavailable"
     while True:
         sync_r, sync_w = os.pipe()  # B -> A
         go_r, go_w = os.pipe()  # A -> B
@@ -220,9 +234,12 @@ def _helper_main(cfg: dict) -> None:  # A
             os.close(lifeline_w)
             os.close(sync_r)
             os.close(go_w)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGALRM, signal.SIG_DFL)
             signal.setitimer(signal.ITIMER_REAL, 0)
+            # default dispositions: no Python handler in B or C for the program to trigger;
+            # as PID 1 of the namespace, C then ignores every signal sent from inside it,
+            # and D (exec'd from C) starts with the defaults
+            for sig in SIGNALS_RESET:
+                signal.signal(sig, signal.SIG_DFL)
             try:
                 _stage_b(cfg, libc, use_userns, dict(reason), sync_w, go_r, lifeline_r)
             except BaseException as e:  # never run the program after an unexpected error
@@ -256,7 +273,8 @@ def _helper_main(cfg: dict) -> None:  # A
             continue
         break
     _kill_tree()
-    os._exit(0)
+    rc = _decode_status(st)
+    os._exit(rc if rc >= 0 else 128 - rc)
 
 
 def _write_id_maps(pid: int) -> None:
@@ -307,7 +325,8 @@ def _stage_b(cfg, libc, use_userns, reason, sync_w, go_r, lifeline_r) -> None:
         try:
             _stage_c(cfg, libc, layers, reason, lifeline_r)
         except BaseException as e:
-            _status(cfg, error=f"sandbox init: {type(e).__name__}: {e}")
+            if not cfg.get("started"):  # errors are reported only before the program runs
+                _status(cfg, error=f"sandbox init: {type(e).__name__}: {e}")
             os._exit(70)
         os._exit(70)
     while True:
@@ -356,9 +375,16 @@ def _stage_c(cfg, libc, layers, reason, lifeline_r) -> None:
             libc.sethostname("sandbox")
         except OSError:
             pass
+    if drop and not _nobody_can_run(cfg, workdir):
+        drop = False
+        reason["unprivileged"] = (
+            f"uid {NOBODY} cannot run {cfg['python']} here: the program runs as the evaluator's uid"
+        )
     layers["unprivileged"] = bool(drop)
     if not drop:
-        reason["unprivileged"] = "not root and no user namespace: the program runs as the evaluator's uid"
+        reason.setdefault(
+            "unprivileged", "not root and no user namespace: the program runs as the evaluator's uid"
+        )
     # RLIMIT_NPROC counts per (user namespace, uid): only meaningful when the uid is the
     # program's own (a fresh user namespace, or nobody when we are real root)
     nproc = cfg["max_processes"] if drop else None
@@ -381,6 +407,7 @@ def _stage_c(cfg, libc, layers, reason, lifeline_r) -> None:
     _status(cfg, layers=desc)
 
     d = os.fork()
+    cfg["started"] = True
     if d == 0:
         try:
             _stage_d(cfg, libc, workdir, drop, nproc)
@@ -398,6 +425,28 @@ def _stage_c(cfg, libc, layers, reason, lifeline_r) -> None:
             break
     _status(cfg, rc=rc)
     os._exit(0)  # as PID 1 of the namespace: the kernel now kills whatever is left
+
+
+def _nobody_can_run(cfg: dict, workdir: str) -> bool:
+    """Can uid 65534 execute the interpreter and read the program? (Not always, without the
+    private root: e.g. a Python installed under root's 0700 home.) Checked in a forked child."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setresgid(NOBODY, NOBODY, NOBODY)
+            os.setresuid(NOBODY, NOBODY, NOBODY)
+            ok = os.access(cfg["python"], os.X_OK) and os.access(
+                os.path.join(workdir, cfg["program_name"]), os.R_OK
+            )
+            os._exit(0 if ok else 1)
+        except BaseException:
+            os._exit(1)
+    while True:
+        try:
+            _, st = os.waitpid(pid, 0)
+            return os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0
+        except ChildProcessError:
+            return False
 
 
 def _bind_ro(libc, src: str, dst: str, *, dev: bool = False) -> None:
@@ -575,7 +624,6 @@ def run_python(
     if max_output_bytes < 1:
         raise ValueError(f"max_output_bytes: must be >= 1, got {max_output_bytes}")
     with tempfile.TemporaryDirectory(prefix="grip-humaneval-") as tmp:
-        os.chmod(tmp, 0o755)
         os.mkdir(os.path.join(tmp, "root"))
         with open(os.path.join(tmp, "program.py"), "w", encoding="utf-8") as fh:
             fh.write(program)
@@ -624,12 +672,17 @@ def run_python(
             sel.register(fd, selectors.EVENT_READ)
         deadline = t0 + timeout
         timed_out = overflow = False
+        exited_at = None
         try:
             while sel.get_map():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     timed_out = True
                     break
+                if exited_at is None and proc.poll() is not None:
+                    exited_at = time.monotonic()
+                if exited_at is not None and time.monotonic() - exited_at > 1.0:
+                    break  # A killed the whole tree before it exited; nothing should hold the pipes
                 for key, _ in sel.select(min(left, 0.5)):
                     fd = key.fd
                     try:

@@ -20,7 +20,10 @@ import pytest
 from train import sandbox
 from train.humaneval import check_completion, load_problems, run_program
 
-LAYERS = sandbox.describe()
+try:
+    LAYERS = sandbox.describe()
+except sandbox.SandboxError as e:  # the helper itself failed: every layer-dependent test skips
+    LAYERS = {"reason": f"the sandbox does not start here: {e}"}
 
 
 def need(*layers):
@@ -90,7 +93,7 @@ def test_runs_unprivileged_without_capabilities():
 
 
 def test_the_evaluators_environment_is_not_readable(monkeypatch):
-    need("pid_ns")
+    need("pid_ns", "private_root")  # the private root has a fresh /proc (or none), never the host's
     secret = secrets.token_hex(16)
     monkeypatch.setenv("GRIP_TEST_SECRET", secret)
     prog = (
@@ -415,3 +418,44 @@ def test_root_without_a_user_namespace_drops_to_nobody():
     box = r["layers"]
     assert box["user_ns"] is False and box["unprivileged"] and box["pid_ns"] and box["private_root"]
     assert "nproc:" in box["reason"]  # the count is shared with the host's nobody: said so
+
+
+def test_the_program_cannot_write_to_the_sandbox_status_channel():
+    # the helpers report layers, errors and the exit status on a pipe; a program that could
+    # write to it could forge them (or make the evaluator raise)
+    prog = (
+        "import json, os\n"
+        "forged = 0\n"
+        "for fd in range(3, 1024):\n"
+        "    for line in ({'error': 'forged'}, {'rc': 0}, {'layers': {'net_ns': 'forged'}}):\n"
+        "        try:\n"
+        "            os.write(fd, (json.dumps(line) + '\\n').encode())\n"
+        "            forged += 1\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "print('forged', forged)\n"
+    )
+    r = run_program(prog)
+    assert r.passed and "forged 0" in r.stdout, (r.detail, r.stdout, r.stderr)
+    assert r.sandbox["net_ns"] is LAYERS["net_ns"]
+
+
+@pytest.mark.filterwarnings("ignore:pass@1 sandbox")
+@pytest.mark.parametrize("mode", MODES)
+def test_signalling_the_sandbox_helpers_is_never_a_sandbox_error(mode):
+    # the program's parent is the sandbox's init (C); where it shares C's uid (an unprivileged
+    # user namespace, or isolation off) it can signal it. C has no Python handler to trigger:
+    # as PID 1 of the namespace it ignores them, and without one it just dies (the run fails)
+    prog = (
+        "import os, signal, time\n"
+        "for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGALRM):\n"
+        "    try:\n"
+        "        os.kill(os.getppid(), sig)\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "time.sleep(0.3)\n"
+        "print('still here')\n"
+    )
+    r = sandbox.run_python(prog, timeout=10, **MODES[mode])  # must not raise SandboxError
+    if mode == "sandbox" and LAYERS.get("pid_ns"):
+        assert r["returncode"] == 0 and r["stdout"] == b"still here\n", r["stderr"]
