@@ -49,6 +49,19 @@ def test_score_windows_matches_naive_loss():
     assert n == cnt and math.isclose(nll, ref, rel_tol=1e-5)
 
 
+def test_sandbox_summary_keeps_a_layer_only_if_every_run_had_it():
+    from train.eval import markdown_table, sandbox_summary
+
+    full = {"pid_ns": True, "net_ns": True, "reason": "", "isolation": "auto"}
+    less = {"pid_ns": True, "net_ns": False, "reason": "net_ns: EPERM", "isolation": "auto"}
+    s = sandbox_summary([full, None, less, full])
+    assert s == {"pid_ns": True, "net_ns": False, "reason": "net_ns: EPERM", "isolation": "auto", "runs": 3}
+    assert sandbox_summary([]) == {} and sandbox_summary([full])["reason"] == ""
+    r = {"heldout": {}, "heldout_overall": {"docs": 1, "tokens": 2, "loss": 1.0, "ppl": 2.7}}
+    r |= {"pass_at_1": {"pass@1": 0.0, "passed": 0, "problems": 1}, "sandbox": s}
+    assert "Sandbox layers NOT in force: net_ns: EPERM" in markdown_table(r)
+
+
 @pytest.mark.slow
 def test_eval_end_to_end_on_a_tiny_checkpoint(stdlib_prepared, tmp_path, monkeypatch):
     """Train 3 steps on the stdlib corpus, then `grip eval` it: numbers are sane and consistent."""
@@ -103,6 +116,9 @@ def test_eval_end_to_end_on_a_tiny_checkpoint(stdlib_prepared, tmp_path, monkeyp
     assert math.isclose(sum(v["loss"] * v["tokens"] for v in per.values()) / tot, mean, rel_tol=1e-6)
     assert r["humaneval"]["docs"] == 164 and r["humaneval_solution"]["tokens"] < r["humaneval"]["tokens"]
     assert r["pass_at_1"]["problems"] == 2 and r["pass_at_1"]["pass@1"] == 0.0
+    box = r["sandbox"]  # what isolated the 2 test programs
+    assert box["runs"] == 2 and box["isolation"] == "auto" and isinstance(box["pid_ns"], bool)
+    assert all(json.loads(line)["detail"] for line in (out / "samples.jsonl").read_text().splitlines())
     assert len((out / "samples.jsonl").read_text().splitlines()) == 2
     assert (out / "hf" / "config.json").is_file() and "| held-out overall |" in (out / "eval.md").read_text()
     with pytest.raises(ValueError, match="seq_len"):
