@@ -76,7 +76,12 @@ class PrepareConfig:
     counted and skipped."""
     seed: int = 0
     max_file_bytes: int = 1 << 20
-    """Skip files (and JSONL texts) larger than this: generated code and data dumps."""
+    """Skip files (and JSONL texts, shard members) larger than this: generated code and data
+    dumps. Also bounds the memory one document costs in compressed input (docs/reliability.md)."""
+    follow_symlinks_outside: bool = False
+    """Follow symlinks (to files and directories) that lead out of the corpus directory. Default:
+    no, they are skipped and counted as `outside_root`, so a link in a downloaded corpus to
+    ~/.ssh or /proc/self/environ never lands in the shards."""
     exclude_humaneval: bool = True
     """Drop documents whose content hash matches a HumanEval problem (held out for evaluation)."""
     tokenizer_path: str | None = None
@@ -121,6 +126,10 @@ class PrepareConfig:
             self.judge = _build(JudgeConfig, self.judge, "judge")
         if self.k < 1:
             raise ValueError(f"k: must be >= 1, got {self.k}")
+        if not isinstance(self.follow_symlinks_outside, bool):
+            raise ValueError(
+                f"follow_symlinks_outside: must be true or false, got {self.follow_symlinks_outside!r}"
+            )
         if self.cluster_by is not None and (not isinstance(self.cluster_by, str) or not self.cluster_by):
             raise ValueError(f"cluster_by: expected a field name or null, got {self.cluster_by!r}")
         if not 0 < self.probe_fraction <= 1:
@@ -240,11 +249,17 @@ class _Timer:
 def _ingest(cfg: PrepareConfig, work: Path) -> dict:
     from tqdm import tqdm
 
-    from grip_loop.corpus import CorpusReader, humaneval_hashes
+    from grip_loop.corpus import READER_VERSION, CorpusReader, humaneval_hashes, printable
 
     meta = work / "ingest.json"
     key = _key(
-        "ingest", str(Path(cfg.corpus).resolve()), cfg.max_file_bytes, cfg.exclude_humaneval, cfg.cluster_by
+        "ingest",
+        str(Path(cfg.corpus).resolve()),
+        cfg.max_file_bytes,
+        cfg.exclude_humaneval,
+        cfg.cluster_by,
+        cfg.follow_symlinks_outside,
+        READER_VERSION,  # a fixed reader redoes an ingest that an older one may have got wrong
     )
     if _done(meta, key):
         return json.loads(meta.read_text())
@@ -252,6 +267,7 @@ def _ingest(cfg: PrepareConfig, work: Path) -> dict:
         cfg.corpus,
         max_file_bytes=cfg.max_file_bytes,
         exclude=frozenset(humaneval_hashes()) if cfg.exclude_humaneval else frozenset(),
+        follow_symlinks_outside=cfg.follow_symlinks_outside,
     )
     h = hashlib.sha256()
     tmp = work / "docs.jsonl.tmp"
@@ -272,10 +288,10 @@ def _ingest(cfg: PrepareConfig, work: Path) -> dict:
             h.update(hashlib.sha256(d.text.encode("utf-8", "surrogatepass")).digest())
             n += 1
     if reader.stats.skipped:
-        print(f"warning: {cfg.corpus}: {reader.stats.summary()}")
+        print(f"warning: {printable(cfg.corpus)}: {reader.stats.summary()}")
     if cfg.cluster_by and missing:
         print(
-            f"warning: {cfg.corpus}: {missing} of {n + missing} documents have no {cfg.cluster_by!r} "
+            f"warning: {printable(cfg.corpus)}: {missing} of {n + missing} documents have no {cfg.cluster_by!r} "
             "field (--cluster-by); they were skipped"
         )
     if n == 0:

@@ -179,6 +179,23 @@ def test_following_links_out_of_the_root_is_opt_in(tmp_path):
     assert "outside_root" not in reader.stats.skipped
 
 
+def test_follow_symlinks_outside_is_a_prepare_option(tmp_path, monkeypatch):
+    import grip_loop.prepare as prep
+    from train.cmd_prepare import main
+
+    assert PrepareConfig().follow_symlinks_outside is False
+    (tmp_path / "p.yaml").write_text("follow_symlinks_outside: true\n")
+    assert prep.load_config(tmp_path / "p.yaml").follow_symlinks_outside is True
+    with pytest.raises(ValueError, match="follow_symlinks_outside: must be true or false"):
+        PrepareConfig(follow_symlinks_outside="no")
+    seen = []
+    monkeypatch.setattr(prep, "prepare", lambda cfg: seen.append(cfg.follow_symlinks_outside))
+    (tmp_path / "c").mkdir()
+    args = ["--corpus", str(tmp_path / "c"), "--out", str(tmp_path / "o"), "--no-progress"]
+    assert main(args) == 0 and main([*args, "--follow-symlinks-outside"]) == 0
+    assert seen == [False, True]
+
+
 @pytest.mark.timeout(60)
 def test_fifos_sockets_and_devices_are_skipped_without_blocking(tmp_path):
     import socket
