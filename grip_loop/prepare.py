@@ -377,6 +377,22 @@ def heldout_split(langs: list[str], fraction: float, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
 
 
+def heldout_prefixes(langs: list[str]) -> dict[str, str]:
+    """A file-name prefix per language, in the given order: its letters and digits ("_" for the
+    rest), at most 40 characters, and distinct ("c++" and "c--" are "c__" and "c___2"): two
+    languages never write to one shard file, and a long language name fits in a file name."""
+    out: dict[str, str] = {}
+    used: set[str] = set()
+    for lang in langs:
+        base = "".join(ch if ch.isalnum() else "_" for ch in lang)[:40] or "_"
+        prefix, n = base, 2
+        while prefix in used:
+            prefix, n = f"{base}_{n}", n + 1
+        used.add(prefix)
+        out[lang] = prefix
+    return out
+
+
 def clusters_from_field(values: list[str], emb: np.ndarray, train: np.ndarray):
     """`--cluster-by`: (centroids, labels, names). One cluster per distinct value, in sorted
     order; a centroid is the L2-normalised mean embedding of its training documents (held-out
@@ -649,11 +665,11 @@ def _finish(cfg, out, work, docs, emb, emb_key, ingest, tok_info, timer, ShardWr
         )
     heldout_infos: list[ShardInfo] = []
     held_langs: dict[str, int] = {}
-    for lang in sorted({docs[i]["lang"] for i in held}):
+    prefixes = heldout_prefixes(sorted({docs[i]["lang"] for i in held}))
+    for lang, prefix in prefixes.items():
         mine = [int(i) for i in held if docs[i]["lang"] == lang]
         held_langs[lang] = len(mine)
-        safe = "".join(ch if ch.isalnum() else "_" for ch in lang)
-        with ShardWriter(out / "heldout", token_dtype=dtype, prefix=safe, max_docs=cfg.shard_max_docs) as w:
+        with ShardWriter(out / "heldout", token_dtype=dtype, prefix=prefix, max_docs=cfg.shard_max_docs) as w:
             for pos, i in enumerate(mine):
                 write(w, i, int(labels[i]), pos)
             heldout_infos += [ShardInfo(f"heldout/{s.path}", s.n_docs, s.n_tokens) for s in w.close()]

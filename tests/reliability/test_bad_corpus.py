@@ -507,3 +507,104 @@ def test_document_ids_stay_unique(tmp_path):
     assert reader.stats.duplicate_ids == 6
     assert "6 duplicate ids made unique" in reader.stats.summary()
     assert reader.stats.to_dict()["duplicate_ids"] == 6
+
+
+# ---- end to end: `grip prepare` on a corpus with all of the above
+
+
+def _fake_embed(texts, cfg, work, key, progress=True):
+    """Stands in for the encoder (the stage under test is everything around it)."""
+    import numpy as np
+
+    x = np.random.default_rng(len(texts)).standard_normal((len(texts), 8)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _hostile_corpus(tmp_path: Path) -> Path:
+    import gzip
+    import io
+    import tarfile
+
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret.py").write_text(SECRET)
+    root = Path(os.fsdecode(os.path.join(os.fsencode(tmp_path), b"corpus\xff")))  # its own name, too
+    root.mkdir()
+    for i in range(24):
+        (root / f"m{i:02d}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i * i}\n" * (1 + i % 3))
+    os.symlink(tmp_path / "outside" / "secret.py", root / "leak.py")
+    os.symlink("/proc/self/environ", root / "environ.txt")
+    os.mkfifo(root / "fifo.py")
+    Path(os.fsdecode(os.path.join(os.fsencode(root), b"caf\xe9.py"))).write_text("y = 2\n")
+    with gzip.open(root / "j.jsonl.gz", "wb") as fh:
+        for i, lang in enumerate(["c++", "c++", "c--", "c--", "x" * 300, "x" * 300]):
+            # null ids; languages whose held-out shard names used to collide / be too long
+            fh.write(
+                json.dumps({"id": None, "lang": lang, "text": f"int g{i}(void) {{ return {i}; }}"}).encode()
+            )
+            fh.write(b"\n")
+        fh.write(json.dumps({"text": "lone \ud800"}).encode() + b"\n")
+        fh.write(json.dumps({"text": "ok", "id": "\udfff"}).encode() + b"\n")
+        fh.write(json.dumps({"text": "a" * 9000 + "\x00 late NUL"}).encode() + b"\n")  # kept, as for files
+        fh.write(json.dumps({"text": "dup = 1", "id": "dup"}).encode() + b"\n")
+        fh.write(json.dumps({"text": "dup = 2", "id": "dup"}).encode() + b"\n")
+        fh.write(b'{"text": "')
+        _write_run(fh, 4 << 20)
+        fh.write(b'"}\n')
+    with tarfile.open(root / "s.tar.gz", "w:gz", format=tarfile.GNU_FORMAT, errors="surrogateescape") as tar:
+        for name, data in (("k\udcff.txt", b"t = 1"), ("good.txt", b"g = 1")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return root
+
+
+@pytest.mark.timeout(300)
+def test_grip_prepare_end_to_end_on_a_hostile_corpus(tmp_path, monkeypatch):
+    """The CLI with a YAML config: prepare finishes, and the tokenizer, shards, manifest and
+    fingerprint see only good documents, with unique ids; every skip is counted."""
+    import io
+    import sys
+
+    import yaml
+
+    import grip_loop.prepare as prep
+    from grip_loop.manifest import load_manifest
+    from grip_loop.shards import iter_shard
+    from train.cmd_prepare import main
+
+    root = _hostile_corpus(tmp_path)
+    cfg = yaml.safe_load((Path(__file__).parents[2] / "configs" / "prepare" / "tiny.yaml").read_text())
+    cfg.update(k=2, heldout_fraction=0.5, follow_symlinks_outside=False)
+    (tmp_path / "prepare.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.setattr(prep, "embed_corpus", _fake_embed)
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")  # a strict UTF-8 terminal
+    monkeypatch.setattr(sys, "stdout", stdout)
+    out = tmp_path / "out"
+    assert main(["--corpus", str(root), "--out", str(out), "--config", str(tmp_path / "prepare.yaml")]) == 0
+    stdout.flush()
+    printed = stdout.buffer.getvalue().decode()
+    assert "skipped" in printed and "wrote" in printed
+
+    m = load_manifest(out)
+    read = m.stats["read"]
+    assert read["skipped"] == {
+        "bad_metadata": 1,
+        "bad_name": 2,
+        "not_regular": 1,
+        "outside_root": 2,
+        "too_large": 1,
+        "undecodable": 1,
+    }
+    assert read["read"] == 24 + 6 + 3 + 1 and read["duplicate_ids"] == 1
+    docs = [json.loads(line) for line in open(out / "work" / "docs.jsonl", encoding="utf-8")]
+    ids = [d["id"] for d in docs]
+    assert len(set(ids)) == len(ids) == read["read"] and {"dup", "dup#2"} <= set(ids)
+    shards = [s.path for c in m.clusters for ss in c.shards.values() for s in ss]
+    shards += [s.path for c in m.clusters for s in c.probe_shards] + [s.path for s in m.heldout]
+    texts = [d.text for p in set(shards) for d in iter_shard(out / p, m.tokenizer["token_dtype"])]
+    assert texts and not any("TOP_SECRET" in t for t in texts)
+    # held-out shards: one file per language, however the language is spelled
+    held = [s.path for s in m.heldout]
+    assert len(set(held)) == len(held) and all(len(Path(p).name) < 100 for p in held)
+    held_docs = [d.meta["lang"] for p in held for d in iter_shard(out / p, m.tokenizer["token_dtype"])]
+    assert len(held_docs) == m.stats["heldout_docs"] and {"c++", "c--", "x" * 300} <= set(held_docs)
