@@ -287,7 +287,7 @@ def _ingest(cfg: PrepareConfig, work: Path) -> dict:
             h.update(d.id.encode("utf-8", "surrogatepass") + b"\x00")
             h.update(hashlib.sha256(d.text.encode("utf-8", "surrogatepass")).digest())
             n += 1
-    if reader.stats.skipped:
+    if reader.stats.skipped or reader.stats.duplicate_ids:
         print(f"warning: {printable(cfg.corpus)}: {reader.stats.summary()}")
     if cfg.cluster_by and missing:
         print(

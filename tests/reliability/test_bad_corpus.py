@@ -509,6 +509,20 @@ def test_document_ids_stay_unique(tmp_path):
     assert reader.stats.to_dict()["duplicate_ids"] == 6
 
 
+def test_prepare_warns_about_duplicate_ids_even_with_nothing_skipped(tmp_path, capsys, monkeypatch):
+    import grip_loop.prepare as prep
+
+    monkeypatch.setattr(prep, "embed_corpus", lambda *a, **k: pytest.fail("embedded"))
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.jsonl").write_text('{"id": "x", "text": "a = 1"}\n{"id": "x", "text": "b = 2"}\n')
+    cfg = PrepareConfig(corpus=str(tmp_path / "c"), out=str(tmp_path / "o"), k=4, progress=False)
+    with pytest.raises(ValueError, match="only 2 usable documents"):  # stops right after ingest
+        prepare(cfg)
+    assert "read 2 documents; skipped 0; 1 duplicate ids made unique" in capsys.readouterr().out
+    ingest = json.loads((tmp_path / "o" / "work" / "ingest.json").read_text())
+    assert ingest["read_stats"]["duplicate_ids"] == 1
+
+
 # ---- end to end: `grip prepare` on a corpus with all of the above
 
 
