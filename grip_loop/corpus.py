@@ -4,7 +4,21 @@ Every reader yields `Document(id, text, lang, path)` in a deterministic order (s
 names, file order inside JSONL and tar files), so document index i means the same
 document on every run and every rank. A bad input never stops a run: binary files,
 undecodable bytes, empty documents, malformed JSONL lines, oversized files, unreadable
-files and dangling or looping symlinks are skipped and counted in `ReadStats`, and `grip prepare` prints the counts as one warning.
+files, dangling or looping symlinks, FIFOs and devices, names that are not UTF-8 and
+strings that are not valid Unicode are skipped and counted in `ReadStats`, and
+`grip prepare` prints the counts as one warning. docs/reliability.md lists every case.
+
+What the reader promises the later stages:
+* it never leaves the corpus directory: a symlink whose target (after every link in a
+  chain) lies outside it is skipped and counted as `outside_root`, unless
+  `follow_symlinks_outside`; symlinked directories inside it are not descended (their
+  target is read under its own name);
+* every string of a document (text, id, lang, path, string fields) encodes as UTF-8;
+* one document costs at most about `max_file_bytes` (x `JSONL_LINE_FACTOR` for a JSONL
+  line) of memory, decompressed, whatever the compression ratio of the file;
+* ids are unique: a missing, null, empty or non-string id becomes `file:line` (`shard/key`
+  for WebDataset), an integer id its decimal string, and a repeated id gets a suffix
+  (`#2`, `#3`, ...), counted in `ReadStats.duplicate_ids`.
 
 Held-out evaluation data must not leak into training: `humaneval_hashes()` returns the
 content hashes of the HumanEval problems (prompt + canonical solution, whitespace
@@ -14,15 +28,25 @@ only: a near-copy with edited identifiers passes (near-duplicate removal is out 
 
 from __future__ import annotations
 
+import bz2
+import dataclasses
 import gzip
 import hashlib
+import io
 import json
+import lzma
 import os
+import stat
 import tarfile
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+#: Bumped when the reader changes what it yields for some input, so `grip prepare` redoes its
+#: ingest stage instead of resuming from documents an older reader produced.
+READER_VERSION = 2
 
 #: File extension -> language. Files with other extensions are ignored by the directory
 #: reader (counted as `skipped_extension`), so build dirs full of .o/.pyc files cost nothing.
@@ -81,18 +105,27 @@ class ReadStats:
 
     read: int = 0
     skipped: Counter = field(default_factory=Counter)
+    duplicate_ids: int = 0
+    """Documents read whose id was already taken: they got a suffix (`#2`, `#3`, ...)."""
 
     def skip(self, reason: str) -> None:
         self.skipped[reason] += 1
 
     def summary(self) -> str:
         parts = ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items()))
-        return f"read {self.read} documents; skipped {sum(self.skipped.values())}" + (
-            f" ({parts})" if parts else ""
+        dup = f"; {self.duplicate_ids} duplicate ids made unique" if self.duplicate_ids else ""
+        return (
+            f"read {self.read} documents; skipped {sum(self.skipped.values())}"
+            + (f" ({parts})" if parts else "")
+            + dup
         )
 
     def to_dict(self) -> dict:
-        return {"read": self.read, "skipped": dict(sorted(self.skipped.items()))}
+        return {
+            "read": self.read,
+            "skipped": dict(sorted(self.skipped.items())),
+            "duplicate_ids": self.duplicate_ids,
+        }
 
 
 def content_hash(text: str) -> str:
@@ -127,137 +160,353 @@ def _decode(raw: bytes) -> tuple[str | None, str | None]:
     return text, None
 
 
+def _encodable(s: str) -> bool:
+    """True when `s` is valid Unicode: no lone surrogate (from a JSON "\ud800" escape, or a
+    file or member name that is not UTF-8, decoded by the os with surrogateescape)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(s: object) -> str:
+    """`str(s)` with lone surrogates escaped (`\udcff`): safe to print on a strict UTF-8 stdout."""
+    return str(s).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _within(path: str, root: str) -> bool:
+    return path == root or os.path.commonpath([path, root]) == root
+
+
+#: Extended tar headers (pax, GNU long names) are read whole by tarfile before the member they
+#: describe; over this size the tar file is not read further (counted `too_large`).
+MAX_TAR_HEADER_BYTES = 1 << 20
+#: A JSONL line may be this many times `max_file_bytes` (JSON escapes grow a text up to 6x;
+#: the rest is room for metadata). A longer line is skipped, read in pieces and never held whole.
+JSONL_LINE_FACTOR = 8
+
+
+_LONG_HEADERS = (
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+)
+
+
+class _TarHeaderTooLarge(tarfile.TarError):
+    pass
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """Refuses, before tarfile reads them into memory, extended headers over
+    MAX_TAR_HEADER_BYTES and sparse members (an unbounded chain of sparse-map blocks)."""
+
+    def _proc_member(self, tf):
+        if self.type in _LONG_HEADERS and self.size > MAX_TAR_HEADER_BYTES:
+            raise _TarHeaderTooLarge(f"an extended header of {self.size} bytes")
+        return super()._proc_member(tf)
+
+    def _proc_sparse(self, tf):
+        raise tarfile.ReadError("a sparse member (not supported)")
+
+    def _proc_gnusparse_10(self, next, pax_headers, tf):
+        raise tarfile.ReadError("a sparse member (not supported)")
+
+
+#: Stream decompressors (all read with bounded output per call): tarfile's own "r|*" feeds a
+#: whole 10 KiB compressed block to the decompressor at once, which can be GBs.
+_MAGIC = (
+    (b"\x1f\x8b", lambda fh: gzip.GzipFile(fileobj=fh, mode="rb")),
+    (b"BZh", lambda fh: bz2.BZ2File(fh, "rb")),
+    (b"\xfd7zXZ\x00", lambda fh: lzma.LZMAFile(fh, "rb")),
+)
+_READ_ERRORS = (OSError, EOFError, ValueError, RecursionError, zlib.error, lzma.LZMAError, tarfile.TarError)
+
+
+def _decompressed(fh: io.BufferedReader):
+    head = fh.peek(6)[:6]
+    for magic, cls in _MAGIC:
+        if head.startswith(magic):
+            return cls(fh)
+    return fh
+
+
+def _id(value, default: str) -> str:
+    """A document id: a non-blank string or an integer as given; anything else (null, missing,
+    "", a float, a bool, a list) gets the default, which names the file and line or member."""
+    if isinstance(value, str) and value.strip():
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return default
+
+
+def _str_or(value, default: str) -> str:
+    return value if isinstance(value, str) and value.strip() else default
+
+
 @dataclass
 class CorpusReader:
-    """Reads `src`: a directory (source files and/or .jsonl[.gz] and .tar shards), or one file.
+    """Reads `src`: a directory (source files, .jsonl and .tar shards, either compressed with gzip,
+    bzip2 or xz: .jsonl.gz, .tar.gz, .tgz, ...), or one such file.
 
     `max_file_bytes` skips huge generated files (minified JS, data dumps) before reading
-    them; `exclude` is a set of `content_hash` values to drop (HumanEval).
+    them, and bounds what one document may cost in memory in every format (a JSONL line,
+    a shard member, decompressed); `exclude` is a set of `content_hash` values to drop
+    (HumanEval). Symlinks that lead out of the corpus directory are skipped and counted as
+    `outside_root` unless `follow_symlinks_outside`.
     """
 
     src: str | os.PathLike
     max_file_bytes: int = 1 << 20
     exclude: frozenset[str] = frozenset()
+    follow_symlinks_outside: bool = False
     stats: ReadStats = field(default_factory=ReadStats)
 
     def __post_init__(self) -> None:
         self.src = Path(self.src)
         if not self.src.exists():
             raise ValueError(
-                f"corpus: {self.src} does not exist; pass a directory, a .jsonl file or a .tar shard"
+                f"corpus: {printable(self.src)} does not exist; pass a directory, a .jsonl file or a .tar shard"
             )
         if self.max_file_bytes <= 0:
             raise ValueError(f"max_file_bytes: must be > 0, got {self.max_file_bytes}")
 
     def __iter__(self) -> Iterator[Document]:
+        seen: set[str] = set()
+        next_suffix: dict[str, int] = {}
         for doc in self._raw():
             if self.exclude and content_hash(doc.text) in self.exclude:
                 self.stats.skip("held_out")
                 continue
+            if doc.id in seen:  # the first keeps its id; later ones get "#2", "#3", ...
+                n = next_suffix.get(doc.id, 2)
+                while f"{doc.id}#{n}" in seen:
+                    n += 1
+                next_suffix[doc.id] = n + 1
+                doc = dataclasses.replace(doc, id=f"{doc.id}#{n}")
+                self.stats.duplicate_ids += 1
+            seen.add(doc.id)
             self.stats.read += 1
             yield doc
 
+    # -- which files --------------------------------------------------------------------
+
     def _raw(self) -> Iterator[Document]:
-        if self.src.is_file():
-            yield from self._file(self.src, self.src.name)
+        root = os.path.realpath(self.src)  # the corpus given as a link: its root is the target
+        if not os.path.isdir(root):
+            try:
+                regular = stat.S_ISREG(os.stat(root).st_mode)
+            except OSError:
+                regular = False
+            if not regular:  # a FIFO or a device given as the corpus: never opened
+                self.stats.skip("not_regular")
+                return
+            yield from self._file(root, self.src.name)
             return
-        # rglob does not descend into symlinked directories (no symlink-loop recursion);
-        # a link that resolves to nothing (dangling, or a loop: is_file() and exists() are
-        # False on ELOOP) is counted instead of vanishing silently.
-        for path in sorted(self.src.rglob("*")):
-            if path.is_file():
-                yield from self._file(path, path.relative_to(self.src).as_posix())
-            elif path.is_symlink() and not path.exists():
-                self.stats.skip("broken_link")
+        # A walk in sorted order (the order of sorted(rglob("*"))), with an explicit stack:
+        # no recursion limit on deep trees. Each real directory is walked once.
+        visited = {root}
+        stack = [(root, "", iter(self._listdir(root)))]
+        while stack:
+            real_dir, rel_dir, entries = stack[-1]
+            entry = next(entries, None)
+            if entry is None:
+                stack.pop()
+                continue
+            rel, path = rel_dir + entry.name, os.path.join(real_dir, entry.name)
+            try:
+                if entry.is_symlink():
+                    target = self._link_target(path, root)
+                    if target is None:
+                        continue
+                    if os.path.isdir(target):
+                        # A link to a directory inside the root is not descended: its target is
+                        # walked under its own name (and a link up would be a loop). One out of
+                        # the root is, when following is allowed, once.
+                        if (
+                            self.follow_symlinks_outside
+                            and target not in visited
+                            and not _within(target, root)
+                        ):
+                            visited.add(target)
+                            stack.append((target, rel + "/", iter(self._listdir(target))))
+                        continue
+                    if not stat.S_ISREG(os.stat(target).st_mode):
+                        self.stats.skip("not_regular")
+                        continue
+                    yield from self._file(target, rel)
+                elif entry.is_dir(follow_symlinks=False):
+                    if path not in visited:
+                        visited.add(path)
+                        stack.append((path, rel + "/", iter(self._listdir(path))))
+                elif entry.is_file(follow_symlinks=False):
+                    yield from self._file(path, rel)
+                else:  # FIFO, socket, device: opening one can block or have side effects
+                    self.stats.skip("not_regular")
+            except OSError:
+                self.stats.skip("unreadable")
 
-    def _file(self, path: Path, rel: str) -> Iterator[Document]:
-        name = path.name.lower()
-        if name.endswith((".jsonl", ".jsonl.gz")):
-            yield from self._jsonl(path, rel)
-        elif name.endswith(".tar"):
-            yield from self._tar(path, rel)
-        elif path.suffix.lower() in EXTENSION_LANG:
-            doc = self._source(path, rel)
-            if doc is not None:
-                yield doc
-        else:
-            self.stats.skip("extension")
+    def _shown(self, rel: str) -> str:
+        return printable(self.src / rel if self.src.is_dir() else self.src)
 
-    def _source(self, path: Path, rel: str) -> Document | None:
+    def _listdir(self, path: str) -> list[os.DirEntry]:
         try:
-            if path.stat().st_size > self.max_file_bytes:
-                self.stats.skip("too_large")
-                return None
-            raw = path.read_bytes()
+            with os.scandir(path) as it:
+                return sorted(it, key=lambda e: e.name)
         except OSError:
             self.stats.skip("unreadable")
+            return []
+
+    def _link_target(self, path: str, root: str) -> str | None:
+        """Where a symlink (or a chain of them) ends, or None (counted) when it must not be read."""
+        target = os.path.realpath(path)
+        try:
+            os.stat(target)
+        except OSError:  # dangling, or a loop (ELOOP)
+            self.stats.skip("broken_link")
             return None
+        if not self.follow_symlinks_outside and not _within(target, root):
+            self.stats.skip("outside_root")
+            return None
+        return target
+
+    def _file(self, real: str, rel: str) -> Iterator[Document]:
+        """`real`: the resolved path to open; `rel`: the name under the root (ids and paths)."""
+        name = rel.rpartition("/")[2].lower()
+        if name.endswith((".jsonl", ".jsonl.gz", ".jsonl.bz2", ".jsonl.xz")):
+            read = self._jsonl
+        elif name.endswith((".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")):
+            read = self._tar
+        elif os.path.splitext(name)[1] in EXTENSION_LANG:
+            read = self._source
+        else:
+            self.stats.skip("extension")
+            return
+        if not _encodable(rel):  # a name that is not UTF-8: no id or path could hold it
+            self.stats.skip("bad_name")
+            return
+        # O_NOFOLLOW: `real` is resolved, so a link here was swapped in after the check;
+        # O_NONBLOCK: a FIFO swapped in does not block the open (and is refused below).
+        flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(real, flags)
+        except OSError:
+            self.stats.skip("unreadable")
+            return
+        with open(fd, "rb") as fh:
+            try:
+                st = os.fstat(fd)
+            except OSError:
+                self.stats.skip("unreadable")
+                return
+            if not stat.S_ISREG(st.st_mode):
+                self.stats.skip("not_regular")
+                return
+            yield from read(fh, rel, st.st_size)
+
+    # -- formats ------------------------------------------------------------------------
+
+    def _source(self, fh, rel: str, size: int) -> Iterator[Document]:
+        if size > self.max_file_bytes:  # checked before reading: a 50 MB file is never read
+            self.stats.skip("too_large")
+            return
+        try:
+            raw = fh.read(self.max_file_bytes + 1)  # bounded even if the file grew since
+        except OSError:
+            self.stats.skip("unreadable")
+            return
+        if len(raw) > self.max_file_bytes:
+            self.stats.skip("too_large")
+            return
         text, why = _decode(raw)
         if why:
             self.stats.skip(why)
-            return None
-        lang = EXTENSION_LANG[path.suffix.lower()]
-        return Document(id=rel, text=text, lang=lang, path=rel, fields={"lang": lang})
+            return
+        lang = EXTENSION_LANG[os.path.splitext(rel.lower())[1]]
+        yield Document(id=rel, text=text, lang=lang, path=rel, fields={"lang": lang})
 
-    def _jsonl(self, path: Path, rel: str) -> Iterator[Document]:
-        opener = gzip.open if path.name.lower().endswith(".gz") else open
+    def _jsonl(self, fh, rel: str, size: int) -> Iterator[Document]:
+        limit = JSONL_LINE_FACTOR * self.max_file_bytes
+        lineno = 0
         try:
-            with opener(path, "rb") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                        text = rec["text"]
-                    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-                        self.stats.skip("bad_jsonl_line")
-                        continue
-                    if not isinstance(text, str) or not text.strip():
-                        self.stats.skip("empty")
-                        continue
-                    if len(text.encode("utf-8", "surrogatepass")) > self.max_file_bytes:
-                        self.stats.skip("too_large")
-                        continue
-                    yield Document(
-                        id=str(rec.get("id", f"{rel}:{lineno}")),
-                        text=text,
-                        lang=str(rec.get("lang", "unknown")),
-                        path=str(rec.get("path", f"{rel}:{lineno}")),
-                        fields=_string_fields(rec),
-                    )
-        except (OSError, EOFError) as exc:  # truncated gzip, permission denied
+            src = _decompressed(fh)
+            while True:
+                line = src.readline(limit + 1)  # never more than limit + 1 bytes in memory
+                if not line:
+                    break
+                lineno += 1
+                if len(line) > limit:  # the rest of the line is read in pieces and dropped
+                    while not line.endswith(b"\n"):
+                        line = src.readline(limit + 1)
+                        if not line:
+                            break
+                    self.stats.skip("too_large")
+                    continue
+                if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark
+                    line = line[3:]
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    text = rec["text"]
+                except (ValueError, RecursionError, KeyError, TypeError, IndexError):
+                    # ValueError: not JSON, not UTF-8, an int over the digit limit;
+                    # RecursionError: nested too deep; the others: no "text" in a dict
+                    self.stats.skip("bad_jsonl_line")
+                    continue
+                doc = self._document(text, rec, "id", f"{rel}:{lineno}", from_bytes=False)
+                if doc is not None:
+                    yield doc
+        except _READ_ERRORS as exc:  # truncated or corrupt gzip, permission denied
             self.stats.skip("unreadable")
-            print(f"warning: {path}: stopped reading ({exc})")
+            print(f"warning: {self._shown(rel)}: stopped reading at line {lineno} ({printable(exc)})")
 
-    def _tar(self, path: Path, rel: str) -> Iterator[Document]:
-        """WebDataset shards: samples grouped by key; the text is `.txt` (or `.text`), meta `.json`."""
+    def _tar(self, fh, rel: str, size: int) -> Iterator[Document]:
+        """WebDataset shards: samples grouped by key; the text is `.txt` (or `.text`), meta `.json`.
+
+        A tar file that cannot be read to its end keeps the samples read before the damage.
+        """
+        cur, parts = None, {}
         try:
-            with tarfile.open(path, "r|*") as tar:
-                cur, parts = None, {}
+            with tarfile.open(fileobj=_decompressed(fh), mode="r|", tarinfo=_BoundedTarInfo) as tar:
                 for member in tar:
                     if not member.isfile():
                         continue
                     base = member.name.rpartition("/")[2]
                     key, _, ext = base.partition(".")
                     if cur is not None and key != cur:
-                        yield from self._sample(cur, parts, rel)
-                        parts = {}
+                        done, done_parts, cur, parts = cur, parts, None, {}
+                        yield from self._sample(done, done_parts, rel)
                     cur = key
-                    if ext in ("txt", "text") and member.size > self.max_file_bytes:
-                        parts[ext] = None  # too large: never read into memory
-                    elif ext in ("txt", "text", "json"):
-                        parts[ext] = tar.extractfile(member).read()
+                    if ext in ("txt", "text", "json"):
+                        if member.size > self.max_file_bytes:
+                            parts[ext] = None  # too large: never read into memory
+                        else:
+                            parts[ext] = tar.extractfile(member).read(member.size)
                     tar.members = []
-                if cur is not None:
-                    yield from self._sample(cur, parts, rel)
-        except (tarfile.TarError, OSError, EOFError) as exc:
+        except _TarHeaderTooLarge as exc:
+            self.stats.skip("too_large")
+            print(f"warning: {self._shown(rel)}: stopped reading ({exc})")
+        except _READ_ERRORS as exc:
             self.stats.skip("unreadable")
-            print(f"warning: {path}: stopped reading ({exc})")
+            print(f"warning: {self._shown(rel)}: stopped reading ({printable(exc)})")
+        if cur is not None:
+            yield from self._sample(cur, parts, rel)
 
-    def _sample(self, key: str, parts: dict[str, bytes], rel: str) -> Iterable[Document]:
+    def _sample(self, key: str, parts: dict[str, bytes | None], rel: str) -> Iterable[Document]:
+        if not _encodable(key):  # a member name that is not UTF-8
+            self.stats.skip("bad_name")
+            return
+        if any(v is None for v in parts.values()):
+            self.stats.skip("too_large")
+            return
         raw = parts.get("txt", parts.get("text"))
         if raw is None:
-            self.stats.skip("too_large" if {"txt", "text"} & set(parts) else "no_text")
+            self.stats.skip("no_text")
             return
         text, why = _decode(raw)
         if why:
@@ -265,15 +514,44 @@ class CorpusReader:
             return
         try:
             meta = json.loads(parts["json"]) if "json" in parts else {}
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             meta = {}
         meta = meta if isinstance(meta, dict) else {}
-        yield Document(
-            id=str(meta.get("doc_id", f"{rel}/{key}")),
+        doc = self._document(text, meta, "doc_id", f"{rel}/{key}", from_bytes=True)
+        if doc is not None:
+            yield doc
+
+    def _document(self, text, rec: dict, id_key: str, default: str, *, from_bytes: bool) -> Document | None:
+        """A Document from a JSONL record or a shard's metadata, or None (counted).
+
+        Every string that reaches a later stage (text, id, lang, path, the string fields and
+        their names) is valid Unicode: a lone surrogate anywhere skips the document.
+        """
+        if not from_bytes:  # JSONL text: the checks _decode makes on bytes
+            if not isinstance(text, str) or not text.strip():
+                self.stats.skip("empty")
+                return None
+            try:
+                n_bytes = len(text.encode("utf-8"))
+            except UnicodeEncodeError:  # a lone surrogate ("\ud800" in the JSON)
+                self.stats.skip("undecodable")
+                return None
+            if n_bytes > self.max_file_bytes:
+                self.stats.skip("too_large")
+                return None
+            if "\x00" in text[:8192]:
+                self.stats.skip("binary")
+                return None
+        fields = _string_fields(rec)
+        if not all(_encodable(k) and _encodable(v) for k, v in fields.items()):
+            self.stats.skip("bad_metadata")
+            return None
+        return Document(
+            id=_id(rec.get(id_key), default),
             text=text,
-            lang=str(meta.get("lang", "unknown")),
-            path=str(meta.get("path", f"{rel}/{key}")),
-            fields=_string_fields(meta),
+            lang=_str_or(rec.get("lang"), "unknown"),
+            path=_str_or(rec.get("path"), default),
+            fields=fields,
         )
 
 

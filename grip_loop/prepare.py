@@ -76,7 +76,12 @@ class PrepareConfig:
     counted and skipped."""
     seed: int = 0
     max_file_bytes: int = 1 << 20
-    """Skip files (and JSONL texts) larger than this: generated code and data dumps."""
+    """Skip files (and JSONL texts, shard members) larger than this: generated code and data
+    dumps. Also bounds the memory one document costs in compressed input (docs/reliability.md)."""
+    follow_symlinks_outside: bool = False
+    """Follow symlinks (to files and directories) that lead out of the corpus directory. Default:
+    no, they are skipped and counted as `outside_root`, so a link in a downloaded corpus to
+    ~/.ssh or /proc/self/environ never lands in the shards."""
     exclude_humaneval: bool = True
     """Drop documents whose content hash matches a HumanEval problem (held out for evaluation)."""
     tokenizer_path: str | None = None
@@ -121,6 +126,10 @@ class PrepareConfig:
             self.judge = _build(JudgeConfig, self.judge, "judge")
         if self.k < 1:
             raise ValueError(f"k: must be >= 1, got {self.k}")
+        if not isinstance(self.follow_symlinks_outside, bool):
+            raise ValueError(
+                f"follow_symlinks_outside: must be true or false, got {self.follow_symlinks_outside!r}"
+            )
         if self.cluster_by is not None and (not isinstance(self.cluster_by, str) or not self.cluster_by):
             raise ValueError(f"cluster_by: expected a field name or null, got {self.cluster_by!r}")
         if not 0 < self.probe_fraction <= 1:
@@ -240,11 +249,17 @@ class _Timer:
 def _ingest(cfg: PrepareConfig, work: Path) -> dict:
     from tqdm import tqdm
 
-    from grip_loop.corpus import CorpusReader, humaneval_hashes
+    from grip_loop.corpus import READER_VERSION, CorpusReader, humaneval_hashes, printable
 
     meta = work / "ingest.json"
     key = _key(
-        "ingest", str(Path(cfg.corpus).resolve()), cfg.max_file_bytes, cfg.exclude_humaneval, cfg.cluster_by
+        "ingest",
+        str(Path(cfg.corpus).resolve()),
+        cfg.max_file_bytes,
+        cfg.exclude_humaneval,
+        cfg.cluster_by,
+        cfg.follow_symlinks_outside,
+        READER_VERSION,  # a fixed reader redoes an ingest that an older one may have got wrong
     )
     if _done(meta, key):
         return json.loads(meta.read_text())
@@ -252,6 +267,7 @@ def _ingest(cfg: PrepareConfig, work: Path) -> dict:
         cfg.corpus,
         max_file_bytes=cfg.max_file_bytes,
         exclude=frozenset(humaneval_hashes()) if cfg.exclude_humaneval else frozenset(),
+        follow_symlinks_outside=cfg.follow_symlinks_outside,
     )
     h = hashlib.sha256()
     tmp = work / "docs.jsonl.tmp"
@@ -271,11 +287,11 @@ def _ingest(cfg: PrepareConfig, work: Path) -> dict:
             h.update(d.id.encode("utf-8", "surrogatepass") + b"\x00")
             h.update(hashlib.sha256(d.text.encode("utf-8", "surrogatepass")).digest())
             n += 1
-    if reader.stats.skipped:
-        print(f"warning: {cfg.corpus}: {reader.stats.summary()}")
+    if reader.stats.skipped or reader.stats.duplicate_ids:
+        print(f"warning: {printable(cfg.corpus)}: {reader.stats.summary()}")
     if cfg.cluster_by and missing:
         print(
-            f"warning: {cfg.corpus}: {missing} of {n + missing} documents have no {cfg.cluster_by!r} "
+            f"warning: {printable(cfg.corpus)}: {missing} of {n + missing} documents have no {cfg.cluster_by!r} "
             "field (--cluster-by); they were skipped"
         )
     if n == 0:
@@ -359,6 +375,22 @@ def heldout_split(langs: list[str], fraction: float, seed: int) -> np.ndarray:
             )
             picked.append(rng.choice(idx, size=n, replace=False))
     return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
+
+
+def heldout_prefixes(langs: list[str]) -> dict[str, str]:
+    """A file-name prefix per language, in the given order: its letters and digits ("_" for the
+    rest), at most 40 characters, and distinct ("c++" and "c--" are "c__" and "c___2"): two
+    languages never write to one shard file, and a long language name fits in a file name."""
+    out: dict[str, str] = {}
+    used: set[str] = set()
+    for lang in langs:
+        base = "".join(ch if ch.isalnum() else "_" for ch in lang)[:40] or "_"
+        prefix, n = base, 2
+        while prefix in used:
+            prefix, n = f"{base}_{n}", n + 1
+        used.add(prefix)
+        out[lang] = prefix
+    return out
 
 
 def clusters_from_field(values: list[str], emb: np.ndarray, train: np.ndarray):
@@ -633,11 +665,11 @@ def _finish(cfg, out, work, docs, emb, emb_key, ingest, tok_info, timer, ShardWr
         )
     heldout_infos: list[ShardInfo] = []
     held_langs: dict[str, int] = {}
-    for lang in sorted({docs[i]["lang"] for i in held}):
+    prefixes = heldout_prefixes(sorted({docs[i]["lang"] for i in held}))
+    for lang, prefix in prefixes.items():
         mine = [int(i) for i in held if docs[i]["lang"] == lang]
         held_langs[lang] = len(mine)
-        safe = "".join(ch if ch.isalnum() else "_" for ch in lang)
-        with ShardWriter(out / "heldout", token_dtype=dtype, prefix=safe, max_docs=cfg.shard_max_docs) as w:
+        with ShardWriter(out / "heldout", token_dtype=dtype, prefix=prefix, max_docs=cfg.shard_max_docs) as w:
             for pos, i in enumerate(mine):
                 write(w, i, int(labels[i]), pos)
             heldout_infos += [ShardInfo(f"heldout/{s.path}", s.n_docs, s.n_tokens) for s in w.close()]

@@ -32,6 +32,12 @@ def main(argv: list[str]) -> int:
         "`lang` for directories) instead of k-means; documents without it are skipped and counted",
     )
     p.add_argument("--seed", type=int, default=None, help="random seed (overrides the config)")
+    p.add_argument(
+        "--follow-symlinks-outside",
+        action="store_true",
+        default=None,
+        help="follow symlinks that lead out of the corpus directory (default: skip and count them)",
+    )
     p.add_argument("--orders", default=None, help="comma-separated orders to write: grip,diversity,random")
     p.add_argument("--restart", action="store_true", help="discard cached stages in OUT/work and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
@@ -47,6 +53,7 @@ def main(argv: list[str]) -> int:
         k=a.k,
         cluster_by=a.cluster_by,
         seed=a.seed,
+        follow_symlinks_outside=a.follow_symlinks_outside,
         orders=a.orders.split(",") if a.orders else None,
         progress=False if a.no_progress else None,
     )
