@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from grip_loop import distributed
+from grip_loop import distributed, workdir
 from grip_loop.budget import apportion, geometric_consistency
 from grip_loop.embed import EncoderConfig, embed_corpus
 from grip_loop.judge import JudgeConfig, JudgeInput, cluster_quality
@@ -455,16 +455,43 @@ def _pathology(cfg: PrepareConfig, out: Path, emb: np.ndarray, lengths: np.ndarr
 # ---------------------------------------------------------------------------------------
 
 
-def prepare(cfg: PrepareConfig) -> Manifest | None:
-    """Run every stage; returns the manifest on rank 0 (None on other torchrun ranks)."""
+def prepare(cfg: PrepareConfig, *, restart: bool = False) -> Manifest | None:
+    """Run every stage; returns the manifest on rank 0 (None on other torchrun ranks).
+
+    One run per output folder: rank 0 (the only process of a plain run) holds an exclusive
+    lock on `OUT/.lock` from start to end, and a second run on the same folder fails at once
+    with `OutputLocked`, on every one of its ranks. `restart` discards `OUT/work` (every
+    finished stage) once the lock is held.
+    """
+    if not cfg.corpus or not cfg.out:
+        raise ValueError("corpus and out: both are required")
+    rank, world = distributed.init()
+    out = Path(cfg.out)
+    lock = workdir.OutputLock(out)
+    try:
+        refused = None
+        if rank == 0:
+            try:
+                lock.acquire()
+            except workdir.OutputLocked as exc:
+                refused = str(exc)
+        refused = distributed.broadcast(refused)  # the other ranks fail too, rather than wait
+        if refused:
+            raise workdir.OutputLocked(refused)
+        if restart and rank == 0:
+            shutil.rmtree(out / "work", ignore_errors=True)
+        return _run(cfg, out, rank)
+    finally:
+        lock.release()
+        distributed.shutdown()
+
+
+def _run(cfg: PrepareConfig, out: Path, rank: int) -> Manifest | None:
     from tqdm import tqdm
 
     from grip_loop.shards import ShardWriter, token_dtype_for
 
-    if not cfg.corpus or not cfg.out:
-        raise ValueError("corpus and out: both are required")
-    rank, world = distributed.init()
-    out, timer = Path(cfg.out), _Timer()
+    timer = _Timer()
     work = out / "work"
     if rank == 0:
         work.mkdir(parents=True, exist_ok=True)
@@ -474,7 +501,6 @@ def prepare(cfg: PrepareConfig) -> Manifest | None:
     distributed.barrier()
     ingest = json.loads((work / "ingest.json").read_text())
     if not cfg.cluster_by and cfg.k > ingest["n_docs"]:  # checked before the expensive stages, on every rank
-        distributed.shutdown()
         raise ValueError(
             f"k: {cfg.k} clusters but {cfg.corpus} has only {ingest['n_docs']} usable documents; "
             f"lower k to at most {ingest['n_docs']}"
@@ -493,14 +519,21 @@ def prepare(cfg: PrepareConfig) -> Manifest | None:
     emb = embed_corpus(texts, cfg.encoder, work, emb_key, progress=cfg.progress)
     timer.record("embed", t0, len(texts))
     if rank != 0:
-        distributed.shutdown()
         return None
-    try:
-        return _finish(
-            cfg, out, work, docs, emb, emb_key, ingest, tok_info, timer, ShardWriter, token_dtype_for, tqdm
-        )
-    finally:
-        distributed.shutdown()
+    return _finish(
+        cfg,
+        out,
+        work,
+        docs,
+        emb,
+        emb_key,
+        ingest,
+        tok_info,
+        timer,
+        ShardWriter,
+        token_dtype_for,
+        tqdm,
+    )
 
 
 def _finish(cfg, out, work, docs, emb, emb_key, ingest, tok_info, timer, ShardWriter, token_dtype_for, tqdm):
