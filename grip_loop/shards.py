@@ -94,6 +94,11 @@ class ShardWriter:
         if self._tar is None:
             return
         self._tar.close()
+        fd = os.open(self._tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # on disk before the manifest that lists it
+        finally:
+            os.close(fd)
         final = self._tmp.with_suffix("")  # drop ".tmp"
         os.replace(self._tmp, final)
         self.finished.append(ShardInfo(path=final.name, n_docs=self._docs, n_tokens=self._tokens))

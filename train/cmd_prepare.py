@@ -2,7 +2,8 @@
 
 Runs as one process, or data-parallel in the embed stage under
 `torchrun --nproc_per_node N -m train prepare ...` (same output either way). Re-running the
-same command resumes: finished stages and embedding blocks are skipped. Only one run at a time may write an output folder: a second
+same command resumes: finished stages and embedding blocks are skipped (each is checked
+first; a damaged one is redone). Only one run at a time may write an output folder: a second
 `grip prepare` on the same --out fails at once and names the running one.
 """
 
@@ -39,7 +40,7 @@ def main(argv: list[str]) -> int:
     a = p.parse_args(argv)
 
     from grip_loop.prepare import load_config, prepare
-    from grip_loop.workdir import OutputLocked
+    from grip_loop.workdir import DiskSpaceError, OutputLocked
 
     cfg = load_config(
         a.config,
@@ -53,7 +54,7 @@ def main(argv: list[str]) -> int:
     )
     try:
         m = prepare(cfg, restart=a.restart)  # --restart empties OUT/work only once the lock is held
-    except OutputLocked as exc:
+    except (OutputLocked, DiskSpaceError) as exc:
         print(f"grip prepare: error: {exc}", file=sys.stderr)
         return 1
     if m is not None:
