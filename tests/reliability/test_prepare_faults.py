@@ -465,12 +465,13 @@ Path(report).write_text(json.dumps(results))
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs `unshare -rm` to mount a small tmpfs")
 def test_a_really_full_disk_is_a_clear_error_at_every_stage_and_a_rerun_finishes(corpus, tmp_path):
     """A real full filesystem (a small tmpfs in a user and mount namespace), at sizes that run
     out in different stages. No SIGBUS: every run either finishes or stops with a
     DiskSpaceError naming the folder; then, with room, a plain re-run ends with the reference
     manifest. (Before the fix, the embeddings memmap died with SIGBUS.)"""
+    if not _can_mount_tmpfs():
+        pytest.skip("needs `unshare -rm` to mount a small tmpfs (user namespaces)")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     driver = tmp_path / "driver.py"
