@@ -420,6 +420,31 @@ def test_shards_that_cannot_fit_fail_before_the_first_one_with_the_numbers(
     assert not (out / "manifest.json").exists() and not (out / "shards").exists()
 
 
+def test_a_full_disk_while_writing_a_shard_is_a_clear_error_and_leaves_no_temporary(tmp_path, monkeypatch):
+    """The shard estimate is a lower bound: a disk can still fill up while the shards are
+    written. That ends in a DiskSpaceError naming the folder and the shard, and the partial
+    shard is removed."""
+    import tarfile
+
+    from grip_loop.shards import ShardWriter
+
+    calls = {"n": 0}
+    real = tarfile.TarFile.addfile
+
+    def addfile(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(tarfile.TarFile, "addfile", addfile)
+    with pytest.raises(DiskSpaceError) as e, ShardWriter(tmp_path / "shards") as w:
+        for i in range(3):
+            w.write(f"{i:09d}", np.arange(5), "x = 1\n", {"i": i})
+    assert f"{tmp_path / 'shards'}: no space left on device while writing shard-000000.tar" in str(e.value)
+    assert list((tmp_path / "shards").iterdir()) == []
+
+
 def _can_mount_tmpfs() -> bool:
     if shutil.which("unshare") is None or shutil.which("mount") is None:
         return False
