@@ -488,6 +488,11 @@ def _private_root(cfg: dict, libc: _Libc, pid_ns: bool, reason: dict) -> str:
     new = cfg["root"]
     libc.mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
     try:
+        size = f"size={cfg['tmpfs_mb']}m"
+        # the private /tmp first: the interpreter or its venv may live under /tmp (a CI clone in
+        # `mktemp -d`), and its read-only binds must land inside this tmpfs, not under it
+        os.makedirs(new + "/tmp")
+        libc.mount("tmpfs", new + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"{size},mode=1777")
         for p in cfg["ro_paths"]:
             if os.path.lexists(p) and not os.path.lexists(new + p):
                 _bind_ro(libc, p, new + p)
@@ -498,11 +503,8 @@ def _private_root(cfg: dict, libc: _Libc, pid_ns: bool, reason: dict) -> str:
         for n, t in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1")):
             os.symlink(t, f"{new}/dev/{n}")
         os.symlink("/proc/self/fd/2", f"{new}/dev/stderr")
-        size = f"size={cfg['tmpfs_mb']}m"
         os.makedirs(new + "/dev/shm")
         libc.mount("tmpfs", new + "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, f"{size},mode=1777")
-        os.makedirs(new + "/tmp")
-        libc.mount("tmpfs", new + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"{size},mode=1777")
         work = "/tmp/" + os.path.basename(cfg["workdir"].rstrip("/"))
         os.makedirs(new + work)
         with open(f"{new}{work}/{cfg['program_name']}", "wb") as fh:

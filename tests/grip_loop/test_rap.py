@@ -754,7 +754,7 @@ def test_two_gloo_ranks_equal_one_process():
     procs = [ctx.Process(target=_worker, args=(r, 2, port, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    got = [queue.get(timeout=120) for _ in procs]
+    got = [queue.get(timeout=600) for _ in procs]  # a hang detector: shared CI cores are slow
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0

@@ -189,7 +189,7 @@ def test_follow_symlinks_outside_is_a_prepare_option(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="follow_symlinks_outside: must be true or false"):
         PrepareConfig(follow_symlinks_outside="no")
     seen = []
-    monkeypatch.setattr(prep, "prepare", lambda cfg: seen.append(cfg.follow_symlinks_outside))
+    monkeypatch.setattr(prep, "prepare", lambda cfg, **kw: seen.append(cfg.follow_symlinks_outside))
     (tmp_path / "c").mkdir()
     args = ["--corpus", str(tmp_path / "c"), "--out", str(tmp_path / "o"), "--no-progress"]
     assert main(args) == 0 and main([*args, "--follow-symlinks-outside"]) == 0
