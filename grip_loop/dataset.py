@@ -325,8 +325,12 @@ class GripIterableDataset(IterableDataset):
     ) -> None:
         super().__init__()
         self.root = Path(root)
-        if seq_len < 1:
-            raise ValueError(f"seq_len: must be >= 1, got {seq_len}")
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int | np.integer) or seq_len < 2:
+            raise ValueError(
+                f"seq_len: must be an integer >= 2, got {seq_len!r} (a block of T tokens trains on T-1 "
+                "next-token targets: seq_len 1 trains on nothing and logs loss 0.0); set "
+                "data.dataset.init_args.seq_len to 2 or more (e.g. 256)"
+            )
         if verify_shards not in VERIFY_LEVELS:
             raise ValueError(f"verify_shards: one of {VERIFY_LEVELS}, got {verify_shards!r}")
         self.manifest = manifest or load_manifest(self.root)

@@ -92,6 +92,10 @@ class MoELM(L.LightningModule):
         self._tokens_since = 0
         self._steps_since = 0
 
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self._trainer is not None:
+            check_trainer_trains(self.trainer)
+
     # -- model ---------------------------------------------------------------------------------
     def _build(self):
         model = build_model(
@@ -129,6 +133,12 @@ class MoELM(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         input_ids = batch["input_ids"]
         labels = batch.get("labels", input_ids)  # absent = the inputs (HF convention: we shift)
+        if input_ids.dim() != 2 or input_ids.size(1) < 2:
+            raise ValueError(
+                f"batch input_ids of shape {tuple(input_ids.shape)}: a block needs at least 2 tokens "
+                "(T tokens give T-1 next-token targets; with 1 the loss is 0.0 and nothing is learned); "
+                "set the dataset's seq_len (data.dataset.init_args.seq_len) to 2 or more"
+            )
         if input_ids.max() >= self.model_config.vocab_size:
             raise ValueError(
                 f"batch has token id {int(input_ids.max())} >= model vocab_size {self.model_config.vocab_size}; "
@@ -248,3 +258,18 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def check_trainer_trains(trainer) -> None:
+    """ValueError naming the trainer option when `trainer.fit` would run no optimizer step:
+    Lightning accepts these settings and ends the run at once with status 0."""
+    if trainer.max_steps == 0:
+        raise ValueError(
+            "trainer.max_steps: 0 runs no training step; set it to the number of optimizer steps "
+            "(>= 1), or -1 to train until max_epochs"
+        )
+    if trainer.max_epochs == 0:
+        raise ValueError("trainer.max_epochs: 0 runs no training step; set it >= 1 (or -1 for no limit)")
+    limit = trainer.limit_train_batches
+    if limit is not None and not isinstance(limit, bool) and limit == 0:
+        raise ValueError("trainer.limit_train_batches: 0 runs no training batch; remove it or set it > 0")

@@ -196,3 +196,35 @@ def test_a_probe_failing_on_one_rank_does_not_hang_the_others(tmp_path):
     d0, d1 = np.load(tmp_path / "delta0.npy"), np.load(tmp_path / "delta1.npy")
     np.testing.assert_array_equal(d0, d1)
     assert np.all(np.isfinite(d0[[0, 2]])) and np.all(np.isnan(d0[[1, 3]]))
+
+
+# ------------------------------------------------------------------ num_workers changed on resume (issue 13, 5)
+
+
+@pytest.mark.parametrize("before,after", [(2, 0), (0, 2), (2, 1)])
+def test_resuming_with_another_num_workers_is_refused_by_name(prepared, before, after):
+    """torchdata used to fail at the first batch with a bare AssertionError."""
+    from grip_loop.dataset import collate_blocks
+    from train.data import ResumableLoader, saved_num_workers
+
+    def loader(n):
+        ds = GripIterableDataset(prepared, seq_len=8)
+        return ResumableLoader(ds, batch_size=2, num_workers=n, collate_fn=collate_blocks)
+
+    first = loader(before)
+    it = iter(first)
+    for _ in range(3):
+        next(it)
+        first.mark_consumed()
+    state = first.state_dict()
+    del it
+    assert saved_num_workers(state) == before
+    with pytest.raises(
+        ValueError,
+        match=rf"^num_workers: .* saved with num_workers={before}, this run has "
+        rf"num_workers={after}; resume with data.num_workers: {before}",
+    ):
+        loader(after).load_state_dict(state)
+    same = loader(before)
+    same.load_state_dict(state)  # the same count resumes
+    assert next(iter(same))["input_ids"].shape == (2, 8)
