@@ -53,7 +53,14 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
-from grip_loop.manifest import Manifest, ManifestError, load_manifest
+from grip_loop.manifest import (
+    Manifest,
+    ManifestError,
+    ShardInfo,
+    check_shard_sha256,
+    load_manifest,
+    warn_if_unchecksummed,
+)
 from grip_loop.schedule import partition_budgets, pass_clusters
 
 STATE_VERSION = 1
@@ -117,9 +124,12 @@ def collate_blocks(samples: list, *, pack: bool | None = None) -> dict[str, torc
 
 
 VERIFY_LEVELS = ("auto", "quick", "full", "none")
-#: "auto" verification scans every header up to this many documents (all orders + probe):
-#: ~1 s per 10^5 documents on a local disk; above it, only the O(1)-per-shard tail check.
+#: "auto" verification is "full" (every header scanned, every shard's sha256 computed) up to
+#: this many documents and this many shard bytes (all orders + probe): ~1 s per 10^5
+#: documents and ~1 s per GB on a local disk. Above either, "quick": the O(1)-per-shard tail
+#: check at start, and each shard's count and sha256 checked when it is first read.
 FULL_VERIFY_MAX_DOCS = 200_000
+FULL_VERIFY_MAX_BYTES = 1 << 30
 
 
 class ClusterExhaustedError(RuntimeError):
@@ -139,16 +149,31 @@ def _tar_tail_ok(path: Path) -> str | None:
     return None
 
 
-def verify_prepared(manifest: Manifest, root: Path, level: str = "auto") -> None:
+def _total_bytes(root: Path, shards) -> int:
+    total = 0
+    for s in shards:
+        with contextlib.suppress(OSError):
+            total += (root / s.path).stat().st_size
+    return total
+
+
+def verify_prepared(manifest: Manifest, root: Path, level: str = "auto") -> str:
     """Check the shards a manifest lists before training starts (see GripIterableDataset).
 
-    Raises ManifestError naming the first bad shard and the fix."""
+    Returns the level applied ("full", "quick" or "none"). Raises ManifestError naming the
+    first bad shard and the fix. Probe shards (small, read whole at setup) have their sha256
+    checked at every level but "none"."""
     shards = [s for c in manifest.clusters for ss in c.shards.values() for s in ss]
-    shards += [s for c in manifest.clusters for s in c.probe_shards]
+    probe = [s for c in manifest.clusters for s in c.probe_shards]
+    shards += probe
     if level == "none" or not shards:
-        return
+        return "none" if level == "none" else "full"
     if level == "auto":
-        level = "full" if sum(s.n_docs for s in shards) <= FULL_VERIFY_MAX_DOCS else "quick"
+        small = (
+            sum(s.n_docs for s in shards) <= FULL_VERIFY_MAX_DOCS
+            and _total_bytes(root, shards) <= FULL_VERIFY_MAX_BYTES
+        )
+        level = "full" if small else "quick"
     fix = f"re-run `grip prepare --out {root}` (it rewrites every shard)"
     for s in shards:
         path = root / s.path
@@ -162,6 +187,9 @@ def verify_prepared(manifest: Manifest, root: Path, level: str = "auto") -> None
                 why = f"holds {n} documents but {root / 'manifest.json'} says {s.n_docs}"
         if why is not None:
             raise ManifestError(f"{path}: truncated or corrupt shard: {why}; {fix}")
+    for s in shards if level == "full" else probe:
+        check_shard_sha256(root, s)
+    return level
 
 
 def check_tokenizer(manifest: Manifest, root: Path, expected: str) -> None:
@@ -185,8 +213,10 @@ def _is_sha256(s: str) -> bool:
 class ClusterReader:
     """Random access to the documents of one cluster's stream (one selection order)."""
 
-    def __init__(self, root: Path, shards, token_dtype: str, max_open: int = 16) -> None:
+    def __init__(self, root: Path, shards, token_dtype: str, max_open: int = 16, verify_sha256=()) -> None:
         self.root = root
+        self.shards: list[ShardInfo] = list(shards)
+        self.verify_sha256 = set(verify_sha256)  # shards whose sha256 is checked at first read
         self.paths = [root / s.path for s in shards]
         self.counts = np.array([s.n_docs for s in shards], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.counts)])
@@ -213,6 +243,8 @@ class ClusterReader:
         if not first <= position < end:
             i = int(np.searchsorted(self.starts, position, side="right") - 1)
             if i not in self._index:
+                if i in self.verify_sha256:
+                    check_shard_sha256(self.root, self.shards[i])
                 idx = shard_index(self.paths[i])
                 if len(idx) != self.counts[i]:
                     raise ManifestError(
@@ -306,8 +338,11 @@ class GripIterableDataset(IterableDataset):
         verify_shards: "quick" checks that every shard of every prepared order ends like a
             complete tar (one stat + one 1 KiB read a shard); "full" also scans every shard's
             headers and compares its document count with the manifest (3 header reads a
-            document); "auto" = full up to `FULL_VERIFY_MAX_DOCS` documents, else quick;
-            "none" skips both. Either way a shard is checked again at its first read.
+            document) and its sha256 with the one `grip prepare` recorded; "auto" = full up
+            to `FULL_VERIFY_MAX_DOCS` documents and `FULL_VERIFY_MAX_BYTES` shard bytes, else
+            quick; "none" skips them. Probe shards' sha256 is checked at every level but
+            "none". Whatever the level, a shard's count is checked again at its first read,
+            and below "full" its sha256 too (by one partition of G: docs/reliability.md).
     """
 
     def __init__(
@@ -336,7 +371,10 @@ class GripIterableDataset(IterableDataset):
         self.manifest = manifest or load_manifest(self.root)
         if expected_tokenizer is not None:
             check_tokenizer(self.manifest, self.root, expected_tokenizer)
-        verify_prepared(self.manifest, self.root, verify_shards)
+        if verify_shards != "none":
+            warn_if_unchecksummed(self.manifest, self.root)
+        self.verify_level = verify_prepared(self.manifest, self.root, verify_shards)
+        self._lazy_sha256 = self.verify_level != "full"
         self.replay = bool(replay)
         self.seq_len, self.seed = int(seq_len), int(seed)
         self.sizes = np.array(self.manifest.sizes, dtype=np.int64)
@@ -522,10 +560,16 @@ class GripIterableDataset(IterableDataset):
     # ------------------------------------------------------------------ iteration
     def _reader(self, k: int) -> ClusterReader:
         if self._readers is None:
-            self._readers = [
-                ClusterReader(self.root, c.shards[self.order], self.token_dtype)
-                for c in self.manifest.clusters
-            ]
+            # Shards not verified in full at construction have their sha256 checked when first
+            # read, each by one partition only (the j-th shard of the order by partition
+            # j mod G), so the corpus is hashed about once in all, not once per worker.
+            g, big_g = (self._part.g, self._part.num_partitions) if self._part is not None else (0, 1)
+            self._readers, j = [], 0
+            for c in self.manifest.clusters:
+                shards = c.shards[self.order]
+                mine = [i for i in range(len(shards)) if (j + i) % big_g == g] if self._lazy_sha256 else []
+                self._readers.append(ClusterReader(self.root, shards, self.token_dtype, verify_sha256=mine))
+                j += len(shards)
         return self._readers[k]
 
     def _block(self, p: _Partition) -> dict[str, torch.Tensor]:

@@ -9,10 +9,12 @@ raises `ManifestError` naming the file and the fix, instead of failing mid-run.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,6 +31,13 @@ class ShardInfo:
     path: str  # relative to the prepared directory
     n_docs: int
     n_tokens: int
+    # sha256 of the whole shard file, written by `grip prepare`; "" in manifests written
+    # before checksums existed (then a change of the shard's bytes cannot be detected)
+    sha256: str = ""
+
+    def under(self, prefix: str | os.PathLike) -> ShardInfo:
+        """The same shard with `prefix/` in front of its path."""
+        return dataclasses.replace(self, path=str(Path(prefix) / self.path))
 
 
 @dataclass
@@ -228,6 +237,12 @@ def _check_schema(d: dict, path: Path, fix: str) -> None:
             )
             need(is_int(sh.get("n_docs")), f"{w}.n_docs", "an integer >= 0")
             need(is_int(sh.get("n_tokens")), f"{w}.n_tokens", "an integer >= 0")
+            sha = sh.get("sha256", "")
+            need(
+                isinstance(sha, str) and (sha == "" or _is_hex64(sha)),
+                f"{w}.sha256",
+                "64 hex digits (or absent)",
+            )
 
     need(isinstance(d.get("corpus_fingerprint"), str), "corpus_fingerprint", "a string")
     tok = d.get("tokenizer")
@@ -268,3 +283,75 @@ def _check_schema(d: dict, path: Path, fix: str) -> None:
         for order, ss in shards.items():
             shard_list(ss, f"{w}.shards[{order!r}]")
     shard_list(d.get("heldout", []), "heldout")
+
+
+def _is_hex64(s: str) -> bool:
+    return len(s) == 64 and all(c in "0123456789abcdef" for c in s)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, streamed (about 1-2 GB/s)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def check_shard_sha256(root: str | os.PathLike, shard: ShardInfo) -> None:
+    """ManifestError naming the shard when its bytes are not the ones `grip prepare` wrote
+    (the sha256 recorded in the manifest). A shard without a recorded sha256 passes."""
+    if not shard.sha256:
+        return
+    root = Path(root)
+    path = root / shard.path
+    try:
+        have = file_sha256(path)
+    except OSError as exc:
+        raise ManifestError(f"{path}: unreadable shard ({exc}); re-run `grip prepare --out {root}`") from exc
+    if have != shard.sha256:
+        raise ManifestError(
+            f"{path}: content sha256 {have[:16]}... differs from the {shard.sha256[:16]}... recorded in "
+            f"{root / MANIFEST_NAME} (the shard's bytes changed after `grip prepare` wrote it: disk or "
+            f"copy damage, or an edit); re-run `grip prepare --out {root}` (it rewrites every shard)"
+        )
+
+
+_WARNED_NO_SHA: set[str] = set()
+
+
+def warn_if_unchecksummed(m: Manifest, root: str | os.PathLike) -> bool:
+    """Warn (once per prepared directory and process) when the manifest records no shard
+    checksums (written before they existed). Returns True if any shard lacks one."""
+    shards = [s for c in m.clusters for ss in c.shards.values() for s in ss]
+    shards += [s for c in m.clusters for s in c.probe_shards] + list(m.heldout)
+    missing = sum(1 for s in shards if not s.sha256)
+    if not missing:
+        return False
+    key = str(Path(root).resolve())
+    if key not in _WARNED_NO_SHA:
+        _WARNED_NO_SHA.add(key)
+        warnings.warn(
+            f"{Path(root) / MANIFEST_NAME}: {missing} of {len(shards)} shards have no recorded sha256 "
+            "(prepared by an older grip-loop), so a change of their bytes cannot be detected; re-run "
+            f"`grip prepare --out {root}` to record them",
+            UserWarning,
+            stacklevel=3,
+        )
+    return True
+
+
+def prepared_fingerprint(m: Manifest) -> str:
+    """sha256 identifying a prepared corpus: its source fingerprint, tokenizer, clusters and
+    every shard (paths, counts and content sha256). Moving the directory or re-running an
+    interrupted `grip prepare` to the same result keeps it; preparing again with other
+    settings or another corpus changes it (`config` and `stats` are not part of it)."""
+    d = m.to_dict()
+    ident = {
+        "schema_version": d["schema_version"],
+        "corpus_fingerprint": d["corpus_fingerprint"],
+        "tokenizer": {k: v for k, v in d["tokenizer"].items() if k != "path"},
+        "k": d["k"],
+        "seed": d["seed"],
+        "orders": d["orders"],
+        "clusters": d["clusters"],
+        "heldout": d["heldout"],
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()

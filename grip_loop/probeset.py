@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from grip_loop.manifest import MANIFEST_NAME, Manifest, ManifestError
+from grip_loop.manifest import MANIFEST_NAME, Manifest, ManifestError, check_shard_sha256
 from grip_loop.rap import ProbeBatch
 from grip_loop.shards import iter_shard
 
@@ -121,6 +121,7 @@ def probe_set(
         eval_ids = set(c.eval_ids)  # a one-document probe has none: flagged by the probe (min_docs)
         roles: dict[str, list[np.ndarray]] = {"adapt": [], "eval": []}
         for s in c.probe_shards:
+            check_shard_sha256(root, s)  # small, read whole: always checked
             for doc in iter_shard(root / s.path, dtype, with_text=False):
                 role = "eval" if eval_split == "split" and doc.meta.get("doc_id") in eval_ids else "adapt"
                 if len(roles[role]) < max_docs:

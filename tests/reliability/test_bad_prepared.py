@@ -163,3 +163,131 @@ def test_a_tokenizer_rebuilt_after_the_shards_is_refused(prepared):
     path.unlink()
     with pytest.raises(ManifestError, match="tokenizer listed in .* is missing"):
         load_manifest(prepared)
+
+
+# ------------------------------------------------------------------ content checksums (issue 13, 3)
+
+
+def _flip_token_bytes(path: Path, doc: int = 1) -> None:
+    """Change bytes inside one document's `.ids` member: the tar structure stays intact."""
+    from grip_loop.dataset import shard_index
+
+    off, size = shard_index(path)[doc].tolist()
+    assert size >= 4
+    with open(path, "r+b") as fh:
+        fh.seek(off + 2)
+        b = fh.read(2)
+        fh.seek(off + 2)
+        fh.write(bytes(x ^ 0x5A for x in b))
+
+
+def test_the_manifest_records_every_shards_sha256(prepared):
+    from grip_loop.manifest import file_sha256
+
+    m = load_manifest(prepared)
+    shards = [s for c in m.clusters for ss in c.shards.values() for s in ss]
+    shards += [s for c in m.clusters for s in c.probe_shards]
+    assert shards and all(s.sha256 == file_sha256(prepared / s.path) for s in shards)
+
+
+def test_changed_token_bytes_are_refused_at_start(prepared):
+    """Used to pass full verification (tail, headers and counts are intact) and train."""
+    bad = _shard(prepared)  # an order the dataset does not read by default
+    _flip_token_bytes(bad)
+    ds_ok = GripIterableDataset(prepared, seq_len=16, verify_shards="quick")  # quick: no hashing at start
+    assert ds_ok.verify_level == "quick"
+    with pytest.raises(ManifestError, match="content sha256 .* differs from the .* recorded in") as err:
+        GripIterableDataset(prepared, seq_len=16)  # auto = full for a small corpus
+    msg = str(err.value)
+    assert str(bad) in msg and f"grip prepare --out {prepared}" in msg
+
+
+def test_large_corpora_check_each_shards_sha256_at_its_first_read(prepared, monkeypatch):
+    import grip_loop.dataset as dsmod
+
+    bad = _shard(prepared)
+    _flip_token_bytes(bad)
+    monkeypatch.setattr(dsmod, "FULL_VERIFY_MAX_BYTES", 1)  # "auto" is now quick
+    ds = GripIterableDataset(prepared, seq_len=16, order="random")
+    assert ds.verify_level == "quick"
+    with pytest.raises(ManifestError, match="content sha256") as err:
+        for _ in zip(range(500), ds, strict=False):
+            pass
+    assert str(bad) in str(err.value)
+
+
+def test_a_changed_probe_shard_is_refused_at_start_at_every_level(prepared):
+    from grip_loop.probeset import probe_set
+
+    m = load_manifest(prepared)
+    bad = prepared / m.clusters[1].probe_shards[0].path
+    _flip_token_bytes(bad, doc=0)
+    for level in ("auto", "quick", "full"):
+        with pytest.raises(ManifestError, match="content sha256") as err:
+            GripIterableDataset(prepared, seq_len=16, verify_shards=level)
+        assert str(bad) in str(err.value)
+    with pytest.raises(ManifestError, match="content sha256"):
+        probe_set(m, prepared, seq_len=16)
+
+
+def test_a_manifest_without_checksums_warns_once_and_trains(prepared):
+    """Corpora prepared before checksums existed still load."""
+    path = prepared / "manifest.json"
+    m = json.loads(path.read_text())
+    for c in m["clusters"]:
+        for s in [s for ss in c["shards"].values() for s in ss] + c["probe_shards"]:
+            del s["sha256"]
+    path.write_text(json.dumps(m))
+    with pytest.warns(UserWarning, match="have no recorded sha256") as rec:
+        ds = GripIterableDataset(prepared, seq_len=16)
+    assert sum("sha256" in str(w.message) for w in rec) == 1
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GripIterableDataset(prepared, seq_len=16)  # once per directory and process
+    assert next(iter(ds))["input_ids"].shape == (16,)
+
+
+@pytest.mark.parametrize("bad", ["abc", 7, "Z" * 64])
+def test_a_malformed_sha256_in_the_manifest_is_named(prepared, bad):
+    path = prepared / "manifest.json"
+    m = json.loads(path.read_text())
+    m["clusters"][0]["shards"]["grip"][0]["sha256"] = bad
+    path.write_text(json.dumps(m))
+    with pytest.raises(ManifestError, match=r"clusters\[0\]\.shards\['grip'\]\[0\]\.sha256 must be 64 hex"):
+        load_manifest(prepared)
+
+
+def test_grip_prepare_records_checksums_that_training_and_eval_check(tmp_path, monkeypatch):
+    """The real pipeline (encoder replaced by random vectors): every training, probe and
+    held-out shard gets its sha256; a changed training shard stops the dataset, a changed
+    held-out shard stops `grip eval`'s reader."""
+    import yaml
+
+    import grip_loop.prepare as prep
+    from grip_loop.manifest import file_sha256
+    from tests.reliability.test_bad_corpus import _fake_embed
+    from train.eval import heldout_documents
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(40):
+        body = "\n".join(f"    y{j} = x * {i + j} + {j}" for j in range(i % 7 + 2))
+        (src / f"m{i:02d}.py").write_text(f"def f{i}(x):\n{body}\n    return x\n")
+    cfg = yaml.safe_load((Path(__file__).parents[2] / "configs" / "prepare" / "tiny.yaml").read_text())
+    cfg.update(k=2, heldout_fraction=0.2, corpus=str(src), out=str(tmp_path / "out"), orders=["grip"])
+    monkeypatch.setattr(prep, "embed_corpus", _fake_embed)
+    m = prep.prepare(prep.PrepareConfig.from_dict(cfg))
+    out = tmp_path / "out"
+    shards = [s for c in m.clusters for ss in c.shards.values() for s in ss]
+    shards += [s for c in m.clusters for s in c.probe_shards] + list(m.heldout)
+    assert m.heldout and all(s.sha256 == file_sha256(out / s.path) for s in shards)
+    heldout_documents(out)
+    _flip_token_bytes(out / m.heldout[0].path, doc=0)
+    with pytest.raises(ManifestError, match="content sha256"):
+        heldout_documents(out)
+    GripIterableDataset(out, seq_len=16)
+    _flip_token_bytes(out / m.clusters[0].shards["grip"][0].path, doc=0)
+    with pytest.raises(ManifestError, match="content sha256"):
+        GripIterableDataset(out, seq_len=16)
