@@ -59,6 +59,8 @@ from grip_loop.manifest import (
     ShardInfo,
     check_shard_sha256,
     load_manifest,
+    prepared_fingerprint,
+    token_range_error,
     warn_if_unchecksummed,
 )
 from grip_loop.schedule import partition_budgets, pass_clusters
@@ -134,6 +136,14 @@ FULL_VERIFY_MAX_BYTES = 1 << 30
 
 class ClusterExhaustedError(RuntimeError):
     """With `replay=False`, a cluster has no unread document left for a draw."""
+
+
+class CorpusChangedError(ValueError):
+    """A checkpoint is resumed on another prepared corpus than the one it was trained on."""
+
+
+#: set to 1 to resume a checkpoint on another prepared corpus (as `allow_corpus_change=True`)
+ALLOW_CORPUS_CHANGE_ENV = "GRIP_ALLOW_CORPUS_CHANGE"
 
 
 def _tar_tail_ok(path: Path) -> str | None:
@@ -213,8 +223,17 @@ def _is_sha256(s: str) -> bool:
 class ClusterReader:
     """Random access to the documents of one cluster's stream (one selection order)."""
 
-    def __init__(self, root: Path, shards, token_dtype: str, max_open: int = 16, verify_sha256=()) -> None:
+    def __init__(
+        self,
+        root: Path,
+        shards,
+        token_dtype: str,
+        max_open: int = 16,
+        verify_sha256=(),
+        vocab_size: int | None = None,
+    ) -> None:
         self.root = root
+        self.vocab_size = vocab_size  # token ids must be < this (None: unchecked)
         self.shards: list[ShardInfo] = list(shards)
         self.verify_sha256 = set(verify_sha256)  # shards whose sha256 is checked at first read
         self.paths = [root / s.path for s in shards]
@@ -263,7 +282,12 @@ class ClusterReader:
         buf = os.pread(self._fd(i), size, off)
         if len(buf) != size:
             raise ManifestError(f"{self.paths[i]}: truncated; re-run `grip prepare`")
-        return np.frombuffer(buf, dtype=self.dtype)
+        toks = np.frombuffer(buf, dtype=self.dtype)
+        if self.vocab_size is not None and toks.size and int(toks.max()) >= self.vocab_size:
+            raise token_range_error(
+                self.paths[i], f"document {j} of the shard", int(toks.max()), self.vocab_size, self.root
+            )
+        return toks
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -343,6 +367,12 @@ class GripIterableDataset(IterableDataset):
             quick; "none" skips them. Probe shards' sha256 is checked at every level but
             "none". Whatever the level, a shard's count is checked again at its first read,
             and below "full" its sha256 too (by one partition of G: docs/reliability.md).
+        allow_corpus_change: resume a checkpoint written on another prepared corpus (another
+            `prepared_fingerprint`: re-prepared, other settings, another corpus). False
+            (default): `load_state_dict` raises `CorpusChangedError` naming both corpora. True
+            (or the environment variable GRIP_ALLOW_CORPUS_CHANGE=1): the saved stream state
+            is dropped and the stream starts afresh on this corpus (the model and optimizer
+            still resume; GripCallback starts its budgets afresh too).
     """
 
     def __init__(
@@ -357,6 +387,7 @@ class GripIterableDataset(IterableDataset):
         replay: bool = True,
         expected_tokenizer: str | None = None,
         verify_shards: str = "auto",
+        allow_corpus_change: bool = False,
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -376,6 +407,10 @@ class GripIterableDataset(IterableDataset):
         self.verify_level = verify_prepared(self.manifest, self.root, verify_shards)
         self._lazy_sha256 = self.verify_level != "full"
         self.replay = bool(replay)
+        self.fingerprint = prepared_fingerprint(self.manifest)
+        self.allow_corpus_change = bool(allow_corpus_change) or os.environ.get(
+            ALLOW_CORPUS_CHANGE_ENV, ""
+        ).strip() not in ("", "0")
         self.seq_len, self.seed = int(seq_len), int(seed)
         self.sizes = np.array(self.manifest.sizes, dtype=np.int64)
         self.k = len(self.sizes)
@@ -568,7 +603,11 @@ class GripIterableDataset(IterableDataset):
             for c in self.manifest.clusters:
                 shards = c.shards[self.order]
                 mine = [i for i in range(len(shards)) if (j + i) % big_g == g] if self._lazy_sha256 else []
-                self._readers.append(ClusterReader(self.root, shards, self.token_dtype, verify_sha256=mine))
+                self._readers.append(
+                    ClusterReader(
+                        self.root, shards, self.token_dtype, verify_sha256=mine, vocab_size=self.vocab_size
+                    )
+                )
                 j += len(shards)
         return self._readers[k]
 
@@ -619,11 +658,48 @@ class GripIterableDataset(IterableDataset):
             yield self._block(p)
 
     # ------------------------------------------------------------------ checkpointing
+    def corpus_state(self) -> dict:
+        """What a checkpoint records of the corpus it was trained on (see `check_resume`)."""
+        return {"corpus_fingerprint": self.fingerprint, "corpus_root": str(self.root), "corpus_k": self.k}
+
+    def check_resume(self, saved: dict, what: str = "the checkpoint") -> bool:
+        """True if `saved` (a state with `corpus_state()` fields) was written on this prepared
+        corpus, or does not say (a checkpoint from before the field). On another corpus:
+        CorpusChangedError naming both, or, with `allow_corpus_change`, a warning and False
+        (the caller then starts afresh instead of restoring)."""
+        fp = saved.get("corpus_fingerprint") if isinstance(saved, dict) else None
+        if not fp or fp == self.fingerprint:
+            return True
+        old_root, old_k = saved.get("corpus_root", "?"), saved.get("corpus_k", "?")
+        msg = (
+            f"{what} was trained on the prepared corpus {old_root} (K={old_k}, fingerprint "
+            f"{fp[:16]}...), but this run reads {self.root} (K={self.k}, fingerprint "
+            f"{self.fingerprint[:16]}...)"
+        )
+        if self.allow_corpus_change:
+            import warnings
+
+            warnings.warn(
+                f"{msg}; allow_corpus_change is set: the data stream and the GRIP budgets start afresh "
+                "on this corpus (the model and optimizer resume)",
+                UserWarning,
+                stacklevel=2,
+            )
+            return False
+        same_dir = Path(str(old_root)).resolve() == self.root.resolve()
+        raise CorpusChangedError(
+            f"{msg}{' (the same folder, prepared again)' if same_dir else ''}. Resume on the corpus the "
+            "checkpoint was trained on, or, to continue training on this one on purpose, set "
+            f"data.dataset.init_args.allow_corpus_change: true (or {ALLOW_CORPUS_CHANGE_ENV}=1): the "
+            "model and optimizer resume, the data stream and budgets start afresh"
+        )
+
     def state_dict(self) -> dict:
         p = self._part
         if p is None:
             return dict(self._pending_state or {}, table=self._table.tolist(), started=False)
         return {
+            **self.corpus_state(),
             "state_version": STATE_VERSION,
             "started": True,
             "seed": self.seed,
@@ -661,6 +737,8 @@ class GripIterableDataset(IterableDataset):
     def load_state_dict(self, state: dict) -> None:
         if not state.get("started", False):
             return
+        if not self.check_resume(state, "the data-loader state in the checkpoint"):
+            return  # another corpus, allowed: start the stream afresh
         if state.get("state_version") != STATE_VERSION:
             raise ValueError(f"dataset state version {state.get('state_version')} != {STATE_VERSION}")
         if state["seed"] != self.seed or state["order"] != self.order:

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 SCHEMA_VERSION = 1
+_EPS = 1e-9  # rounding slack on [0, 1] and [0, 10] scores
 MANIFEST_NAME = "manifest.json"
 
 
@@ -250,6 +251,16 @@ def _check_schema(d: dict, path: Path, fix: str) -> None:
     need(is_int(tok.get("vocab_size"), 1), "tokenizer.vocab_size", "an integer >= 1")
     need(is_int(tok.get("eos_id")), "tokenizer.eos_id", "an integer >= 0")
     need(tok.get("token_dtype") in ("uint16", "uint32"), "tokenizer.token_dtype", "'uint16' or 'uint32'")
+    need(
+        tok["eos_id"] < tok["vocab_size"],
+        "tokenizer.eos_id",
+        f"< tokenizer.vocab_size ({tok['eos_id']} >= {tok['vocab_size']})",
+    )
+    need(
+        tok["token_dtype"] == "uint32" or tok["vocab_size"] <= 1 << 16,
+        "tokenizer.vocab_size",
+        f"at most 65536 with token_dtype uint16 (got {tok['vocab_size']})",
+    )
     for key in ("path", "sha256"):
         need(tok.get(key) is None or isinstance(tok.get(key), str), f"tokenizer.{key}", "a string")
     need(isinstance(d.get("encoder"), dict), "encoder", "an object")
@@ -267,8 +278,15 @@ def _check_schema(d: dict, path: Path, fix: str) -> None:
             need(is_int(c.get(key)), f"{w}.{key}", "an integer >= 0")
         for key in ("mean_length", "sigma", "quality"):
             need(is_num(c.get(key)), f"{w}.{key}", "a finite number")
+        # ranges: sigma_k is the RMS distance of unit vectors to their centroid (Eq. 3),
+        # Q_k a mean rubric score / 10; a value outside would silently skew every budget
+        need(c["mean_length"] >= 0, f"{w}.mean_length", f"a number >= 0 (got {c['mean_length']})")
+        need(0 <= c["sigma"] <= 2, f"{w}.sigma", f"a number in [0, 2] (got {c['sigma']})")
+        need(-_EPS <= c["quality"] <= 1 + _EPS, f"{w}.quality", f"a number in [0, 1] (got {c['quality']})")
         qs = c.get("quality_scores", {})
         need(isinstance(qs, dict) and all(is_num(v) for v in qs.values()), f"{w}.quality_scores", "numbers")
+        for dim, v in qs.items():
+            need(-_EPS <= v <= 10 + _EPS, f"{w}.quality_scores[{dim!r}]", f"a score in [0, 10] (got {v})")
         for key in ("probe_ids", "examples", "eval_ids"):
             need(str_list(c.get(key, [])), f"{w}.{key}", "a list of strings")
         need(isinstance(c.get("name", ""), str), f"{w}.name", "a string")
@@ -355,3 +373,14 @@ def prepared_fingerprint(m: Manifest) -> str:
         "heldout": d["heldout"],
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def token_range_error(path, where: str, token: int, vocab: int, root) -> ManifestError:
+    """The error for a token id a prepared shard must not hold (>= the tokenizer's vocabulary
+    recorded in the manifest): the data is damaged, not the model's configuration."""
+    root = Path(root)
+    return ManifestError(
+        f"{path}: {where} holds token id {token}, but the tokenizer recorded in {root / MANIFEST_NAME} "
+        f"has {vocab} tokens (tokenizer.vocab_size): the shard or the manifest is damaged (this is "
+        f"not model.vocab_size); re-run `grip prepare --out {root}`"
+    )

@@ -192,7 +192,26 @@ class ResumableLoader(StatefulDataLoader):
                 "with its own cursors, so the partitions of another worker count cannot continue "
                 "where these stopped (changing it means starting the data stream afresh)"
             )
+        check = getattr(self.dataset, "check_resume", None)
+        if check is not None:  # in this process, before workers start (GripIterableDataset)
+            for ds_state in _dataset_states(state_dict):
+                check(ds_state, "the data-loader state in the checkpoint")
         super().load_state_dict(state_dict)
+
+
+def _dataset_states(state: Any) -> list[dict]:
+    """Every `dataset_state` dict inside a StatefulDataLoader state (one per worker)."""
+    out, stack = [], [state]
+    while stack:
+        d = stack.pop()
+        if not isinstance(d, dict):
+            continue
+        for key, value in d.items():
+            if key == "dataset_state" and isinstance(value, dict):
+                out.append(value)
+            elif isinstance(value, dict):
+                stack.append(value)
+    return out
 
 
 def saved_num_workers(state: Any) -> int | None:

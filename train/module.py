@@ -139,11 +139,8 @@ class MoELM(L.LightningModule):
                 "(T tokens give T-1 next-token targets; with 1 the loss is 0.0 and nothing is learned); "
                 "set the dataset's seq_len (data.dataset.init_args.seq_len) to 2 or more"
             )
-        if input_ids.max() >= self.model_config.vocab_size:
-            raise ValueError(
-                f"batch has token id {int(input_ids.max())} >= model vocab_size {self.model_config.vocab_size}; "
-                "set model.vocab_size to the tokenizer's size"
-            )
+        if input_ids.max() >= self.model_config.vocab_size or input_ids.min() < 0:
+            self._raise_token_range(input_ids)
         out = self(input_ids)
         tok_loss, mask = self.token_losses(out.logits, labels)
         n_tok = mask.sum().clamp_min(1)
@@ -160,6 +157,28 @@ class MoELM(L.LightningModule):
         self._tokens_since += int(input_ids.numel())
         self._steps_since += 1
         return loss
+
+    def _raise_token_range(self, input_ids: torch.Tensor) -> None:
+        """A token id the model cannot embed: say whether the data or the configuration is wrong.
+        A GripIterableDataset knows the vocabulary of the tokenizer that made its shards."""
+        v = self.model_config.vocab_size
+        bad = int(input_ids.min()) if input_ids.min() < 0 else int(input_ids.max())
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        tok_vocab = getattr(getattr(dm, "dataset", None), "vocab_size", None)
+        if bad < 0 or (tok_vocab is not None and bad >= tok_vocab):
+            raise ValueError(
+                f"batch has token id {bad}, outside the vocabulary of the tokenizer that made the data "
+                f"({tok_vocab} tokens): the data is damaged, not model.vocab_size; re-run `grip prepare` on it"
+            )
+        if tok_vocab is not None:
+            raise ValueError(
+                f"batch has token id {bad} >= model vocab_size {v}; the data's tokenizer has {tok_vocab} "
+                f"tokens: set model.vocab_size >= {tok_vocab}"
+            )
+        raise ValueError(
+            f"batch has token id {bad} >= model vocab_size {v}; set model.vocab_size to the size of the "
+            f"tokenizer that made the data (if that tokenizer has at most {v} tokens, the data is damaged)"
+        )
 
     # -- per-cluster loss ------------------------------------------------------------------------
     def _accumulate_clusters(self, cids: torch.Tensor, loss_sum: torch.Tensor, count: torch.Tensor) -> None:
