@@ -15,7 +15,7 @@ callback keeps that under the given fraction of the training FLOPs between two r
 the first training batch (when its size is known) the interval becomes
 max(refresh_every_n_steps, ceil(probe FLOPs / (max_probe_overhead x training FLOPs per step))).
 At pretraining batch sizes that leaves `refresh_every_n_steps` as it is (docs/benchmarks.md,
-section 3); on a tiny CPU model it stretches the interval to ~10^4 steps, so the CPU demo configs set
+section 3); on a tiny CPU model it stretches the interval to ~10^4-10^5 steps, so the CPU demo configs set
 `max_probe_overhead: null` (a fixed cadence) and say what that costs. The interval is
 deterministic (FLOP counts, not timings) and checkpointed.
 

@@ -49,3 +49,16 @@ def shutdown() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def broadcast(obj, src: int = 0):
+    """Rank `src`'s `obj` on every rank (`obj` itself in a plain process)."""
+    if rank_world()[1] <= 1:
+        return obj
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -19,10 +19,20 @@ Under torchrun, rank r embeds blocks b with b % world == r; because blocks (and 
 batches inside them) do not depend on the world size, N processes compute what one
 process computes. The cache is keyed by the corpus fingerprint and encoder settings and
 rebuilt when they change. Multi-node runs need the output directory on a shared filesystem.
+
+Faults: the embeddings file is created with its blocks allocated (free space checked, then
+`posix_fallocate`), so a full disk is a clear `DiskSpaceError` up front and never a SIGBUS
+in the middle of a block. The done mask and the record (`embeddings.json`) are written
+atomically. A resume trusts nothing it has not checked: a damaged record or embeddings file
+(empty, cut short, another shape) restarts the stage with a printed note, a damaged done
+mask is rebuilt from the rows, and a block marked done whose rows are not unit vectors is
+embedded again.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -31,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from grip_loop import distributed
+from grip_loop import distributed, workdir
 
 
 def default_encoder_path() -> str:
@@ -173,13 +183,19 @@ def embed_corpus(
     encoder = None
     if rank == 0:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        fresh = not (meta_path.is_file() and emb_path.is_file() and done_path.is_file())
-        if fresh or json.loads(meta_path.read_text()).get("key") != full_key:
+        done, why = _resumable(emb_path, done_path, meta_path, full_key, n, n_blocks, cfg.block_size)
+        if done is None:
+            if why:
+                print(f"note: {cache_dir}: {why}; the embeddings are computed again")
             encoder = Encoder(cfg)
-            meta_path.unlink(missing_ok=True)
-            np.lib.format.open_memmap(emb_path, mode="w+", dtype=np.float32, shape=(n, encoder.dim)).flush()
-            np.save(done_path, np.zeros(n_blocks, np.uint8))
-            meta_path.write_text(json.dumps({"key": full_key, "dim": encoder.dim}))
+            meta_path.unlink(missing_ok=True)  # the record goes first: it says the other two are valid
+            emb_path.unlink(missing_ok=True)
+            _create_npy(emb_path, (n, encoder.dim), np.float32)
+            workdir.atomic_npy(done_path, np.zeros(n_blocks, np.uint8))
+            workdir.atomic_json(meta_path, {"key": full_key, "dim": encoder.dim})
+        else:
+            # a file from an older run may be sparse: allocate it before writing through the map
+            workdir.reserve(emb_path, emb_path.stat().st_size, "the embeddings")
     distributed.barrier()
     done = np.load(done_path, mmap_mode="r+")
     mine = [b for b in range(n_blocks) if b % world == rank and not done[b]]
@@ -206,3 +222,81 @@ def embed_corpus(
     if not np.load(done_path).all():
         raise RuntimeError(f"{done_path}: some embedding blocks are unfinished after the embed stage")
     return np.load(emb_path, mmap_mode="r")
+
+
+def _create_npy(path: Path, shape: tuple[int, ...], dtype) -> None:
+    """A zero-filled `.npy` of `shape` whose blocks are allocated (`workdir.reserve`): the
+    embedding stage writes it through a memory map, and a store into a page the disk cannot
+    hold is a SIGBUS, not an exception."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header,
+        {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape},
+    )
+    size = len(header.getvalue()) + int(np.prod(shape)) * np.dtype(dtype).itemsize
+    workdir.require_space(path.parent, size, "the embeddings")
+    try:
+        np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape).flush()
+        workdir.reserve(path, size, "the embeddings")
+    except BaseException as exc:
+        path.unlink(missing_ok=True)
+        if (
+            isinstance(exc, OSError)
+            and exc.errno == errno.ENOSPC
+            and not isinstance(exc, workdir.DiskSpaceError)
+        ):
+            raise workdir.disk_full(path) from exc
+        raise
+
+
+def _unit_rows(emb: np.ndarray, lo: int, hi: int) -> bool:
+    rows = np.asarray(emb[lo:hi], np.float64)
+    return bool(np.all(np.abs(np.einsum("ij,ij->i", rows, rows) - 1.0) < 1e-4))
+
+
+def _resumable(
+    emb_path: Path, done_path: Path, meta_path: Path, full_key: str, n: int, n_blocks: int, block_size: int
+) -> tuple[np.ndarray | None, str | None]:
+    """(done mask, None) when the cache can be resumed; (None, why not) when it cannot (why is
+    None when there is no cache or it belongs to other settings: no note needed).
+
+    Every file is checked before it is trusted: the record parses, the embeddings file has the
+    shape and the size its header implies, and every block marked done holds unit rows (the
+    encoder L2-normalises each row; an unwritten row is zero). A block that fails is embedded
+    again. A damaged done mask is rebuilt from the rows themselves.
+    """
+    meta, problem = workdir.read_json(meta_path)
+    if problem == "missing":
+        return None, None
+    if problem:
+        return None, f"{meta_path.name}: {problem}"
+    if meta.get("key") != full_key:
+        return None, None
+    dim = meta.get("dim")
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        return None, f"{meta_path.name}: no valid dim"
+    problem = workdir.npy_problem(emb_path, (n, dim), np.float32)
+    if problem:
+        return None, f"{emb_path.name}: {problem}"
+    emb = np.load(emb_path, mmap_mode="r")
+    blocks = [(b * block_size, min(n, (b + 1) * block_size)) for b in range(n_blocks)]
+    problem = workdir.npy_problem(done_path, (n_blocks,), np.uint8)
+    if problem:
+        print(
+            f"note: {done_path}: {problem}; rebuilding it from the embeddings (finished blocks hold unit rows)"
+        )
+        done = np.array([_unit_rows(emb, lo, hi) for lo, hi in blocks], np.uint8)
+    else:
+        done = np.load(done_path).astype(np.uint8)
+        bad = [int(b) for b in np.flatnonzero(done) if not _unit_rows(emb, *blocks[b])]
+        if bad:
+            print(
+                f"note: {emb_path}: blocks {bad} are marked done but hold no embeddings; embedding them again"
+            )
+        done[bad] = 0
+        if not bad and np.isin(done, (0, 1)).all():
+            return done, None
+    del emb
+    done = (done != 0).astype(np.uint8)
+    workdir.atomic_npy(done_path, done)
+    return done, None

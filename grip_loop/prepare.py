@@ -1,8 +1,10 @@
 """`grip prepare`: corpus -> tokenizer, embeddings, clusters, probe, quality, ordered shards, manifest.
 
-Stages (each resumable; outputs under `<out>/work/` are written to a temp name and renamed,
-and carry a key of the config that produced them, so a re-run skips finished stages and
-redoes a stage whose inputs changed):
+Stages (each resumable; outputs under `<out>/work/` are written to a temp name, fsynced and
+renamed, and carry a key of the config that produced them, so a re-run skips finished stages
+and redoes a stage whose inputs changed; a resume checks each stage file against its record
+(size, checksum, shape) and redoes a damaged stage with a printed note; one run at a time holds
+`<out>/.lock`, see `grip_loop.workdir`):
 
 1. ingest    read the corpus (`grip_loop.corpus`), drop held-out HumanEval copies -> work/docs.jsonl
 2. tokenize  load or train the byte-level BPE, token ids and l(x)   -> tokenizer/, work/tokens.npy
@@ -50,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from grip_loop import distributed
+from grip_loop import distributed, workdir
 from grip_loop.budget import apportion, geometric_consistency
 from grip_loop.embed import EncoderConfig, embed_corpus
 from grip_loop.judge import JudgeConfig, JudgeInput, cluster_quality
@@ -198,29 +200,35 @@ def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+_atomic_json, _atomic_npy, _atomic_npz = workdir.atomic_json, workdir.atomic_npy, workdir.atomic_npz
 
 
-def _atomic_npz(path: Path, **arrays) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+class _Damaged(Exception):
+    """A stage file that cannot be trusted; the stage is redone."""
 
 
-def _atomic_npy(path: Path, arr: np.ndarray) -> None:
-    with open(str(path) + ".tmp", "wb") as fh:
-        np.save(fh, arr)
-    os.replace(str(path) + ".tmp", path)
+def _note(path: Path, problem: str, stage: str) -> None:
+    print(f"note: {path}: {problem}; redoing the {stage} stage")
 
 
-def _done(meta: Path, key: str) -> bool:
-    try:
-        return json.loads(meta.read_text()).get("key") == key
-    except (OSError, json.JSONDecodeError):
-        return False
+def _finished(meta: Path, key: str, stage: str) -> dict | None:
+    """The stage's record if it finished with this key, else None (the stage runs). A record
+    that exists but cannot be read (empty, cut short: a crash or a full disk) is reported."""
+    info, problem = workdir.read_json(meta)
+    if problem == "missing":
+        return None
+    if problem:
+        _note(meta, problem, stage)
+        return None
+    return info if info.get("key") == key else None
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _seed(seed: int, *parts: int) -> int:
@@ -261,8 +269,12 @@ def _ingest(cfg: PrepareConfig, work: Path) -> dict:
         cfg.follow_symlinks_outside,
         READER_VERSION,  # a fixed reader redoes an ingest that an older one may have got wrong
     )
-    if _done(meta, key):
-        return json.loads(meta.read_text())
+    info = _finished(meta, key, "ingest")
+    if info is not None:
+        problem = _docs_problem(work / "docs.jsonl", info)
+        if problem is None:
+            return info
+        _note(work / "docs.jsonl", problem, "ingest")
     reader = CorpusReader(
         cfg.corpus,
         max_file_bytes=cfg.max_file_bytes,
@@ -270,10 +282,10 @@ def _ingest(cfg: PrepareConfig, work: Path) -> dict:
         follow_symlinks_outside=cfg.follow_symlinks_outside,
     )
     h = hashlib.sha256()
-    tmp = work / "docs.jsonl.tmp"
     n = missing = 0
     fields_seen: Counter = Counter()
-    with open(tmp, "w", encoding="utf-8") as fh:
+    docs_path = work / "docs.jsonl"
+    with workdir.atomic_path(docs_path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         for d in tqdm(reader, desc="read", unit="doc", disable=not cfg.progress):
             rec = {"id": d.id, "lang": d.lang, "path": d.path, "text": d.text}
             if cfg.cluster_by:
@@ -295,7 +307,7 @@ def _ingest(cfg: PrepareConfig, work: Path) -> dict:
             "field (--cluster-by); they were skipped"
         )
     if n == 0:
-        tmp.unlink(missing_ok=True)
+        docs_path.unlink(missing_ok=True)
         if cfg.cluster_by and missing:
             have = ", ".join(sorted(fields_seen)) or "none"
             raise ValueError(
@@ -303,13 +315,30 @@ def _ingest(cfg: PrepareConfig, work: Path) -> dict:
                 f"string fields present: {have}. Pick one of them, or drop --cluster-by for k-means"
             )
         raise ValueError(f"corpus: no readable documents in {cfg.corpus} ({reader.stats.summary()})")
-    os.replace(tmp, work / "docs.jsonl")
+    docs_file = {"bytes": docs_path.stat().st_size, "sha256": _file_sha256(docs_path)}
     stats = reader.stats.to_dict()
     if cfg.cluster_by:
         stats["missing_field"] = {cfg.cluster_by: missing}
     info = {"key": key, "n_docs": n, "fingerprint": h.hexdigest(), "read_stats": stats}
+    info["docs_file"] = docs_file  # checked before a resume trusts docs.jsonl
     _atomic_json(meta, info)
     return info
+
+
+def _docs_problem(path: Path, info: dict) -> str | None:
+    """Why work/docs.jsonl does not match what the ingest stage recorded, or None."""
+    want = info.get("docs_file")
+    if not isinstance(want, dict):
+        return "no size and checksum recorded (written by an older grip_loop)"
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "missing"
+    if size != want.get("bytes"):
+        return f"{size} bytes, {want.get('bytes')} were written (cut short or overwritten)"
+    if _file_sha256(path) != want.get("sha256"):
+        return "its sha256 differs from the one recorded when it was written"
+    return None
 
 
 def _load_docs(work: Path) -> list[dict]:
@@ -317,7 +346,11 @@ def _load_docs(work: Path) -> list[dict]:
         return [json.loads(line) for line in fh]
 
 
-def _tokenize(cfg: PrepareConfig, out: Path, work: Path, texts: list[str], fp: str) -> dict:
+def _tokenize(
+    cfg: PrepareConfig, out: Path, work: Path, texts: list[str], fp: str
+) -> tuple[dict, np.ndarray, np.ndarray]:
+    """(record, token ids of every document concatenated, offsets); resumed when tokens.json,
+    the tokenizer file and tokens.npz all check out."""
     from grip_loop import tokenizer as tk
 
     meta = work / "tokens.json"
@@ -325,8 +358,13 @@ def _tokenize(cfg: PrepareConfig, out: Path, work: Path, texts: list[str], fp: s
     key = _key(
         "tokenize", fp, cfg.tokenizer_path, src_sha, cfg.vocab_size, cfg.tokenizer_train_docs, cfg.seed
     )
-    if _done(meta, key):
-        return json.loads(meta.read_text())
+    info = _finished(meta, key, "tokenize")
+    if info is not None:
+        try:
+            return (info, *_load_tokens(out, work, info, len(texts)))
+        except _Damaged as exc:
+            path, problem = exc.args
+            _note(path, problem, "tokenize")
     (out / "tokenizer").mkdir(parents=True, exist_ok=True)
     tok_file = out / "tokenizer" / "tokenizer.json"
     if cfg.tokenizer_path:
@@ -340,14 +378,13 @@ def _tokenize(cfg: PrepareConfig, out: Path, work: Path, texts: list[str], fp: s
         else:
             sample = texts
         tok = tk.train_tokenizer(sample, vocab_size=cfg.vocab_size)
-    tok.save(str(tok_file) + ".tmp")
-    os.replace(str(tok_file) + ".tmp", tok_file)
+    with workdir.atomic_file(tok_file) as fh:  # the bytes of tok.save(), whose errors are not OSErrors
+        fh.write(tok.to_str(pretty=True).encode("utf-8"))
     ids = tk.encode(tok, texts)
     lengths = np.array([len(x) for x in ids], np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    _atomic_npz(
-        work / "tokens.npz", ids=np.concatenate(ids) if ids else np.zeros(0, np.uint32), offsets=offsets
-    )
+    ids = np.concatenate(ids) if ids else np.zeros(0, np.uint32)
+    _atomic_npz(work / "tokens.npz", ids=ids, offsets=offsets)
     vocab = tok.get_vocab_size()
     info = {
         "key": key,
@@ -358,7 +395,41 @@ def _tokenize(cfg: PrepareConfig, out: Path, work: Path, texts: list[str], fp: s
         "source": cfg.tokenizer_path or "trained",
     }
     _atomic_json(meta, info)
-    return info
+    return info, ids, offsets
+
+
+def _load_tokens(out: Path, work: Path, info: dict, n_docs: int) -> tuple[np.ndarray, np.ndarray]:
+    """tokens.npz of a finished tokenize stage, checked against its record; `_Damaged` if not."""
+    import zipfile
+
+    from grip_loop import tokenizer as tk
+
+    tok_file = out / "tokenizer" / "tokenizer.json"
+    try:
+        sha = tk.file_sha256(tok_file)
+    except OSError:
+        raise _Damaged(tok_file, "missing or unreadable") from None
+    if sha != info.get("sha256"):
+        raise _Damaged(tok_file, "its sha256 differs from the one recorded when it was written")
+    path = work / "tokens.npz"
+    try:  # reading a member whole checks its CRC, so any damaged byte is caught
+        with np.load(path) as z:
+            ids, offsets = z["ids"], z["offsets"]
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        raise _Damaged(path, f"unreadable ({type(exc).__name__}: {exc})") from None
+    vocab = info.get("vocab_size")
+    if (
+        ids.ndim != 1
+        or offsets.shape != (n_docs + 1,)
+        or not np.issubdtype(ids.dtype, np.integer)
+        or not np.issubdtype(offsets.dtype, np.integer)
+        or offsets[0] != 0
+        or offsets[-1] != len(ids)
+        or np.any(np.diff(offsets) < 0)
+        or (len(ids) and (int(ids.min()) < 0 or not isinstance(vocab, int) or int(ids.max()) >= vocab))
+    ):
+        raise _Damaged(path, f"does not hold the token ids of {n_docs} documents")
+    return ids, offsets
 
 
 def heldout_split(langs: list[str], fraction: float, seed: int) -> np.ndarray:
@@ -425,15 +496,27 @@ def _cluster(
         cfg.kmeans_sample,
         np.flatnonzero(~train).tolist(),
     )
-    if _done(meta, key) and (out / "centroids.npy").is_file():
-        return np.load(out / "centroids.npy"), np.load(work / "labels.npy")
+    files = {"centroids": out / "centroids.npy", "labels": work / "labels.npy"}
+    info = _finished(meta, key, "cluster")
+    if info is not None:
+        sums = info.get("sha256") if isinstance(info.get("sha256"), dict) else {}
+        for name, path in files.items():
+            try:
+                ok = _file_sha256(path) == sums.get(name)
+            except OSError:
+                ok = False
+            if not ok:  # cut short, overwritten (--cluster-by rewrites centroids.npy), or missing
+                _note(path, "does not match the checksum recorded when it was written", "cluster")
+                break
+        else:
+            return np.load(files["centroids"]), np.load(files["labels"])
     centroids, _ = spherical_kmeans(
         np.asarray(emb)[train], cfg.k, seed=cfg.seed, niter=cfg.kmeans_niter, sample_size=cfg.kmeans_sample
     )
     labels = assign(emb, centroids)
-    _atomic_npy(out / "centroids.npy", centroids)
-    _atomic_npy(work / "labels.npy", labels)
-    _atomic_json(meta, {"key": key})
+    _atomic_npy(files["centroids"], centroids)
+    _atomic_npy(files["labels"], labels)
+    _atomic_json(meta, {"key": key, "sha256": {name: _file_sha256(path) for name, path in files.items()}})
     return centroids, labels
 
 
@@ -474,6 +557,19 @@ def cluster_orders(
     return {o: selection_order(weights[o](), seed=seed) for o in orders}
 
 
+def _check_shard_space(out, docs, lengths, itemsize, members, probes, held, n_orders) -> None:
+    """Fail before the first shard when the disk cannot hold them all. The estimate is a lower
+    bound (token bytes + UTF-8 text + three 512-byte tar headers per document and copy), so
+    a run it refuses could not have finished."""
+    per_doc = lengths * itemsize + 3 * 512
+    per_doc += np.fromiter(
+        (len(d["text"].encode("utf-8", "surrogatepass")) for d in docs), np.int64, len(docs)
+    )
+    need = n_orders * sum(int(per_doc[m].sum()) for m in members)
+    need += sum(int(per_doc[p].sum()) for p in probes) + int(per_doc[held].sum())
+    workdir.require_space(out, need, "the shards (a lower bound)")
+
+
 def _pathology(cfg: PrepareConfig, out: Path, emb: np.ndarray, lengths: np.ndarray) -> str:
     n = len(emb)
     pick = np.sort(np.random.default_rng(cfg.seed).choice(n, min(n, cfg.pathology_sample), replace=False))
@@ -487,16 +583,43 @@ def _pathology(cfg: PrepareConfig, out: Path, emb: np.ndarray, lengths: np.ndarr
 # ---------------------------------------------------------------------------------------
 
 
-def prepare(cfg: PrepareConfig) -> Manifest | None:
-    """Run every stage; returns the manifest on rank 0 (None on other torchrun ranks)."""
+def prepare(cfg: PrepareConfig, *, restart: bool = False) -> Manifest | None:
+    """Run every stage; returns the manifest on rank 0 (None on other torchrun ranks).
+
+    One run per output folder: rank 0 (the only process of a plain run) holds an exclusive
+    lock on `OUT/.lock` from start to end, and a second run on the same folder fails at once
+    with `OutputLocked`, on every one of its ranks. `restart` discards `OUT/work` (every
+    finished stage) once the lock is held.
+    """
+    if not cfg.corpus or not cfg.out:
+        raise ValueError("corpus and out: both are required")
+    rank, world = distributed.init()
+    out = Path(cfg.out)
+    lock = workdir.OutputLock(out)
+    try:
+        refused = None
+        if rank == 0:
+            try:
+                lock.acquire()
+            except workdir.OutputLocked as exc:
+                refused = str(exc)
+        refused = distributed.broadcast(refused)  # the other ranks fail too, rather than wait
+        if refused:
+            raise workdir.OutputLocked(refused)
+        if restart and rank == 0:
+            shutil.rmtree(out / "work", ignore_errors=True)
+        return _run(cfg, out, rank)
+    finally:
+        lock.release()
+        distributed.shutdown()
+
+
+def _run(cfg: PrepareConfig, out: Path, rank: int) -> Manifest | None:
     from tqdm import tqdm
 
     from grip_loop.shards import ShardWriter, token_dtype_for
 
-    if not cfg.corpus or not cfg.out:
-        raise ValueError("corpus and out: both are required")
-    rank, world = distributed.init()
-    out, timer = Path(cfg.out), _Timer()
+    timer = _Timer()
     work = out / "work"
     if rank == 0:
         work.mkdir(parents=True, exist_ok=True)
@@ -506,7 +629,6 @@ def prepare(cfg: PrepareConfig) -> Manifest | None:
     distributed.barrier()
     ingest = json.loads((work / "ingest.json").read_text())
     if not cfg.cluster_by and cfg.k > ingest["n_docs"]:  # checked before the expensive stages, on every rank
-        distributed.shutdown()
         raise ValueError(
             f"k: {cfg.k} clusters but {cfg.corpus} has only {ingest['n_docs']} usable documents; "
             f"lower k to at most {ingest['n_docs']}"
@@ -517,7 +639,7 @@ def prepare(cfg: PrepareConfig) -> Manifest | None:
 
     if rank == 0:
         t0 = time.perf_counter()
-        tok_info = _tokenize(cfg, out, work, texts, fp)
+        tok_info, *tokens = _tokenize(cfg, out, work, texts, fp)
         timer.record("tokenize", t0, len(texts))
 
     t0 = time.perf_counter()
@@ -525,22 +647,31 @@ def prepare(cfg: PrepareConfig) -> Manifest | None:
     emb = embed_corpus(texts, cfg.encoder, work, emb_key, progress=cfg.progress)
     timer.record("embed", t0, len(texts))
     if rank != 0:
-        distributed.shutdown()
         return None
-    try:
-        return _finish(
-            cfg, out, work, docs, emb, emb_key, ingest, tok_info, timer, ShardWriter, token_dtype_for, tqdm
-        )
-    finally:
-        distributed.shutdown()
+    return _finish(
+        cfg,
+        out,
+        work,
+        docs,
+        emb,
+        emb_key,
+        ingest,
+        tok_info,
+        tokens,
+        timer,
+        ShardWriter,
+        token_dtype_for,
+        tqdm,
+    )
 
 
-def _finish(cfg, out, work, docs, emb, emb_key, ingest, tok_info, timer, ShardWriter, token_dtype_for, tqdm):
+def _finish(
+    cfg, out, work, docs, emb, emb_key, ingest, tok_info, tokens, timer, ShardWriter, token_dtype_for, tqdm
+):
     n = len(docs)
     emb = np.asarray(emb)
     dim = emb.shape[1]
-    tok = np.load(work / "tokens.npz")
-    ids, offsets = tok["ids"], tok["offsets"]
+    ids, offsets = tokens
     lengths = np.diff(offsets)
 
     t0 = time.perf_counter()
@@ -613,6 +744,7 @@ def _finish(cfg, out, work, docs, emb, emb_key, ingest, tok_info, timer, ShardWr
     for d in ("shards", "probe", "heldout"):
         shutil.rmtree(out / d, ignore_errors=True)
     dtype = token_dtype_for(tok_info["vocab_size"])
+    _check_shard_space(out, docs, lengths, np.dtype(dtype).itemsize, members, probes, held, len(cfg.orders))
 
     def write(writer, i: int, k: int, pos: int) -> None:
         meta = {

@@ -16,6 +16,8 @@ leaves a file that looks like a finished shard.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import json
 import os
@@ -27,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from grip_loop.manifest import ManifestError, ShardInfo, file_sha256
+from grip_loop.workdir import DiskSpaceError, disk_full
 
 TOKEN_DTYPES = ("uint16", "uint32")
 
@@ -90,10 +93,25 @@ class ShardWriter:
         self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
         self._docs = self._tokens = self._bytes = 0
 
+    @contextlib.contextmanager
+    def _disk_full_is_clear(self):
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC and not isinstance(exc, DiskSpaceError):
+                raise disk_full(self._tmp.with_suffix("")) from exc
+            raise
+
     def _finish(self) -> None:
         if self._tar is None:
             return
-        self._tar.close()
+        with self._disk_full_is_clear():
+            self._tar.close()
+            fd = os.open(self._tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # on disk before the manifest that lists it
+            finally:
+                os.close(fd)
         final = self._tmp.with_suffix("")  # drop ".tmp"
         sha = file_sha256(self._tmp)  # read back from the page cache: what the reader will see
         os.replace(self._tmp, final)
@@ -111,9 +129,10 @@ class ShardWriter:
         ids = tokens.astype(self.dtype, copy=False).tobytes()
         txt = text.encode("utf-8")
         js = json.dumps(meta, sort_keys=True).encode("utf-8")
-        _add(self._tar, f"{key}.ids", ids)
-        _add(self._tar, f"{key}.txt", txt)
-        _add(self._tar, f"{key}.json", js)
+        with self._disk_full_is_clear():
+            _add(self._tar, f"{key}.ids", ids)
+            _add(self._tar, f"{key}.txt", txt)
+            _add(self._tar, f"{key}.json", js)
         self._docs += 1
         self._tokens += int(tokens.size)
         self._bytes += len(ids) + len(txt) + len(js) + 3 * 512
@@ -127,7 +146,8 @@ class ShardWriter:
     def abort(self) -> None:
         """Drop the shard being written (its temp file) without publishing it."""
         if self._tar is not None:
-            self._tar.close()
+            with contextlib.suppress(OSError):  # closing writes the end blocks: a full disk again
+                self._tar.close()
             self._tmp.unlink(missing_ok=True)
             self._tar = self._tmp = None
 

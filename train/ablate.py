@@ -33,6 +33,7 @@ import numpy as np
 import yaml
 
 from train.eval import EvalConfig, evaluate
+from train.overrides import parse_value
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,7 +111,7 @@ def row_config(base: dict, run_dir: Path, seed: int, overrides: list[str], name:
         ds.setdefault("init_args", {})["seed"] = int(seed)
     for o in overrides:
         key, raw = o.split("=", 1)
-        _set(cfg, key, yaml.safe_load(raw))
+        _set(cfg, key, parse_value(raw))
     return cfg
 
 

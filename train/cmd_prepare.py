@@ -2,13 +2,15 @@
 
 Runs as one process, or data-parallel in the embed stage under
 `torchrun --nproc_per_node N -m train prepare ...` (same output either way). Re-running the
-same command resumes: finished stages and embedding blocks are skipped.
+same command resumes: finished stages and embedding blocks are skipped (each is checked
+first; a damaged one is redone). Only one run at a time may write an output folder: a second
+`grip prepare` on the same --out fails at once and names the running one.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
+import sys
 from pathlib import Path
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "prepare" / "default.yaml"
@@ -43,8 +45,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
     a = p.parse_args(argv)
 
-    from grip_loop import distributed
     from grip_loop.prepare import load_config, prepare
+    from grip_loop.workdir import DiskSpaceError, OutputLocked
 
     cfg = load_config(
         a.config,
@@ -57,9 +59,11 @@ def main(argv: list[str]) -> int:
         orders=a.orders.split(",") if a.orders else None,
         progress=False if a.no_progress else None,
     )
-    if a.restart and distributed.rank_world()[0] == 0:
-        shutil.rmtree(Path(a.out) / "work", ignore_errors=True)
-    m = prepare(cfg)
+    try:
+        m = prepare(cfg, restart=a.restart)  # --restart empties OUT/work only once the lock is held
+    except (OutputLocked, DiskSpaceError) as exc:
+        print(f"grip prepare: error: {exc}", file=sys.stderr)
+        return 1
     if m is not None:
         print(
             f"wrote {Path(a.out) / 'manifest.json'}: {m.n_docs} documents in {m.k} clusters, orders {m.orders}"

@@ -29,10 +29,9 @@ from pathlib import Path
 
 def parse_sets(items: list[str]) -> dict[str, dict]:
     """`["rap.lr=1e-3", "budget.alpha=1"]` -> {"rap": {"lr": 0.001}, "budget": {"alpha": 1}}."""
-    import yaml
-
     from grip_loop.modes import BudgetConfig
     from grip_loop.rap import RAPConfig
+    from train.overrides import parse_value
 
     known = {"rap": RAPConfig, "budget": BudgetConfig}
     out: dict[str, dict] = {"rap": {}, "budget": {}}
@@ -46,7 +45,7 @@ def parse_sets(items: list[str]) -> dict[str, dict]:
             raise ValueError(
                 f"--set {item!r}: {group} has no field {name!r}; known: {', '.join(sorted(fields))}"
             )
-        value = yaml.safe_load(raw)
+        value = parse_value(raw)
         out[group][name] = tuple(value) if isinstance(value, list) else value
     return out
 

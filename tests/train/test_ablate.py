@@ -112,3 +112,18 @@ def test_ablate_two_rows_end_to_end(stdlib_prepared, tmp_path):
     stamp = (out / "1-random" / "eval" / "eval.json").stat().st_mtime
     assert run(cfg) == results
     assert (out / "1-random" / "eval" / "eval.json").stat().st_mtime == stamp
+
+
+def test_set_values_in_exponent_notation_are_floats(tmp_path):
+    """PyYAML reads "3e-4" as a string; `--set model.lr=3e-4` / `grip probe --set rap.lr=3e-4` mean 0.0003."""
+    from train.cmd_probe import parse_sets
+    from train.overrides import parse_value
+
+    assert parse_value("3e-4") == 3e-4 and parse_value("-2E+3") == -2000.0 and parse_value("1.5e2") == 150.0
+    assert parse_value("auto") == "auto" and parse_value("null") is None and parse_value("10") == 10
+    assert parse_value("1e5x") == "1e5x" and parse_value("[1, 2]") == [1, 2]
+    sets = parse_sets(["rap.lr=3e-4", "rap.micro_batch=null", "budget.alpha=1"])
+    assert sets == {"rap": {"lr": 3e-4, "micro_batch": None}, "budget": {"alpha": 1}}
+    base = yaml.safe_load((ROOT / "configs/ablation/6-grip.yaml").read_text())
+    rc = row_config(base, tmp_path / "r", 0, ["model.lr=3e-4"], "r")
+    assert rc["model"]["lr"] == 3e-4 and isinstance(rc["model"]["lr"], float)
