@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from grip_loop.manifest import SCHEMA_VERSION, ClusterInfo, Manifest, ShardInfo
+from grip_loop.manifest import SCHEMA_VERSION, ClusterInfo, Manifest
 from grip_loop.shards import ShardWriter
 
 EOS = 0
@@ -47,7 +47,7 @@ def build_corpus(
         with ShardWriter(root / rel, max_docs=shard_docs) as w:
             for p, n in enumerate(lengths):
                 w.write(f"{c:03d}{p:07d}", rng.integers(1, VOCAB, size=n, dtype=np.uint16), "", {"c": c})
-        shards = [ShardInfo(f"{rel}/{s.path}", s.n_docs, s.n_tokens) for s in w.finished]
+        shards = [s.under(rel) for s in w.finished]
         n_tok = int(lengths.sum())
         clusters.append(
             ClusterInfo(

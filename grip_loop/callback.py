@@ -60,6 +60,7 @@ import numpy as np
 import torch
 
 from grip_loop.dataset import GripIterableDataset
+from grip_loop.manifest import ManifestError
 from grip_loop.modes import BudgetConfig, base_budget, budgets, get_mode, replay_for
 from grip_loop.probe_report import COLUMNS, format_table, probe_rows
 from grip_loop.probeset import check_model_fits, probe_set
@@ -334,6 +335,8 @@ class GripCallback(L.Callback):
                 raise FloatingPointError(
                     f"non-finite Delta L for clusters {np.flatnonzero(~np.isfinite(res.delta) & probed).tolist()}"
                 )
+        except ManifestError:
+            raise  # bad prepared data is not a transient probe failure: stop, naming the file
         except Exception as exc:  # the loop must survive a failing probe
             log.warning(
                 "grip: RAP failed at step %d (%s); keeping the previous budgets", trainer.global_step, exc
@@ -540,6 +543,7 @@ class GripCallback(L.Callback):
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
         return {
+            **(self._dataset.corpus_state() if self._dataset is not None else {}),
             "mode": self.mode_name,
             "history": self.history,
             "effective_steps": {str(k): v for k, v in self.effective_steps.items()},
@@ -551,6 +555,11 @@ class GripCallback(L.Callback):
         }
 
     def load_state_dict(self, state: dict) -> None:
+        # Bound to the prepared corpus (its fingerprint): budgets, history and token counts
+        # index clusters of that corpus. Lightning runs `setup` (which finds the dataset) first.
+        if self._dataset is not None and not self._dataset.check_resume(state):
+            log.warning("grip: checkpoint from another prepared corpus (allowed): budgets start afresh")
+            return
         if state.get("mode") != self.mode_name:
             raise ValueError(
                 f"checkpoint was written in mode {state.get('mode')!r}, this run uses {self.mode_name!r}"

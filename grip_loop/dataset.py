@@ -53,7 +53,16 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
-from grip_loop.manifest import Manifest, ManifestError, load_manifest
+from grip_loop.manifest import (
+    Manifest,
+    ManifestError,
+    ShardInfo,
+    check_shard_sha256,
+    load_manifest,
+    prepared_fingerprint,
+    token_range_error,
+    warn_if_unchecksummed,
+)
 from grip_loop.schedule import partition_budgets, pass_clusters
 
 STATE_VERSION = 1
@@ -117,13 +126,24 @@ def collate_blocks(samples: list, *, pack: bool | None = None) -> dict[str, torc
 
 
 VERIFY_LEVELS = ("auto", "quick", "full", "none")
-#: "auto" verification scans every header up to this many documents (all orders + probe):
-#: ~1 s per 10^5 documents on a local disk; above it, only the O(1)-per-shard tail check.
+#: "auto" verification is "full" (every header scanned, every shard's sha256 computed) up to
+#: this many documents and this many shard bytes (all orders + probe): ~1 s per 10^5
+#: documents and ~1 s per GB on a local disk. Above either, "quick": the O(1)-per-shard tail
+#: check at start, and each shard's count and sha256 checked when it is first read.
 FULL_VERIFY_MAX_DOCS = 200_000
+FULL_VERIFY_MAX_BYTES = 1 << 30
 
 
 class ClusterExhaustedError(RuntimeError):
     """With `replay=False`, a cluster has no unread document left for a draw."""
+
+
+class CorpusChangedError(ValueError):
+    """A checkpoint is resumed on another prepared corpus than the one it was trained on."""
+
+
+#: set to 1 to resume a checkpoint on another prepared corpus (as `allow_corpus_change=True`)
+ALLOW_CORPUS_CHANGE_ENV = "GRIP_ALLOW_CORPUS_CHANGE"
 
 
 def _tar_tail_ok(path: Path) -> str | None:
@@ -139,16 +159,31 @@ def _tar_tail_ok(path: Path) -> str | None:
     return None
 
 
-def verify_prepared(manifest: Manifest, root: Path, level: str = "auto") -> None:
+def _total_bytes(root: Path, shards) -> int:
+    total = 0
+    for s in shards:
+        with contextlib.suppress(OSError):
+            total += (root / s.path).stat().st_size
+    return total
+
+
+def verify_prepared(manifest: Manifest, root: Path, level: str = "auto") -> str:
     """Check the shards a manifest lists before training starts (see GripIterableDataset).
 
-    Raises ManifestError naming the first bad shard and the fix."""
+    Returns the level applied ("full", "quick" or "none"). Raises ManifestError naming the
+    first bad shard and the fix. Probe shards (small, read whole at setup) have their sha256
+    checked at every level but "none"."""
     shards = [s for c in manifest.clusters for ss in c.shards.values() for s in ss]
-    shards += [s for c in manifest.clusters for s in c.probe_shards]
+    probe = [s for c in manifest.clusters for s in c.probe_shards]
+    shards += probe
     if level == "none" or not shards:
-        return
+        return "none" if level == "none" else "full"
     if level == "auto":
-        level = "full" if sum(s.n_docs for s in shards) <= FULL_VERIFY_MAX_DOCS else "quick"
+        small = (
+            sum(s.n_docs for s in shards) <= FULL_VERIFY_MAX_DOCS
+            and _total_bytes(root, shards) <= FULL_VERIFY_MAX_BYTES
+        )
+        level = "full" if small else "quick"
     fix = f"re-run `grip prepare --out {root}` (it rewrites every shard)"
     for s in shards:
         path = root / s.path
@@ -162,6 +197,9 @@ def verify_prepared(manifest: Manifest, root: Path, level: str = "auto") -> None
                 why = f"holds {n} documents but {root / 'manifest.json'} says {s.n_docs}"
         if why is not None:
             raise ManifestError(f"{path}: truncated or corrupt shard: {why}; {fix}")
+    for s in shards if level == "full" else probe:
+        check_shard_sha256(root, s)
+    return level
 
 
 def check_tokenizer(manifest: Manifest, root: Path, expected: str) -> None:
@@ -185,8 +223,19 @@ def _is_sha256(s: str) -> bool:
 class ClusterReader:
     """Random access to the documents of one cluster's stream (one selection order)."""
 
-    def __init__(self, root: Path, shards, token_dtype: str, max_open: int = 16) -> None:
+    def __init__(
+        self,
+        root: Path,
+        shards,
+        token_dtype: str,
+        max_open: int = 16,
+        verify_sha256=(),
+        vocab_size: int | None = None,
+    ) -> None:
         self.root = root
+        self.vocab_size = vocab_size  # token ids must be < this (None: unchecked)
+        self.shards: list[ShardInfo] = list(shards)
+        self.verify_sha256 = set(verify_sha256)  # shards whose sha256 is checked at first read
         self.paths = [root / s.path for s in shards]
         self.counts = np.array([s.n_docs for s in shards], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.counts)])
@@ -213,6 +262,8 @@ class ClusterReader:
         if not first <= position < end:
             i = int(np.searchsorted(self.starts, position, side="right") - 1)
             if i not in self._index:
+                if i in self.verify_sha256:
+                    check_shard_sha256(self.root, self.shards[i])
                 idx = shard_index(self.paths[i])
                 if len(idx) != self.counts[i]:
                     raise ManifestError(
@@ -231,7 +282,12 @@ class ClusterReader:
         buf = os.pread(self._fd(i), size, off)
         if len(buf) != size:
             raise ManifestError(f"{self.paths[i]}: truncated; re-run `grip prepare`")
-        return np.frombuffer(buf, dtype=self.dtype)
+        toks = np.frombuffer(buf, dtype=self.dtype)
+        if self.vocab_size is not None and toks.size and int(toks.max()) >= self.vocab_size:
+            raise token_range_error(
+                self.paths[i], f"document {j} of the shard", int(toks.max()), self.vocab_size, self.root
+            )
+        return toks
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -306,8 +362,17 @@ class GripIterableDataset(IterableDataset):
         verify_shards: "quick" checks that every shard of every prepared order ends like a
             complete tar (one stat + one 1 KiB read a shard); "full" also scans every shard's
             headers and compares its document count with the manifest (3 header reads a
-            document); "auto" = full up to `FULL_VERIFY_MAX_DOCS` documents, else quick;
-            "none" skips both. Either way a shard is checked again at its first read.
+            document) and its sha256 with the one `grip prepare` recorded; "auto" = full up
+            to `FULL_VERIFY_MAX_DOCS` documents and `FULL_VERIFY_MAX_BYTES` shard bytes, else
+            quick; "none" skips them. Probe shards' sha256 is checked at every level but
+            "none". Whatever the level, a shard's count is checked again at its first read,
+            and below "full" its sha256 too (by one partition of G: docs/reliability.md).
+        allow_corpus_change: resume a checkpoint written on another prepared corpus (another
+            `prepared_fingerprint`: re-prepared, other settings, another corpus). False
+            (default): `load_state_dict` raises `CorpusChangedError` naming both corpora. True
+            (or the environment variable GRIP_ALLOW_CORPUS_CHANGE=1): the saved stream state
+            is dropped and the stream starts afresh on this corpus (the model and optimizer
+            still resume; GripCallback starts its budgets afresh too).
     """
 
     def __init__(
@@ -322,18 +387,30 @@ class GripIterableDataset(IterableDataset):
         replay: bool = True,
         expected_tokenizer: str | None = None,
         verify_shards: str = "auto",
+        allow_corpus_change: bool = False,
     ) -> None:
         super().__init__()
         self.root = Path(root)
-        if seq_len < 1:
-            raise ValueError(f"seq_len: must be >= 1, got {seq_len}")
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int | np.integer) or seq_len < 2:
+            raise ValueError(
+                f"seq_len: must be an integer >= 2, got {seq_len!r} (a block of T tokens trains on T-1 "
+                "next-token targets: seq_len 1 trains on nothing and logs loss 0.0); set "
+                "data.dataset.init_args.seq_len to 2 or more (e.g. 256)"
+            )
         if verify_shards not in VERIFY_LEVELS:
             raise ValueError(f"verify_shards: one of {VERIFY_LEVELS}, got {verify_shards!r}")
         self.manifest = manifest or load_manifest(self.root)
         if expected_tokenizer is not None:
             check_tokenizer(self.manifest, self.root, expected_tokenizer)
-        verify_prepared(self.manifest, self.root, verify_shards)
+        if verify_shards != "none":
+            warn_if_unchecksummed(self.manifest, self.root)
+        self.verify_level = verify_prepared(self.manifest, self.root, verify_shards)
+        self._lazy_sha256 = self.verify_level != "full"
         self.replay = bool(replay)
+        self.fingerprint = prepared_fingerprint(self.manifest)
+        self.allow_corpus_change = bool(allow_corpus_change) or os.environ.get(
+            ALLOW_CORPUS_CHANGE_ENV, ""
+        ).strip() not in ("", "0")
         self.seq_len, self.seed = int(seq_len), int(seed)
         self.sizes = np.array(self.manifest.sizes, dtype=np.int64)
         self.k = len(self.sizes)
@@ -518,10 +595,20 @@ class GripIterableDataset(IterableDataset):
     # ------------------------------------------------------------------ iteration
     def _reader(self, k: int) -> ClusterReader:
         if self._readers is None:
-            self._readers = [
-                ClusterReader(self.root, c.shards[self.order], self.token_dtype)
-                for c in self.manifest.clusters
-            ]
+            # Shards not verified in full at construction have their sha256 checked when first
+            # read, each by one partition only (the j-th shard of the order by partition
+            # j mod G), so the corpus is hashed about once in all, not once per worker.
+            g, big_g = (self._part.g, self._part.num_partitions) if self._part is not None else (0, 1)
+            self._readers, j = [], 0
+            for c in self.manifest.clusters:
+                shards = c.shards[self.order]
+                mine = [i for i in range(len(shards)) if (j + i) % big_g == g] if self._lazy_sha256 else []
+                self._readers.append(
+                    ClusterReader(
+                        self.root, shards, self.token_dtype, verify_sha256=mine, vocab_size=self.vocab_size
+                    )
+                )
+                j += len(shards)
         return self._readers[k]
 
     def _block(self, p: _Partition) -> dict[str, torch.Tensor]:
@@ -571,11 +658,48 @@ class GripIterableDataset(IterableDataset):
             yield self._block(p)
 
     # ------------------------------------------------------------------ checkpointing
+    def corpus_state(self) -> dict:
+        """What a checkpoint records of the corpus it was trained on (see `check_resume`)."""
+        return {"corpus_fingerprint": self.fingerprint, "corpus_root": str(self.root), "corpus_k": self.k}
+
+    def check_resume(self, saved: dict, what: str = "the checkpoint") -> bool:
+        """True if `saved` (a state with `corpus_state()` fields) was written on this prepared
+        corpus, or does not say (a checkpoint from before the field). On another corpus:
+        CorpusChangedError naming both, or, with `allow_corpus_change`, a warning and False
+        (the caller then starts afresh instead of restoring)."""
+        fp = saved.get("corpus_fingerprint") if isinstance(saved, dict) else None
+        if not fp or fp == self.fingerprint:
+            return True
+        old_root, old_k = saved.get("corpus_root", "?"), saved.get("corpus_k", "?")
+        msg = (
+            f"{what} was trained on the prepared corpus {old_root} (K={old_k}, fingerprint "
+            f"{fp[:16]}...), but this run reads {self.root} (K={self.k}, fingerprint "
+            f"{self.fingerprint[:16]}...)"
+        )
+        if self.allow_corpus_change:
+            import warnings
+
+            warnings.warn(
+                f"{msg}; allow_corpus_change is set: the data stream and the GRIP budgets start afresh "
+                "on this corpus (the model and optimizer resume)",
+                UserWarning,
+                stacklevel=2,
+            )
+            return False
+        same_dir = Path(str(old_root)).resolve() == self.root.resolve()
+        raise CorpusChangedError(
+            f"{msg}{' (the same folder, prepared again)' if same_dir else ''}. Resume on the corpus the "
+            "checkpoint was trained on, or, to continue training on this one on purpose, set "
+            f"data.dataset.init_args.allow_corpus_change: true (or {ALLOW_CORPUS_CHANGE_ENV}=1): the "
+            "model and optimizer resume, the data stream and budgets start afresh"
+        )
+
     def state_dict(self) -> dict:
         p = self._part
         if p is None:
             return dict(self._pending_state or {}, table=self._table.tolist(), started=False)
         return {
+            **self.corpus_state(),
             "state_version": STATE_VERSION,
             "started": True,
             "seed": self.seed,
@@ -613,6 +737,8 @@ class GripIterableDataset(IterableDataset):
     def load_state_dict(self, state: dict) -> None:
         if not state.get("started", False):
             return
+        if not self.check_resume(state, "the data-loader state in the checkpoint"):
+            return  # another corpus, allowed: start the stream afresh
         if state.get("state_version") != STATE_VERSION:
             raise ValueError(f"dataset state version {state.get('state_version')} != {STATE_VERSION}")
         if state["seed"] != self.seed or state["order"] != self.order:

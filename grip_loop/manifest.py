@@ -9,14 +9,17 @@ raises `ManifestError` naming the file and the fix, instead of failing mid-run.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 SCHEMA_VERSION = 1
+_EPS = 1e-9  # rounding slack on [0, 1] and [0, 10] scores
 MANIFEST_NAME = "manifest.json"
 
 
@@ -29,6 +32,13 @@ class ShardInfo:
     path: str  # relative to the prepared directory
     n_docs: int
     n_tokens: int
+    # sha256 of the whole shard file, written by `grip prepare`; "" in manifests written
+    # before checksums existed (then a change of the shard's bytes cannot be detected)
+    sha256: str = ""
+
+    def under(self, prefix: str | os.PathLike) -> ShardInfo:
+        """The same shard with `prefix/` in front of its path."""
+        return dataclasses.replace(self, path=str(Path(prefix) / self.path))
 
 
 @dataclass
@@ -228,6 +238,12 @@ def _check_schema(d: dict, path: Path, fix: str) -> None:
             )
             need(is_int(sh.get("n_docs")), f"{w}.n_docs", "an integer >= 0")
             need(is_int(sh.get("n_tokens")), f"{w}.n_tokens", "an integer >= 0")
+            sha = sh.get("sha256", "")
+            need(
+                isinstance(sha, str) and (sha == "" or _is_hex64(sha)),
+                f"{w}.sha256",
+                "64 hex digits (or absent)",
+            )
 
     need(isinstance(d.get("corpus_fingerprint"), str), "corpus_fingerprint", "a string")
     tok = d.get("tokenizer")
@@ -235,6 +251,16 @@ def _check_schema(d: dict, path: Path, fix: str) -> None:
     need(is_int(tok.get("vocab_size"), 1), "tokenizer.vocab_size", "an integer >= 1")
     need(is_int(tok.get("eos_id")), "tokenizer.eos_id", "an integer >= 0")
     need(tok.get("token_dtype") in ("uint16", "uint32"), "tokenizer.token_dtype", "'uint16' or 'uint32'")
+    need(
+        tok["eos_id"] < tok["vocab_size"],
+        "tokenizer.eos_id",
+        f"< tokenizer.vocab_size ({tok['eos_id']} >= {tok['vocab_size']})",
+    )
+    need(
+        tok["token_dtype"] == "uint32" or tok["vocab_size"] <= 1 << 16,
+        "tokenizer.vocab_size",
+        f"at most 65536 with token_dtype uint16 (got {tok['vocab_size']})",
+    )
     for key in ("path", "sha256"):
         need(tok.get(key) is None or isinstance(tok.get(key), str), f"tokenizer.{key}", "a string")
     need(isinstance(d.get("encoder"), dict), "encoder", "an object")
@@ -252,8 +278,15 @@ def _check_schema(d: dict, path: Path, fix: str) -> None:
             need(is_int(c.get(key)), f"{w}.{key}", "an integer >= 0")
         for key in ("mean_length", "sigma", "quality"):
             need(is_num(c.get(key)), f"{w}.{key}", "a finite number")
+        # ranges: sigma_k is the RMS distance of unit vectors to their centroid (Eq. 3),
+        # Q_k a mean rubric score / 10; a value outside would silently skew every budget
+        need(c["mean_length"] >= 0, f"{w}.mean_length", f"a number >= 0 (got {c['mean_length']})")
+        need(0 <= c["sigma"] <= 2, f"{w}.sigma", f"a number in [0, 2] (got {c['sigma']})")
+        need(-_EPS <= c["quality"] <= 1 + _EPS, f"{w}.quality", f"a number in [0, 1] (got {c['quality']})")
         qs = c.get("quality_scores", {})
         need(isinstance(qs, dict) and all(is_num(v) for v in qs.values()), f"{w}.quality_scores", "numbers")
+        for dim, v in qs.items():
+            need(-_EPS <= v <= 10 + _EPS, f"{w}.quality_scores[{dim!r}]", f"a score in [0, 10] (got {v})")
         for key in ("probe_ids", "examples", "eval_ids"):
             need(str_list(c.get(key, [])), f"{w}.{key}", "a list of strings")
         need(isinstance(c.get("name", ""), str), f"{w}.name", "a string")
@@ -268,3 +301,86 @@ def _check_schema(d: dict, path: Path, fix: str) -> None:
         for order, ss in shards.items():
             shard_list(ss, f"{w}.shards[{order!r}]")
     shard_list(d.get("heldout", []), "heldout")
+
+
+def _is_hex64(s: str) -> bool:
+    return len(s) == 64 and all(c in "0123456789abcdef" for c in s)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, streamed (about 1-2 GB/s)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def check_shard_sha256(root: str | os.PathLike, shard: ShardInfo) -> None:
+    """ManifestError naming the shard when its bytes are not the ones `grip prepare` wrote
+    (the sha256 recorded in the manifest). A shard without a recorded sha256 passes."""
+    if not shard.sha256:
+        return
+    root = Path(root)
+    path = root / shard.path
+    try:
+        have = file_sha256(path)
+    except OSError as exc:
+        raise ManifestError(f"{path}: unreadable shard ({exc}); re-run `grip prepare --out {root}`") from exc
+    if have != shard.sha256:
+        raise ManifestError(
+            f"{path}: content sha256 {have[:16]}... differs from the {shard.sha256[:16]}... recorded in "
+            f"{root / MANIFEST_NAME} (the shard's bytes changed after `grip prepare` wrote it: disk or "
+            f"copy damage, or an edit); re-run `grip prepare --out {root}` (it rewrites every shard)"
+        )
+
+
+_WARNED_NO_SHA: set[str] = set()
+
+
+def warn_if_unchecksummed(m: Manifest, root: str | os.PathLike) -> bool:
+    """Warn (once per prepared directory and process) when the manifest records no shard
+    checksums (written before they existed). Returns True if any shard lacks one."""
+    shards = [s for c in m.clusters for ss in c.shards.values() for s in ss]
+    shards += [s for c in m.clusters for s in c.probe_shards] + list(m.heldout)
+    missing = sum(1 for s in shards if not s.sha256)
+    if not missing:
+        return False
+    key = str(Path(root).resolve())
+    if key not in _WARNED_NO_SHA:
+        _WARNED_NO_SHA.add(key)
+        warnings.warn(
+            f"{Path(root) / MANIFEST_NAME}: {missing} of {len(shards)} shards have no recorded sha256 "
+            "(prepared by an older grip-loop), so a change of their bytes cannot be detected; re-run "
+            f"`grip prepare --out {root}` to record them",
+            UserWarning,
+            stacklevel=3,
+        )
+    return True
+
+
+def prepared_fingerprint(m: Manifest) -> str:
+    """sha256 identifying a prepared corpus: its source fingerprint, tokenizer, clusters and
+    every shard (paths, counts and content sha256). Moving the directory or re-running an
+    interrupted `grip prepare` to the same result keeps it; preparing again with other
+    settings or another corpus changes it (`config` and `stats` are not part of it)."""
+    d = m.to_dict()
+    ident = {
+        "schema_version": d["schema_version"],
+        "corpus_fingerprint": d["corpus_fingerprint"],
+        "tokenizer": {k: v for k, v in d["tokenizer"].items() if k != "path"},
+        "k": d["k"],
+        "seed": d["seed"],
+        "orders": d["orders"],
+        "clusters": d["clusters"],
+        "heldout": d["heldout"],
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def token_range_error(path, where: str, token: int, vocab: int, root) -> ManifestError:
+    """The error for a token id a prepared shard must not hold (>= the tokenizer's vocabulary
+    recorded in the manifest): the data is damaged, not the model's configuration."""
+    root = Path(root)
+    return ManifestError(
+        f"{path}: {where} holds token id {token}, but the tokenizer recorded in {root / MANIFEST_NAME} "
+        f"has {vocab} tokens (tokenizer.vocab_size): the shard or the manifest is damaged (this is "
+        f"not model.vocab_size); re-run `grip prepare --out {root}`"
+    )

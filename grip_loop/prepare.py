@@ -770,12 +770,12 @@ def _finish(
                 for pos, j in enumerate(orders[k][name]):
                     write(w, int(m[j]), k, pos)
                 infos = w.close()
-            shard_lists[name] = [ShardInfo(str(rel / s.path), s.n_docs, s.n_tokens) for s in infos]
+            shard_lists[name] = [s.under(rel) for s in infos]
             bar.update(len(m))
         with ShardWriter(out / "probe", token_dtype=dtype, prefix=f"cluster-{k:05d}", max_docs=1 << 30) as w:
             for pos, i in enumerate(probes[k]):
                 write(w, int(i), k, pos)
-            probe_infos = [ShardInfo(f"probe/{s.path}", s.n_docs, s.n_tokens) for s in w.close()]
+            probe_infos = [s.under("probe") for s in w.close()]
         first = orders[k][cfg.orders[0]][: cfg.n_examples]
         probe_ids = [docs[int(i)]["id"] for i in probes[k]]
         clusters.append(
@@ -804,7 +804,7 @@ def _finish(
         with ShardWriter(out / "heldout", token_dtype=dtype, prefix=prefix, max_docs=cfg.shard_max_docs) as w:
             for pos, i in enumerate(mine):
                 write(w, i, int(labels[i]), pos)
-            heldout_infos += [ShardInfo(f"heldout/{s.path}", s.n_docs, s.n_tokens) for s in w.close()]
+            heldout_infos += [s.under("heldout") for s in w.close()]
     bar.close()
     timer.record("write", t0, int(train.sum()) * len(cfg.orders) + len(held))
 

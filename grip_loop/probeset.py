@@ -26,7 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from grip_loop.manifest import MANIFEST_NAME, Manifest, ManifestError
+from grip_loop.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    ManifestError,
+    check_shard_sha256,
+    token_range_error,
+)
 from grip_loop.rap import ProbeBatch
 from grip_loop.shards import iter_shard
 
@@ -105,6 +111,7 @@ def probe_set(
         )
     root = Path(root)
     eos, dtype = int(manifest.tokenizer["eos_id"]), manifest.tokenizer["token_dtype"]
+    vocab = int(manifest.tokenizer["vocab_size"])
     splittable = [c for c in manifest.clusters if len(c.probe_ids) >= 2]
     if eval_split == "split" and splittable and not any(c.eval_ids for c in manifest.clusters):
         c = splittable[0]
@@ -121,7 +128,13 @@ def probe_set(
         eval_ids = set(c.eval_ids)  # a one-document probe has none: flagged by the probe (min_docs)
         roles: dict[str, list[np.ndarray]] = {"adapt": [], "eval": []}
         for s in c.probe_shards:
+            check_shard_sha256(root, s)  # small, read whole: always checked
             for doc in iter_shard(root / s.path, dtype, with_text=False):
+                if doc.tokens.size and int(doc.tokens.max()) >= vocab:
+                    # a data error, found at setup: the probe would fail at every refresh
+                    raise token_range_error(
+                        root / s.path, f"probe document {doc.key!r}", int(doc.tokens.max()), vocab, root
+                    )
                 role = "eval" if eval_split == "split" and doc.meta.get("doc_id") in eval_ids else "adapt"
                 if len(roles[role]) < max_docs:
                     roles[role].append(doc.tokens)

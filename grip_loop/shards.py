@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from grip_loop.manifest import ManifestError, ShardInfo
+from grip_loop.manifest import ManifestError, ShardInfo, file_sha256
 from grip_loop.workdir import DiskSpaceError, disk_full
 
 TOKEN_DTYPES = ("uint16", "uint32")
@@ -113,8 +113,9 @@ class ShardWriter:
             finally:
                 os.close(fd)
         final = self._tmp.with_suffix("")  # drop ".tmp"
+        sha = file_sha256(self._tmp)  # read back from the page cache: what the reader will see
         os.replace(self._tmp, final)
-        self.finished.append(ShardInfo(path=final.name, n_docs=self._docs, n_tokens=self._tokens))
+        self.finished.append(ShardInfo(path=final.name, n_docs=self._docs, n_tokens=self._tokens, sha256=sha))
         self._tar = self._tmp = None
 
     def write(self, key: str, tokens: np.ndarray, text: str, meta: dict) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from grip_loop.manifest import SCHEMA_VERSION, ClusterInfo, Manifest, ShardInfo
+from grip_loop.manifest import SCHEMA_VERSION, ClusterInfo, Manifest
 from grip_loop.shards import ShardWriter, iter_shard
 
 EOS, MARK, POS = 0, 1, 1000
@@ -49,17 +49,14 @@ def make_prepared(
                     )
                     toks = np.concatenate([[MARK + k, POS + p], filler])
                     w.write(f"{k:03d}{p:06d}", toks, f"doc {k}/{p}", {"cluster": k, "position": p})
-            shards[order] = [
-                ShardInfo(f"shards/{order}/cluster-{k:05d}/{s.path}", s.n_docs, s.n_tokens)
-                for s in w.finished
-            ]
+            shards[order] = [s.under(f"shards/{order}/cluster-{k:05d}") for s in w.finished]
         probe = []
         if nk:
             docs = [d for s in shards[orders[0]] for d in iter_shard(root / s.path, "uint16")][:n_probe]
             with ShardWriter(root / "probe", prefix=f"cluster-{k:05d}", max_docs=1 << 30) as w:
                 for doc in docs:
                     w.write(doc.key, doc.tokens, doc.text, {**doc.meta, "doc_id": doc.key})
-            probe = [ShardInfo(f"probe/{s.path}", s.n_docs, s.n_tokens) for s in w.finished]
+            probe = [s.under("probe") for s in w.finished]
         n_tok = int(sum(s.n_tokens for s in shards[orders[0]]))
         clusters.append(
             ClusterInfo(

@@ -182,7 +182,51 @@ class ResumableLoader(StatefulDataLoader):
                     "resume with the same number of processes"
                 )
             state_dict = state_dict["per_rank"][rank]
+        saved = saved_num_workers(state_dict)
+        if saved is not None and saved != self.num_workers:
+            # torchdata would fail later, at the first batch, with a bare AssertionError
+            raise ValueError(
+                f"num_workers: the checkpoint's data-loader state was saved with num_workers={saved}, "
+                f"this run has num_workers={self.num_workers}; resume with data.num_workers: {saved}. "
+                "Each worker reads its own partition of the stream (g = rank * num_workers + worker), "
+                "with its own cursors, so the partitions of another worker count cannot continue "
+                "where these stopped (changing it means starting the data stream afresh)"
+            )
+        check = getattr(self.dataset, "check_resume", None)
+        if check is not None:  # in this process, before workers start (GripIterableDataset)
+            for ds_state in _dataset_states(state_dict):
+                check(ds_state, "the data-loader state in the checkpoint")
         super().load_state_dict(state_dict)
+
+
+def _dataset_states(state: Any) -> list[dict]:
+    """Every `dataset_state` dict inside a StatefulDataLoader state (one per worker)."""
+    out, stack = [], [state]
+    while stack:
+        d = stack.pop()
+        if not isinstance(d, dict):
+            continue
+        for key, value in d.items():
+            if key == "dataset_state" and isinstance(value, dict):
+                out.append(value)
+            elif isinstance(value, dict):
+                stack.append(value)
+    return out
+
+
+def saved_num_workers(state: Any) -> int | None:
+    """The DataLoader worker count a StatefulDataLoader state was saved with (None: unknown)."""
+    if not isinstance(state, dict) or not state:
+        return None
+    if "_num_yielded" in state:  # the single-process iterator's state
+        return 0
+    stack = [state]
+    while stack:
+        d = stack.pop()
+        if "_num_workers" in d and isinstance(d["_num_workers"], int):
+            return int(d["_num_workers"])
+        stack.extend(v for v in d.values() if isinstance(v, dict))
+    return None
 
 
 def _merge_dataset_states(consumed: Any, latest: Any, merge: Callable[[dict, dict], dict]) -> Any:
@@ -218,10 +262,16 @@ class GripDataModule(L.LightningDataModule):
         pin_memory: bool = False,
     ) -> None:
         super().__init__()
-        if batch_size <= 0:
-            raise ValueError(f"GripDataModule.batch_size must be > 0, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"GripDataModule.num_workers must be >= 0, got {num_workers}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(
+                f"GripDataModule.batch_size must be an integer > 0, got {batch_size!r}; "
+                "set data.batch_size to the blocks per step per device"
+            )
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(
+                f"GripDataModule.num_workers must be an integer >= 0, got {num_workers!r} "
+                "(0 = read in the main process)"
+            )
         self._source = dataset if dataset is not None else PackedRandomTokens
         self.dataset: IterableDataset | None = dataset if isinstance(dataset, IterableDataset) else None
         self.batch_size = batch_size

@@ -86,7 +86,7 @@ def load_tokenizer(prepared: str | Path):
 def heldout_documents(prepared: str | Path, with_cluster: bool = False) -> dict[str, list]:
     """Token ids of the held-out documents, grouped by language (manifest order); with
     `with_cluster`, (cluster id, token ids) pairs (the cluster the document was assigned to)."""
-    from grip_loop.manifest import load_manifest
+    from grip_loop.manifest import check_shard_sha256, load_manifest
     from grip_loop.shards import iter_shard
 
     m = load_manifest(prepared)
@@ -97,6 +97,7 @@ def heldout_documents(prepared: str | Path, with_cluster: bool = False) -> dict[
         )
     out: dict[str, list[np.ndarray]] = {}
     for s in m.heldout:
+        check_shard_sha256(prepared, s)
         for d in iter_shard(Path(prepared) / s.path, m.tokenizer["token_dtype"], with_text=False):
             tokens = d.tokens.astype(np.int64)
             item = (int(d.meta.get("cluster", -1)), tokens) if with_cluster else tokens

@@ -92,6 +92,10 @@ class MoELM(L.LightningModule):
         self._tokens_since = 0
         self._steps_since = 0
 
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self._trainer is not None:
+            check_trainer_trains(self.trainer)
+
     # -- model ---------------------------------------------------------------------------------
     def _build(self):
         model = build_model(
@@ -129,11 +133,14 @@ class MoELM(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         input_ids = batch["input_ids"]
         labels = batch.get("labels", input_ids)  # absent = the inputs (HF convention: we shift)
-        if input_ids.max() >= self.model_config.vocab_size:
+        if input_ids.dim() != 2 or input_ids.size(1) < 2:
             raise ValueError(
-                f"batch has token id {int(input_ids.max())} >= model vocab_size {self.model_config.vocab_size}; "
-                "set model.vocab_size to the tokenizer's size"
+                f"batch input_ids of shape {tuple(input_ids.shape)}: a block needs at least 2 tokens "
+                "(T tokens give T-1 next-token targets; with 1 the loss is 0.0 and nothing is learned); "
+                "set the dataset's seq_len (data.dataset.init_args.seq_len) to 2 or more"
             )
+        if input_ids.max() >= self.model_config.vocab_size or input_ids.min() < 0:
+            self._raise_token_range(input_ids)
         out = self(input_ids)
         tok_loss, mask = self.token_losses(out.logits, labels)
         n_tok = mask.sum().clamp_min(1)
@@ -150,6 +157,28 @@ class MoELM(L.LightningModule):
         self._tokens_since += int(input_ids.numel())
         self._steps_since += 1
         return loss
+
+    def _raise_token_range(self, input_ids: torch.Tensor) -> None:
+        """A token id the model cannot embed: say whether the data or the configuration is wrong.
+        A GripIterableDataset knows the vocabulary of the tokenizer that made its shards."""
+        v = self.model_config.vocab_size
+        bad = int(input_ids.min()) if input_ids.min() < 0 else int(input_ids.max())
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        tok_vocab = getattr(getattr(dm, "dataset", None), "vocab_size", None)
+        if bad < 0 or (tok_vocab is not None and bad >= tok_vocab):
+            raise ValueError(
+                f"batch has token id {bad}, outside the vocabulary of the tokenizer that made the data "
+                f"({tok_vocab} tokens): the data is damaged, not model.vocab_size; re-run `grip prepare` on it"
+            )
+        if tok_vocab is not None:
+            raise ValueError(
+                f"batch has token id {bad} >= model vocab_size {v}; the data's tokenizer has {tok_vocab} "
+                f"tokens: set model.vocab_size >= {tok_vocab}"
+            )
+        raise ValueError(
+            f"batch has token id {bad} >= model vocab_size {v}; set model.vocab_size to the size of the "
+            f"tokenizer that made the data (if that tokenizer has at most {v} tokens, the data is damaged)"
+        )
 
     # -- per-cluster loss ------------------------------------------------------------------------
     def _accumulate_clusters(self, cids: torch.Tensor, loss_sum: torch.Tensor, count: torch.Tensor) -> None:
@@ -248,3 +277,18 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def check_trainer_trains(trainer) -> None:
+    """ValueError naming the trainer option when `trainer.fit` would run no optimizer step:
+    Lightning accepts these settings and ends the run at once with status 0."""
+    if trainer.max_steps == 0:
+        raise ValueError(
+            "trainer.max_steps: 0 runs no training step; set it to the number of optimizer steps "
+            "(>= 1), or -1 to train until max_epochs"
+        )
+    if trainer.max_epochs == 0:
+        raise ValueError("trainer.max_epochs: 0 runs no training step; set it >= 1 (or -1 for no limit)")
+    limit = trainer.limit_train_batches
+    if limit is not None and not isinstance(limit, bool) and limit == 0:
+        raise ValueError("trainer.limit_train_batches: 0 runs no training batch; remove it or set it > 0")

@@ -12,7 +12,6 @@ from grip_loop.manifest import (
     ClusterInfo,
     Manifest,
     ManifestError,
-    ShardInfo,
     load_manifest,
 )
 from grip_loop.shards import ShardWriter, iter_shard, token_dtype_for
@@ -83,7 +82,7 @@ def _manifest(tmp_path, n=(3, 2)):
     clusters = []
     for k, nk in enumerate(n):
         infos = _write(tmp_path / f"c{k}", [np.arange(4)] * nk)
-        shards = [ShardInfo(f"c{k}/s/{s.path}", s.n_docs, s.n_tokens) for s in infos]
+        shards = [s.under(f"c{k}/s") for s in infos]
         clusters.append(
             ClusterInfo(
                 id=k,

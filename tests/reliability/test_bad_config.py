@@ -170,3 +170,65 @@ def test_static_modes_ignore_reset_depth(tmp_path):
         model, datamodule=GripDataModule(GripIterableDataset(tmp_path / "p", seq_len=16), batch_size=2)
     )
     assert trainer.global_step == 1
+
+
+# ------------------------------------------------------------------ settings that train nothing (issue 13, 5)
+
+
+@pytest.mark.parametrize("bad", [1, 0, -4, True, 2.5, "64"])
+def test_a_sequence_length_that_trains_nothing_is_rejected(tmp_path, bad):
+    """seq_len 1 used to train with loss 0.0: a block of T tokens has T-1 targets."""
+    make_prepared(tmp_path / "p", [4, 4])
+    with pytest.raises(ValueError, match="^seq_len: must be an integer >= 2") as err:
+        GripIterableDataset(tmp_path / "p", seq_len=bad)
+    assert "data.dataset.init_args.seq_len" in str(err.value)
+    GripIterableDataset(tmp_path / "p", seq_len=2)
+
+
+def test_the_model_refuses_a_batch_without_a_next_token_target():
+    """Any dataset, not only GRIP's: a (B, 1) batch is refused before the forward pass."""
+    import torch
+
+    model = MoELM(model="tiny", vocab_size=64, model_overrides=TINY)
+    with pytest.raises(ValueError, match=r"shape \(2, 1\): a block needs at least 2 tokens") as err:
+        model.training_step({"input_ids": torch.zeros(2, 1, dtype=torch.long)}, 0)
+    assert "seq_len" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "kw,name",
+    [
+        ({"max_steps": 0}, "max_steps"),
+        ({"max_epochs": 0}, "max_epochs"),
+        ({"limit_train_batches": 0}, "limit_train_batches"),
+    ],
+)
+def test_trainer_settings_that_run_no_step_are_rejected(tmp_path, kw, name):
+    """Lightning accepts these and exits 0 without a step."""
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        callbacks=[NoStep()],
+        **{"max_steps": 2, **kw},
+    )
+    with pytest.raises(ValueError, match=rf"^trainer\.{name}: 0 runs no training"):
+        trainer.fit(
+            MoELM(model="tiny", vocab_size=512, model_overrides=TINY), datamodule=GripDataModule(batch_size=2)
+        )
+
+
+@pytest.mark.parametrize(
+    "kw,name",
+    [({"batch_size": 0}, "batch_size"), ({"batch_size": 2.5}, "batch_size")]
+    + [
+        ({"batch_size": True}, "batch_size"),
+        ({"num_workers": -1}, "num_workers"),
+        ({"num_workers": 1.5}, "num_workers"),
+    ],
+)
+def test_data_module_sizes_must_be_whole_numbers(kw, name):
+    with pytest.raises(ValueError, match=rf"^GripDataModule\.{name} must be an integer"):
+        GripDataModule(**kw)

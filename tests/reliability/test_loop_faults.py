@@ -196,3 +196,150 @@ def test_a_probe_failing_on_one_rank_does_not_hang_the_others(tmp_path):
     d0, d1 = np.load(tmp_path / "delta0.npy"), np.load(tmp_path / "delta1.npy")
     np.testing.assert_array_equal(d0, d1)
     assert np.all(np.isfinite(d0[[0, 2]])) and np.all(np.isnan(d0[[1, 3]]))
+
+
+# ------------------------------------------------------------------ num_workers changed on resume (issue 13, 5)
+
+
+@pytest.mark.parametrize("before,after", [(2, 0), (0, 2), (2, 1)])
+def test_resuming_with_another_num_workers_is_refused_by_name(prepared, before, after):
+    """torchdata used to fail at the first batch with a bare AssertionError."""
+    from grip_loop.dataset import collate_blocks
+    from train.data import ResumableLoader, saved_num_workers
+
+    def loader(n):
+        ds = GripIterableDataset(prepared, seq_len=8)
+        return ResumableLoader(ds, batch_size=2, num_workers=n, collate_fn=collate_blocks)
+
+    first = loader(before)
+    it = iter(first)
+    for _ in range(3):
+        next(it)
+        first.mark_consumed()
+    state = first.state_dict()
+    del it
+    assert saved_num_workers(state) == before
+    with pytest.raises(
+        ValueError,
+        match=rf"^num_workers: .* saved with num_workers={before}, this run has "
+        rf"num_workers={after}; resume with data.num_workers: {before}",
+    ):
+        loader(after).load_state_dict(state)
+    same = loader(before)
+    same.load_state_dict(state)  # the same count resumes
+    assert next(iter(same))["input_ids"].shape == (2, 8)
+
+
+# ------------------------------------------------------------------ resuming on another corpus (issue 13, 3)
+
+
+def _fit(root, tmp_path, *, steps, ckpt=None, allow=False, callback=True):
+    from grip_loop.callback import GripCallback
+
+    ds = GripIterableDataset(root, seq_len=16, allow_corpus_change=allow)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        callbacks=[GripCallback(probe_seq_len=16, first_refresh_after_steps=1000, max_probe_overhead=None)]
+        if callback
+        else [],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
+    model = MoELM(model="tiny", vocab_size=2048, model_overrides=TINY)
+    trainer.fit(model, datamodule=GripDataModule(ds, batch_size=2), ckpt_path=ckpt)
+    return trainer, ds
+
+
+def test_a_checkpoint_resumed_on_another_prepared_corpus_is_refused_naming_both(tmp_path):
+    """Used to resume on a re-prepared corpus (same K) without a word, and to fail with a
+    budget-shape message with another K."""
+    from grip_loop.dataset import CorpusChangedError
+
+    a = tmp_path / "a"
+    make_prepared(a, SIZES, max_len=12, seed=0)
+    trainer, ds = _fit(a, tmp_path, steps=2)
+    ckpt = tmp_path / "a.ckpt"
+    trainer.save_checkpoint(ckpt)
+    fp_a = ds.fingerprint
+
+    # the same folder, prepared again with another seed (same K)
+    import shutil
+
+    shutil.rmtree(a)
+    make_prepared(a, SIZES, max_len=12, seed=1)
+    with pytest.raises(CorpusChangedError) as err:
+        _fit(a, tmp_path, steps=4, ckpt=ckpt)
+    msg = str(err.value)
+    assert fp_a[:16] in msg and GripIterableDataset(a).fingerprint[:16] in msg
+    assert str(a) in msg and "prepared again" in msg and "allow_corpus_change: true" in msg
+
+    # another folder with another K
+    b = tmp_path / "b"
+    make_prepared(b, [7, 9], max_len=12)
+    with pytest.raises(CorpusChangedError, match=r"K=3.*K=2") as err:
+        _fit(b, tmp_path, steps=4, ckpt=ckpt)
+    assert str(a) in str(err.value) and str(b) in str(err.value)
+    # without the GRIP callback, the data-loader state is bound too
+    with pytest.raises(CorpusChangedError, match="data-loader state"):
+        _fit(b, tmp_path, steps=4, ckpt=ckpt, callback=False)
+
+    # the explicit override: model and optimizer resume, data and budgets start afresh
+    with pytest.warns(UserWarning, match="allow_corpus_change is set"):
+        trainer, _ = _fit(b, tmp_path, steps=4, ckpt=ckpt, allow=True)
+    assert trainer.global_step == 4
+
+
+def test_the_corpus_fingerprint_survives_a_move_and_an_identical_re_prepare(tmp_path):
+    import shutil
+
+    from grip_loop.manifest import load_manifest, prepared_fingerprint
+
+    make_prepared(tmp_path / "a", SIZES, seed=0)
+    fp = prepared_fingerprint(load_manifest(tmp_path / "a"))
+    shutil.copytree(tmp_path / "a", tmp_path / "moved")
+    assert prepared_fingerprint(load_manifest(tmp_path / "moved")) == fp
+    make_prepared(tmp_path / "again", SIZES, seed=0)
+    assert prepared_fingerprint(load_manifest(tmp_path / "again")) == fp
+    make_prepared(tmp_path / "other", SIZES, seed=1)
+    assert prepared_fingerprint(load_manifest(tmp_path / "other")) != fp
+
+
+def test_the_loader_refuses_another_corpus_unless_allowed(tmp_path, monkeypatch):
+    from grip_loop.dataset import ALLOW_CORPUS_CHANGE_ENV, CorpusChangedError, collate_blocks
+    from train.data import ResumableLoader
+
+    make_prepared(tmp_path / "a", SIZES, seed=0)
+    make_prepared(tmp_path / "b", SIZES, seed=1)
+    first = ResumableLoader(
+        GripIterableDataset(tmp_path / "a", seq_len=8), batch_size=2, collate_fn=collate_blocks
+    )
+    it = iter(first)
+    for _ in range(3):
+        next(it)
+        first.mark_consumed()
+    state = first.state_dict()
+    with pytest.raises(CorpusChangedError, match="fingerprint"):
+        ResumableLoader(GripIterableDataset(tmp_path / "b", seq_len=8), batch_size=2).load_state_dict(state)
+    monkeypatch.setenv(ALLOW_CORPUS_CHANGE_ENV, "1")
+    fresh = next(
+        iter(
+            ResumableLoader(
+                GripIterableDataset(tmp_path / "b", seq_len=8), batch_size=2, collate_fn=collate_blocks
+            )
+        )
+    )
+    resumed = ResumableLoader(
+        GripIterableDataset(tmp_path / "b", seq_len=8), batch_size=2, collate_fn=collate_blocks
+    )
+    with pytest.warns(UserWarning, match="start afresh"):
+        resumed.load_state_dict(state)
+        got = next(iter(resumed))
+    assert torch.equal(got["input_ids"], fresh["input_ids"])  # the stream started afresh
+    old = {k: v for k, v in state.items()}
+    same = ResumableLoader(
+        GripIterableDataset(tmp_path / "a", seq_len=8), batch_size=2, collate_fn=collate_blocks
+    )
+    same.load_state_dict(old)  # the same corpus resumes

@@ -159,10 +159,15 @@ def manifests(draw):
                 examples=draw(st.lists(name, max_size=2)),
             )
         )
+    vocab = draw(st.integers(1, 1 << 17))
     return Manifest(
         schema_version=SCHEMA_VERSION,
         corpus_fingerprint=draw(name),
-        tokenizer={"vocab_size": draw(st.integers(1, 1 << 17)), "eos_id": 0, "token_dtype": "uint16"},
+        tokenizer={
+            "vocab_size": vocab,
+            "eos_id": 0,
+            "token_dtype": "uint16" if vocab <= 1 << 16 else "uint32",
+        },
         encoder={"name": draw(name)},
         k=k,
         seed=draw(st.integers(0, 2**31)),
