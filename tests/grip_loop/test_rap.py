@@ -242,7 +242,8 @@ def naive_upper(model, depth, cfg, refresh_index):
     return upper
 
 
-def naive_forward(model, upper, h):
+def naive_hidden(model, upper, h):
+    """The upper part's blocks and norm (none at depth 0): the head's input."""
     t = h.shape[1]
     pos = torch.arange(t).unsqueeze(0)
     pe = tuple(x.float() for x in model.model.rotary_emb(h, pos))
@@ -252,7 +253,11 @@ def naive_forward(model, upper, h):
         h = h[0] if isinstance(h, tuple) else h
     if "norm" in upper:
         h = upper["norm"](h)
-    return upper["head"](h)
+    return h
+
+
+def naive_forward(model, upper, h):
+    return upper["head"](naive_hidden(model, upper, h))
 
 
 def nll_sum(logits, ids, pad):
@@ -288,16 +293,7 @@ def naive_probe(model, adapt, ev, half, depth, cfg, refresh_index=0, calibration
     ref = naive_upper(model, depth, cfg, refresh_index)
     cal = adapt[:1] if calibration is None else calibration
     with torch.no_grad():
-        x = naive_features(model, cal, depth)
-        if depth:
-            t = x.shape[1]
-            pos = torch.arange(t).unsqueeze(0)
-            pe = tuple(v.float() for v in model.model.rotary_emb(x, pos))
-            mask = torch.full((t, t), float("-inf")).triu(1)[None, None]
-            for block in ref["blocks"]:
-                x = block(x, attention_mask=mask, position_ids=pos, position_embeddings=pe)
-                x = x[0] if isinstance(x, tuple) else x
-            x = ref["norm"](x)
+        x = naive_hidden(model, ref, naive_features(model, cal, depth))
         tg = cal[:, 1:]
         valid = tg != (pad if pad is not None else -1)
         m1 = float(x[:, :-1][valid].abs().sum() / valid.sum())
