@@ -17,20 +17,12 @@ from grip_loop.dataset import GripIterableDataset
 from grip_loop.modes import BudgetConfig
 from grip_loop.rap import RAPConfig, estimate_train_flops
 from tests.prepared import make_prepared
+from tests.tiny import TINY as TINY_MOE
 from train.data import GripDataModule
 from train.module import MoELM
 
 SIZES = [30, 30, 20, 0, 25]
-TINY = dict(
-    hidden_size=32,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    num_experts=4,
-    top_k=2,
-    expert_size=32,
-)
+TINY = {**TINY_MOE, "expert_size": 32}
 
 
 @pytest.fixture(scope="module")

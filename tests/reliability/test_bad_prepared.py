@@ -13,6 +13,7 @@ import pytest
 from grip_loop.dataset import GripIterableDataset
 from grip_loop.manifest import ManifestError, load_manifest
 from tests.prepared import make_prepared
+from tests.tiny import TINY
 
 SIZES = [9, 5, 12]
 
@@ -294,8 +295,6 @@ def test_grip_prepare_records_checksums_that_training_and_eval_check(tmp_path, m
 
 
 # ------------------------------------------------------------------ out-of-range tokens (issue 13, 3)
-
-TINY = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, num_experts=4, top_k=2)
 
 
 def _set_token(root: Path, shard_path: Path, value: int, doc: int = 0) -> None:

@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
+from tests.devices import requires_gpu
 from train.data import GripDataModule, PackedRandomTokens
 from train.module import MoELM, lr_lambda
 
@@ -168,11 +169,8 @@ def test_activation_checkpointing_same_gradients():
 
 
 @pytest.mark.gpu
+@requires_gpu
 def test_bf16_mixed_on_gpu_loss_falls(tmp_path):
-    from tests.devices import requires_gpu
-
-    if requires_gpu.args[0]:  # skipif condition: no CUDA
-        pytest.skip("needs a CUDA GPU")
     m = module()
     trainer(tmp_path, 30, accelerator="gpu", precision="bf16-mixed").fit(m, datamodule=data())
     curve = losses(tmp_path)
