@@ -53,6 +53,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
+from grip_loop.distributed import World
 from grip_loop.manifest import (
     Manifest,
     ManifestError,
@@ -373,6 +374,9 @@ class GripIterableDataset(IterableDataset):
             (or the environment variable GRIP_ALLOW_CORPUS_CHANGE=1): the saved stream state
             is dropped and the stream starts afresh on this corpus (the model and optimizer
             still resume; GripCallback starts its budgets afresh too).
+        world: the rank and world size to partition the stream for (`World(rank, world_size)`;
+            DataLoader workers are added in each worker). None (default) = this process's, from
+            torch.distributed or torchrun's environment. For tests and custom launchers.
     """
 
     def __init__(
@@ -388,6 +392,7 @@ class GripIterableDataset(IterableDataset):
         expected_tokenizer: str | None = None,
         verify_shards: str = "auto",
         allow_corpus_change: bool = False,
+        world: World | None = None,
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -429,8 +434,7 @@ class GripIterableDataset(IterableDataset):
         self._pending_state: dict | None = None
         self._chunk_tag: tuple | None = None
         self._chunk: np.ndarray | None = None
-        self.rank: int | None = None
-        self.world_size: int | None = None
+        self.world = world
 
     @property
     def vocab_size(self) -> int:
@@ -489,15 +493,8 @@ class GripIterableDataset(IterableDataset):
 
     # ------------------------------------------------------------------ partitions
     def _partition_id(self) -> tuple[int, int]:
-        rank, world = self.rank, self.world_size
-        if rank is None:
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-            else:
-                rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        return rank * nw + wid, world * nw
+        w = World.current() if self.world is None else self.world.in_worker()
+        return w.partition, w.num_partitions
 
     def _new_partition(self) -> _Partition:
         g, big_g = self._partition_id()

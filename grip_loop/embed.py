@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from grip_loop import distributed, workdir
+from grip_loop.devices import resolve_device
 
 
 def default_encoder_path() -> str:
@@ -82,14 +83,10 @@ class Encoder:
     """An HF encoder plus its tokenizer, in eval mode on one device."""
 
     def __init__(self, cfg: EncoderConfig) -> None:
-        import torch
         from transformers import AutoModel, AutoTokenizer
 
         self.cfg = cfg
-        if cfg.device == "auto":
-            self.device = f"cuda:{distributed.local_rank()}" if torch.cuda.is_available() else "cpu"
-        else:
-            self.device = cfg.device
+        self.device = resolve_device(cfg.device)
         local = Path(cfg.path).is_dir()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(cfg.path, local_files_only=local)

@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from grip_loop.devices import resolve_device
+
 
 @dataclass(kw_only=True)
 class EvalConfig:
@@ -241,11 +243,7 @@ def evaluate(ckpt: str | Path, prepared: str | Path, out: str | Path, cfg: EvalC
     cfg = cfg or EvalConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(
-        "cuda"
-        if cfg.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if cfg.device == "auto" else cfg.device)
-    )
+    device = torch.device(resolve_device(cfg.device))
     t0 = time.perf_counter()
     tok, eos = load_tokenizer(prepared)
     model = load_hf_model(ckpt, out / "hf", device)
