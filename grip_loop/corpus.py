@@ -38,6 +38,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from grip_loop._checks import check_number
 from grip_loop._tario import (  # noqa: F401  (MAX_TAR_HEADER_BYTES: re-exported)
     _READ_ERRORS,
     MAX_TAR_HEADER_BYTES,
@@ -206,8 +207,7 @@ class CorpusReader:
             raise ValueError(
                 f"corpus: {printable(self.src)} does not exist; pass a directory, a .jsonl file or a .tar shard"
             )
-        if self.max_file_bytes <= 0:
-            raise ValueError(f"max_file_bytes: must be > 0, got {self.max_file_bytes}")
+        check_number("max_file_bytes", self.max_file_bytes, 0, open_lo=True)
 
     def __iter__(self) -> Iterator[Document]:
         seen: set[str] = set()

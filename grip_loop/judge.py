@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from grip_loop._checks import check_choice, check_int, check_number
 from grip_loop.llm_judge import JudgeFailure, LLMJudge  # noqa: F401  (re-exported)
 from grip_loop.rubric import (  # noqa: F401  (re-exported: the judge API in one import)
     RUBRIC_PROMPT,
@@ -198,25 +199,25 @@ class JudgeConfig:
     max_retries: int = 3
     """llm: retries of a failed request; then the document is left unscored (and counted)."""
     concurrency: int = 8
+    """llm: requests in flight at once."""
     timeout_s: float = 120.0
     """llm: total seconds of one request (connect, headers and body together), not per read."""
     scores_path: str | None = None
     """file: JSONL of precomputed scores."""
 
     def __post_init__(self) -> None:
-        if self.kind not in JUDGES:
-            raise ValueError(f"judge.kind: must be one of {sorted(JUDGES)}, got {self.kind!r}")
+        check_choice("judge.kind", self.kind, tuple(sorted(JUDGES)))
         if self.kind == "llm" and not (self.base_url and self.model):
-            raise ValueError("judge.base_url and judge.model: both are required for kind 'llm'")
+            raise ValueError(
+                f"judge.base_url and judge.model: expected both for kind 'llm', got {self.base_url!r} and {self.model!r}"
+            )
         if self.kind == "file" and not self.scores_path:
-            raise ValueError("judge.scores_path: required for kind 'file'")
-        if self.max_retries < 0:
-            raise ValueError(f"judge.max_retries: must be >= 0, got {self.max_retries}")
-        t = self.timeout_s
-        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t <= 0:
-            raise ValueError(f"judge.timeout_s: must be a finite number of seconds > 0, got {t!r}")
-        if self.concurrency < 1:
-            raise ValueError(f"judge.concurrency: must be >= 1, got {self.concurrency}")
+            raise ValueError(
+                f"judge.scores_path: expected a JSONL path for kind 'file', got {self.scores_path!r}"
+            )
+        check_int("judge.max_retries", self.max_retries, 0)
+        check_number("judge.timeout_s", self.timeout_s, 0.0, open_lo=True, unit="seconds")
+        check_int("judge.concurrency", self.concurrency, 1)
 
     def build(self, cache_dir: str | Path | None = None) -> Judge:
         """The `kind` judge of `JUDGES`, built from this config (`cache_dir`: the llm judge's cache)."""

@@ -3,31 +3,16 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from grip_loop._checks import check_choice, check_int, check_number
+
 IGNORE = -100
 EVAL_SPLITS = ("split", "none")
 BASELINES = ("null", "unigram", "init")
-
-
-def _int(name: str, v, lo: int, *, optional: bool = False) -> None:
-    if optional and v is None:
-        return
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        what = f"None or an int >= {lo}" if optional else f"an int >= {lo}"
-        raise ValueError(f"{name}: expected {what}, got {v!r}")
-
-
-def _num(name: str, v, lo: float, *, open_lo: bool = False, hi: float | None = None) -> None:
-    ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-    ok = ok and (v > lo if open_lo else v >= lo) and (hi is None or v <= hi)
-    if not ok:
-        rng = f"{'>' if open_lo else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
-        raise ValueError(f"{name}: expected a finite number {rng}, got {v!r}")
 
 
 @dataclass(kw_only=True)
@@ -56,8 +41,11 @@ class RAPConfig:
     auto_lr_nats: float = 8.0
     """With lr auto: how far (in nats) the schedule can move any logit (docs/rap.md)."""
     weight_decay: float = 0.0
+    """AdamW weight decay of the adapted upper part."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW (beta1, beta2), each in [0, 1)."""
     eps: float = 1e-8
+    """AdamW epsilon."""
     seed: int = 0
     """theta_init seed; combined with the refresh index, so each refresh draws a new shared init."""
     batch_size: int | None = None
@@ -78,36 +66,33 @@ class RAPConfig:
     """Estimated memory cap of one vmap chunk (parameters, grads, Adam moments, activations)."""
 
     def __post_init__(self) -> None:
-        _int("reset_depth", self.reset_depth, 0)
-        if self.eval_split not in EVAL_SPLITS:
-            raise ValueError(f"eval_split: expected one of {EVAL_SPLITS}, got {self.eval_split!r}")
+        check_int("reset_depth", self.reset_depth, 0)
+        check_choice("eval_split", self.eval_split, EVAL_SPLITS)
         if self.baseline is None:  # `baseline: null` in YAML
             self.baseline = "null"
-        if self.baseline not in BASELINES:
-            raise ValueError(f"baseline: expected one of {BASELINES}, got {self.baseline!r}")
-        _int("epochs", self.epochs, 1)
-        _int("steps", self.steps, 1, optional=True)
-        _int("micro_batch", self.micro_batch, 1, optional=True)
+        check_choice("baseline", self.baseline, BASELINES)
+        check_int("epochs", self.epochs, 1)
+        check_int("steps", self.steps, 1, optional=True)
+        check_int("micro_batch", self.micro_batch, 1, optional=True)
         if isinstance(self.lr, str):
             if self.lr != "auto":
                 raise ValueError(f"lr: expected a finite number > 0 or 'auto', got {self.lr!r}")
         else:
-            _num("lr", self.lr, 0.0, open_lo=True)
-        _num("auto_lr_nats", self.auto_lr_nats, 0.0, open_lo=True)
-        _num("weight_decay", self.weight_decay, 0.0)
+            check_number("lr", self.lr, 0.0, open_lo=True)
+        check_number("auto_lr_nats", self.auto_lr_nats, 0.0, open_lo=True)
+        check_number("weight_decay", self.weight_decay, 0.0)
         if len(self.betas) != 2 or not all(
             isinstance(b, int | float) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in self.betas
         ):
             raise ValueError(f"betas: expected two numbers in [0, 1), got {self.betas!r}")
-        _num("eps", self.eps, 0.0, open_lo=True)
-        _int("seed", self.seed, 0)
-        _int("batch_size", self.batch_size, 1, optional=True)
-        if self.metric not in ("relative", "absolute"):
-            raise ValueError(f"metric: expected 'relative' or 'absolute', got {self.metric!r}")
-        _int("min_docs", self.min_docs, 1)
-        _num("reliability_threshold", self.reliability_threshold, -1.0, hi=1.0)
-        _int("pad_id", self.pad_id, 0, optional=True)
-        _num("vmap_max_bytes", self.vmap_max_bytes, 0.0, open_lo=True)
+        check_number("eps", self.eps, 0.0, open_lo=True)
+        check_int("seed", self.seed, 0)
+        check_int("batch_size", self.batch_size, 1, optional=True)
+        check_choice("metric", self.metric, ("relative", "absolute"))
+        check_int("min_docs", self.min_docs, 1)
+        check_number("reliability_threshold", self.reliability_threshold, -1.0, hi=1.0)
+        check_int("pad_id", self.pad_id, 0, optional=True)
+        check_number("vmap_max_bytes", self.vmap_max_bytes, 0.0, open_lo=True)
 
     @classmethod
     def literal(cls, **overrides) -> RAPConfig:
