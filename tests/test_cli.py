@@ -30,6 +30,7 @@ def test_unknown_command_fails(capsys):
     assert exc.value.code == 2
 
 
+@pytest.mark.slow
 def test_every_command_module_imports_and_has_help():
     for name in COMMANDS:
         proc = subprocess.run(
@@ -83,3 +84,22 @@ def test_ci_run_fails_with_the_command_and_without_a_marker(tmp_path):
     (tmp_path / "README.md").write_text("# no marker\n")
     proc = subprocess.run(["bash", str(run)], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 2 and "no test command found" in proc.stderr
+
+
+def test_train_help_shows_the_config_fields_attribute_docstrings(capsys):
+    """`grip train` parses attribute docstrings: a config dataclass's field help reaches --help."""
+    from train.main import build_cli
+
+    with pytest.raises(SystemExit) as exc:
+        build_cli(
+            [
+                "fit",
+                "--trainer.callbacks.help",
+                "grip_loop.callback.GripCallback",
+                "--trainer.callbacks.budget.help",
+            ]
+        )
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--trainer.callbacks.budget.temperature" in out
+    assert "Eq. 5 Boltzmann temperature (> 0)." in out  # BudgetConfig.temperature's docstring

@@ -98,7 +98,7 @@ def test_quick_verification_leaves_the_count_to_the_first_read(prepared):
 
 
 def test_auto_verification_is_quick_above_the_threshold(prepared, monkeypatch):
-    import grip_loop.dataset as dsmod
+    import grip_loop.shards as dsmod
 
     _consistent_count_edit(prepared)
     monkeypatch.setattr(dsmod, "FULL_VERIFY_MAX_DOCS", 10)
@@ -204,7 +204,7 @@ def test_changed_token_bytes_are_refused_at_start(prepared):
 
 
 def test_large_corpora_check_each_shards_sha256_at_its_first_read(prepared, monkeypatch):
-    import grip_loop.dataset as dsmod
+    import grip_loop.shards as dsmod
 
     bad = _shard(prepared)
     _flip_token_bytes(bad)

@@ -84,6 +84,7 @@ def test_lr_schedule_warmup_then_cosine():
     assert vals[55] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
 
 
+@pytest.mark.slow
 def test_tiny_loss_falls_and_logs(tmp_path):
     m = module()
     trainer(tmp_path, 40).fit(m, datamodule=data(num_clusters=3))
@@ -134,6 +135,7 @@ def test_vocab_mismatch_is_a_clear_error(tmp_path):
         trainer(tmp_path, 1).fit(m, datamodule=data())
 
 
+@pytest.mark.slow
 def test_checkpoint_resume_continues_the_same_loss_curve(tmp_path):
     # One run of 8 steps vs. 4 steps + checkpoint + resume to 8: identical losses at steps 4..7.
     straight = tmp_path / "straight"
