@@ -183,7 +183,9 @@ def budgets(
     return allocation(base, replay, b_total, sizes=sizes, floor=floor, guard=guard).n
 
 
-def repetition_guard(cfg: BudgetConfig, sizes, mean_length, run_tokens: float | None) -> RepetitionGuard | None:
+def repetition_guard(
+    cfg: BudgetConfig, sizes, mean_length, run_tokens: float | None
+) -> RepetitionGuard | None:
     """The guard of a run, or None when it is off (max_repetition null, or no known run length)."""
     if cfg.max_repetition is None or not run_tokens or run_tokens <= 0:
         return None

@@ -216,6 +216,12 @@ def test_resume_restores_schedule_and_stream(prepared, tmp_path, overhead):
     assert ds.version == full.history[-1]["version"]
     for a, b in zip(m_full.state_dict().values(), m_res.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # the ledger: the same at every refresh and at the end, per-document counts included
+    assert [h["ledger"] for h in resumed.history] == [h["ledger"] for h in full.history]
+    end = [json.loads((tmp_path / d / "csv" / "grip_ledger.json").read_text()) for d in ("a", "c")]
+    assert end[0] == end[1] and end[0]["event"] == "end" and sum(end[0]["ledger"]["tokens"]) > 0
+    np.testing.assert_array_equal(resumed.ledger.seen, full.ledger.seen)
+    assert resumed.ledger.seen.sum() > 0
 
 
 def test_model_vocabulary_smaller_than_the_tokenizer_is_rejected(prepared, tmp_path):
