@@ -80,7 +80,7 @@ from grip_loop.modes import (
     check_repetition_feasible,
     get_mode,
     repetition_guard,
-    replay_for,
+    replay_step,
 )
 from grip_loop.probe_report import COLUMNS, format_table, probe_rows
 from grip_loop.probeset import check_model_fits, probe_set
@@ -176,6 +176,8 @@ class GripCallback(L.Callback):
         self._ledger_state: dict | None = None  # restored before setup made the ledger
         self.guard = None
         self.run_tokens: float | None = None
+        self.max_steps: int | None = None
+        self.tokens_per_step: float | None = None
 
     # ------------------------------------------------------------------ wiring
     @property
@@ -230,7 +232,10 @@ class GripCallback(L.Callback):
             if self._ledger_state is not None:
                 self.ledger.load_state_dict(self._ledger_state)
                 self._ledger_state = None
-        self.run_tokens = _run_tokens(trainer, ds)
+        self.max_steps, self.tokens_per_step = _run_length(trainer, ds)
+        self.run_tokens = (
+            self.max_steps * self.tokens_per_step if self.max_steps and self.tokens_per_step else None
+        )
         self.guard = repetition_guard(self.budget_cfg, self.sizes, self.mean_len, self.run_tokens)
         if self.budget_cfg.max_repetition is not None and self.guard is None:
             log.warning(
@@ -239,7 +244,7 @@ class GripCallback(L.Callback):
             )
         check_repetition_feasible(self.guard, self.b_total)
         if not self._restored:
-            r = replay_for(self.mode, self.quality, self.budget_cfg)
+            r = replay_step(self.mode, self.quality, self.budget_cfg)
             self._publish(trainer, r, res=None, rap=None, step=0)
 
     def _check_model(self, pl_module, ds: GripIterableDataset) -> None:
@@ -399,9 +404,10 @@ class GripCallback(L.Callback):
                 )
             )
         shrink = res.shrink(cfg.reliability_threshold)
-        r = replay_for(self.mode, self.quality, self.budget_cfg, delta=res.delta, shrink=shrink)
-        if self.budget_cfg.ema > 0 and self.history and self.history[-1].get("r") is not None:
-            r = self.budget_cfg.ema * np.asarray(self.history[-1]["r"]) + (1 - self.budget_cfg.ema) * r
+        prev_r = self.history[-1].get("r") if self.history else None
+        r = replay_step(
+            self.mode, self.quality, self.budget_cfg, delta=res.delta, shrink=shrink, prev_r=prev_r
+        )
         self.refreshes += 1
         drop = res.loss_init - res.loss_final
         rap = {
@@ -476,6 +482,10 @@ class GripCallback(L.Callback):
             **dataclasses.asdict(self.budget_cfg),
             "b_total_resolved": self.b_total,
             "run_tokens": self.run_tokens,
+            "max_steps": self.max_steps,
+            "tokens_per_step": self.tokens_per_step,
+            "refresh_every_n_steps": self.interval or self.every,
+            "first_refresh_after_steps": self.first_after,
             "reliability_threshold": self.rap_cfg.reliability_threshold,
             "corpus_fingerprint": self.dataset.fingerprint,
         }
@@ -735,13 +745,12 @@ class GripCallback(L.Callback):
             self._dataset.publish(last["n"], version=last["version"])
 
 
-def _run_tokens(trainer, ds) -> float | None:
-    """Tokens the run will train on: max_steps x batch x seq_len x world size x accumulation."""
+def _run_length(trainer, ds) -> tuple[int | None, float | None]:
+    """(max_steps, tokens per step = batch x seq_len x world size x accumulation); None if unknown."""
     steps = getattr(trainer, "max_steps", -1)
     batch = getattr(getattr(trainer, "datamodule", None), "batch_size", None)
-    if not steps or steps < 0 or not batch:
-        return None
-    return float(steps * batch * ds.seq_len * trainer.world_size * trainer.accumulate_grad_batches)
+    tps = float(batch * ds.seq_len * trainer.world_size * trainer.accumulate_grad_batches) if batch else None
+    return (int(steps) if steps and steps > 0 else None), tps
 
 
 def ledger_wandb_table(wandb, step: int, names, rec: dict):

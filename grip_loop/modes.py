@@ -123,6 +123,15 @@ def replay_for(mode: Mode, quality, cfg: BudgetConfig, delta=None, shrink: float
     )
 
 
+def replay_step(mode: Mode, quality, cfg: BudgetConfig, *, delta=None, shrink: float = 1.0, prev_r=None):
+    """r_k of one publication: `replay_for`, then the optional EMA over the previous r_k. The
+    training callback and `grip simulate` both call this (one copy of the rule)."""
+    r = replay_for(mode, quality, cfg, delta=delta, shrink=shrink)
+    if cfg.ema > 0 and prev_r is not None:
+        r = cfg.ema * np.asarray(prev_r, dtype=np.float64) + (1 - cfg.ema) * r
+    return r
+
+
 @dataclass(frozen=True)
 class RepetitionGuard:
     """What the repetition guard needs besides the budgets: documents per cluster, tokens per
