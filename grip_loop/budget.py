@@ -339,8 +339,8 @@ def repetition_capped(
     passes most evenly, n_k proportional to N_k (every cluster read run_tokens / corpus tokens
     times), the clusters it cuts reported as capped. That split respects the cap
     whenever any split does; `infeasible` is True when even it does not (the run reads the
-    whole corpus more than R times): callers refuse before training starts
-    (`modes.check_repetition_feasible`) or warn (`GripCallback` at a refresh).
+    whole corpus more than R times): callers check before training starts
+    and turn the guard off (`modes.repetition_infeasible`: its message is the warning).
     """
     w = finite_array("weights", weights, ndim=1)
     size = count_array("sizes", sizes)

@@ -77,9 +77,9 @@ from grip_loop.modes import (
     BudgetConfig,
     allocation,
     base_budget,
-    check_repetition_feasible,
     get_mode,
     repetition_guard,
+    repetition_infeasible,
     replay_step,
 )
 from grip_loop.probe_report import COLUMNS, format_table, probe_rows
@@ -242,7 +242,10 @@ class GripCallback(L.Callback):
                 "grip: budget.max_repetition is set but the run's length is unknown (trainer.max_steps "
                 "is not set): the repetition guard is off"
             )
-        check_repetition_feasible(self.guard, self.b_total)
+        why = repetition_infeasible(self.guard)
+        if why is not None:
+            log.warning("grip: %s", why)
+            self.guard = None
         if not self._restored:
             r = replay_step(self.mode, self.quality, self.budget_cfg)
             self._publish(trainer, r, res=None, rap=None, step=0)

@@ -35,9 +35,9 @@ from grip_loop.modes import (
     BudgetConfig,
     allocation,
     base_budget,
-    check_repetition_feasible,
     get_mode,
     repetition_guard,
+    repetition_infeasible,
     replay_step,
 )
 
@@ -172,6 +172,7 @@ class SimResult:
     infeasible: list[bool]
     ledger: dict  # the ledger record at the end
     b_total: int
+    warning: str | None = None  # why the repetition guard was off (infeasible), if it was
 
     def shares(self) -> np.ndarray:
         return np.array([n / self.b_total for n in self.n])
@@ -218,6 +219,7 @@ class SimResult:
             ],
             "final_ledger": self.ledger,
             "summary": self.summary(),
+            "warning": self.warning,
         }
 
 
@@ -236,7 +238,9 @@ def simulate(manifest: Manifest, cfg: SimConfig, probe, *, exact_probe_index: bo
     base = base_budget(mode, sizes, sigma, quality, cfg.budget)
     run_tokens = cfg.run_tokens or float(cfg.steps) * float(cfg.tokens_per_step)
     guard = repetition_guard(cfg.budget, sizes, mean_len, run_tokens)
-    check_repetition_feasible(guard, b_total)
+    guard_off = repetition_infeasible(guard)
+    if guard_off is not None:  # as in training: the guard is off for this run, and it says so
+        guard = None
     ledger = Ledger(sizes)
     stream_tokens = np.maximum(sizes * doc_tokens, 1e-300)
 
@@ -288,6 +292,7 @@ def simulate(manifest: Manifest, cfg: SimConfig, probe, *, exact_probe_index: bo
         out.capped.append(alloc.capped)
         out.drift.append(float(np.abs(alloc.n - prev).sum() / b_total) if prev is not None else 0.0)
         out.infeasible.append(bool(alloc.infeasible))
+    out.warning = guard_off
     consume(cfg.steps)
     ledger.flush(budgets_by_version.__getitem__)
     gate = quality > cfg.budget.quality_threshold if mode.replay != "none" else np.zeros(len(sizes), bool)

@@ -183,6 +183,8 @@ def run(a) -> int:
             f"simulated {source}: mode {cfg.mode}, B={res.b_total}, {cfg.steps} steps x {cfg.tokens_per_step:g} tokens"
         )
         print(_settings(cfg))
+        if res.warning:
+            print(f"grip simulate: warning: {res.warning}", file=sys.stderr)
         if history is not None and exact and not overrides:
             bad = replay_matches(history, res)
             ok = len(history) - len([i for i in bad if i < len(history)])
@@ -211,6 +213,8 @@ def run(a) -> int:
         cfg = config({name: v})
         res = simulate(manifest, cfg, probe, exact_probe_index=exact and cfg.refresh_steps is not None)
         rows.append({name: v, **res.summary()})
+        if res.warning:
+            print(f"grip simulate: warning ({name}={v}): {res.warning}", file=sys.stderr)
     cols = list(rows[0])
     widths = [max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in cols]
     print(f"sweep over {name} ({source})")

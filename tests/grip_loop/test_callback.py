@@ -124,6 +124,23 @@ def test_training_run_refreshes_publishes_and_logs_drift(prepared, tmp_path):
     share = c.consumed / c.consumed.sum()
     planned = c.planned / c.planned.sum()
     assert np.abs(share - planned).max() < 0.15
+    # `grip simulate` replays this run's recorded probes into exactly its recorded budgets, through
+    # the training functions (the repetition guard is on: 12 steps x 128 tokens, max_repetition 4)
+    from grip_loop.history import read_history, rule_of
+    from grip_loop.simulate import RecordedProbe, replay_config, replay_matches, simulate
+
+    hist_path = tmp_path / "csv" / "grip_history.jsonl"
+    hist = read_history(hist_path)
+    rule = rule_of(hist[0], hist_path)
+    assert rule["max_repetition"] == 4.0 and rule["run_tokens"] == 12 * 4 * 32
+    sim = simulate(ds.manifest, replay_config(hist, rule, {}), RecordedProbe(hist), exact_probe_index=True)
+    assert replay_matches(hist, sim) == [] and len(sim.n) == len(hist) == 5
+    # the ledger in the history and the files: tokens add up to what was trained on
+    led = c.history[-1]["ledger"]
+    assert sum(led["tokens"]) == c.consumed.sum() == 12 * 4 * 32 and led["docs"] == SIZES
+    assert all(led["distinct"][k] <= SIZES[k] for k in range(5)) and led["distinct"][3] == 0
+    end = json.loads((tmp_path / "csv" / "grip_ledger.json").read_text())
+    assert end["event"] == "end" and sum(end["ledger"]["tokens"]) == 12 * 4 * 32
 
 
 def test_easy_cluster_gets_less_replay_than_random_ones(prepared, tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from grip_loop.budget import apportion, repetition_capped, stream_passes
-from grip_loop.modes import BudgetConfig, RepetitionGuard, allocation, check_repetition_feasible
+from grip_loop.modes import BudgetConfig, RepetitionGuard, allocation, repetition_infeasible
 from tests.grip_loop.test_budget import naive_waterfill
 
 SEEDS = range(40)
@@ -104,9 +104,10 @@ def test_all_capped_falls_back_to_even_passes_and_flags_infeasible():
     assert n.tolist() == [10, 20, 30]  # n_k ~ N_k: every cluster read 5 times
     np.testing.assert_allclose(stream_passes(n, sizes, c, 5 * corpus), 5.0)
     guard = RepetitionGuard(tuple(sizes), tuple(c), 5 * corpus, 4.0)
-    with pytest.raises(ValueError, match=r"budget.max_repetition: .* 5.00 passes over the whole corpus"):
-        check_repetition_feasible(guard, 60)
-    check_repetition_feasible(RepetitionGuard(tuple(sizes), tuple(c), 3 * corpus, 4.0), 60)
+    why = repetition_infeasible(guard)
+    assert why.startswith("budget.max_repetition: ") and "5.00 passes over the whole corpus" in why
+    assert "guard is off for this run" in why
+    assert repetition_infeasible(RepetitionGuard(tuple(sizes), tuple(c), 3 * corpus, 4.0)) is None
 
 
 def test_allocation_with_floor_and_guard_keeps_both_bounds():
