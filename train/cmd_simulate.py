@@ -216,11 +216,12 @@ def run(a) -> int:
         if res.warning:
             print(f"grip simulate: warning ({name}={v}): {res.warning}", file=sys.stderr)
     cols = list(rows[0])
-    widths = [max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in cols]
+    cells = [[str(r[name])] + [_fmt(r[c]) for c in cols[1:]] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     print(f"sweep over {name} ({source})")
     print("  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True)))
-    for r in rows:
-        print("  ".join(_fmt(r[c]).rjust(w) for c, w in zip(cols, widths, strict=True)))
+    for row in cells:
+        print("  ".join(x.rjust(w) for x, w in zip(row, widths, strict=True)))
     write_json(out / "sweep.json", {"source": source, "param": name, "rows": rows})
     print(f"wrote {out / 'sweep.json'}", file=sys.stderr)
     return 0
