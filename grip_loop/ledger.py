@@ -98,16 +98,17 @@ class Ledger:
     def observe(self, token_cluster_ids, input_ids, versions, eos_id: int, plan=None) -> None:
         """Count one consumed batch: tokens per cluster, documents ending in it (their EOS), per
         budget version of each block; `plan` (K) adds the tokens the budgets planned."""
-        tc = torch.as_tensor(token_cluster_ids).reshape(len(versions), -1).to("cpu")
-        ids = torch.as_tensor(input_ids).reshape(tc.shape).to("cpu")
-        vs = torch.as_tensor(versions).reshape(-1).to("cpu").tolist()
+        # counted where the batch lives (GPU in training): only K-vectors come to the host
+        vs_t = torch.as_tensor(versions).reshape(-1)
+        tc = torch.as_tensor(token_cluster_ids).reshape(len(vs_t), -1)
+        ids = torch.as_tensor(input_ids).reshape(tc.shape)
+        vs = vs_t.tolist()
         for v in sorted(set(vs)):
-            rows = [i for i, x in enumerate(vs) if x == v]
-            t = tc[rows].reshape(-1)
+            rows = vs_t.to(tc.device) == v if len(set(vs)) > 1 else slice(None)
+            t, d = tc[rows].reshape(-1), ids[rows].reshape(-1)
             acc = self.pending.setdefault(int(v), np.zeros((3, self.k)))
-            acc[1] += torch.bincount(t, minlength=self.k).numpy()[: self.k]
-            ends = t[ids[rows].reshape(-1) == eos_id]
-            acc[0] += torch.bincount(ends, minlength=self.k).numpy()[: self.k]
+            acc[1] += torch.bincount(t, minlength=self.k)[: self.k].cpu().numpy()
+            acc[0] += torch.bincount(t[d == eos_id], minlength=self.k)[: self.k].cpu().numpy()
         if plan is not None:
             first = self.pending.setdefault(int(vs[0]), np.zeros((3, self.k)))
             first[2] += np.asarray(plan, dtype=np.float64)

@@ -376,6 +376,13 @@ def test_wandb_gets_a_probe_table_per_refresh_and_named_series(prepared, tmp_pat
     table = json.loads(tables[0].read_text())
     assert table["columns"][:3] == ["step", "id", "name"]
     assert [row[2] for row in table["data"]] == [f"synthetic-{k}" for k in range(len(SIZES))]
+    # the ledger: a table per publication (setup, steps 4 and 8) and one at the end
+    ledgers = sorted((run_dir / "files" / "media" / "table" / "grip").glob("ledger_table_*.table.json"))
+    assert len(ledgers) == 3
+    last = json.loads(ledgers[-1].read_text())
+    assert last["columns"][:5] == ["step", "cluster", "name", "docs", "distinct"]
+    assert [row[3] for row in last["data"]] == SIZES
+    assert len(list((run_dir / "files" / "media" / "table" / "grip").glob("ledger_final_*.table.json"))) == 1
 
 
 def test_a_proxy_is_probed_from_the_start_and_must_fit_the_corpus(prepared, tmp_path):
