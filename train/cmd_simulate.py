@@ -11,7 +11,7 @@ a_k exp(-rate_k x_k), x_k = passes over cluster k's stream so far; FILE is YAML/
 {default: {amplitude, rate}, clusters: {ID or NAME: {amplitude, rate}}, x: passes|steps,
 shrink}). Budgets, replay multipliers, the repetition guard and the read counts come from the
 functions training uses (grip_loop.simulate). Replaying a history with its own settings checks
-that every recorded budget is reproduced exactly.
+that every recorded budget is reproduced exactly (exit status 1 if one is not).
 
 Settings: `--set budget.FIELD=VALUE` (b_total, tau, temperature, alpha, quality_threshold, ema,
 floor, max_repetition), `--steps`, `--tokens-per-step`, `--every`, `--first-after`; with a history
