@@ -154,7 +154,7 @@ def main() -> None:
     p.add_argument("--groups", type=int, default=8)
     p.add_argument("--ratio", type=float, default=0.6, help="group g has size proportional to ratio^g")
     p.add_argument("--cone", type=float, default=8.0)
-    p.add_argument("--sep", type=float, default=1.0)
+    p.add_argument("--sep", type=float, default=1.5)
     p.add_argument("--alpha", type=float, default=1.0, help="power-law exponent of the noise profile")
     p.add_argument("--ks", type=int, nargs="+", default=None, help="K values (default: groups, 2 x groups)")
     p.add_argument("--balances", type=float, nargs="+", default=[0.0, 1.0])
@@ -170,6 +170,8 @@ def main() -> None:
     x, truth = synthetic(
         args.n, args.d, args.groups, ratio=args.ratio, cone=args.cone, sep=args.sep, alpha=args.alpha, seed=0
     )
+    from grip_loop.cluster import normalised_entropy
+
     pair_cos = x[:500] @ x[:500].T
     rows = []
     for k in ks:
@@ -217,6 +219,7 @@ def main() -> None:
             "cone": args.cone,
             "sep": args.sep,
             "alpha": args.alpha,
+            "planted_size_entropy": normalised_entropy(np.bincount(truth)),
             "min_pair_cos": float(pair_cos.min()),
             "mean_pair_cos": float(pair_cos.mean()),
         },
