@@ -3,10 +3,12 @@
 Two data sets:
 
 * `synthetic`: anisotropic embeddings in a narrow cone with planted groups of unequal size.
-  x = normalise(cone * e_0 + m_g + A eps): e_0 the shared direction (every pair of points has
-  cosine > ~0.8), m_g the group offset (N(0, I) * `sep` in dims 1..d-1), eps ~ N(0, I) and A a
-  diagonal with a power-law profile (a few directions carry most of the within-group
-  variance: the anisotropy); group sizes proportional to `ratio`^g.
+  x = normalise(cone * e_0 + m_g + A eps): e_0 the shared direction, m_g the group offset
+  (N(0, I / (d - 1)) * `sep` in dims 1..d-1, so |m_g| ~ sep), eps ~ N(0, I) and A a diagonal with
+  a power-law profile k^-alpha scaled to total variance 1 (a few directions carry most of the
+  within-group variance: the anisotropy); group sizes proportional to `ratio`^g. With the
+  defaults (cone 8, sep 1.5) pairs of points have cosine >= 0.80, 0.96 on average (the JSON records the
+  minimum and mean over 500 points): a narrow cone.
 * `real` (`--real DIR`, optional): a prepared corpus's `work/embeddings.npy` (e.g. a copy of the
   quick start's). There is no planted truth: `ari` is against the documents' language, a
   weak reference (clusters may rightly split a language), and is reported only as a hint.
@@ -38,10 +40,10 @@ def synthetic(n: int, d: int, groups: int, *, ratio: float, cone: float, sep: fl
     sizes = np.maximum(1, np.round(n * p / p.sum()).astype(int))
     truth = np.repeat(np.arange(groups), sizes)
     means = np.zeros((groups, d))
-    means[:, 1:] = rng.normal(size=(groups, d - 1)) * sep
+    means[:, 1:] = rng.normal(size=(groups, d - 1)) * sep / np.sqrt(d - 1)  # |m_g| ~ sep
     scale = np.zeros(d)
     scale[1:] = np.arange(1, d) ** -alpha
-    scale[1:] *= np.sqrt((d - 1) / (scale[1:] ** 2).sum())  # total within-group variance d - 1
+    scale[1:] /= np.sqrt((scale[1:] ** 2).sum())  # total within-group variance 1
     x = means[truth] + rng.normal(size=(len(truth), d)) * scale
     x[:, 0] += cone
     x /= np.linalg.norm(x, axis=1, keepdims=True)
