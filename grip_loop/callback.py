@@ -385,8 +385,10 @@ class GripCallback(L.Callback):
             )
             probed = np.array([k in self._probe for k in range(len(self.sizes))]) & ~res.flagged
             if not np.all(np.isfinite(res.delta[probed])):
+                bad = np.flatnonzero(~np.isfinite(res.delta) & probed).tolist()
+                names = getattr(self, "names", None) or [f"cluster {k}" for k in range(len(self.sizes))]
                 raise FloatingPointError(
-                    f"non-finite Delta L for clusters {np.flatnonzero(~np.isfinite(res.delta) & probed).tolist()}"
+                    f"non-finite Delta L for clusters {', '.join(f'{k} ({names[k]})' for k in bad)}"
                 )
         except ManifestError:
             raise  # bad prepared data is not a transient probe failure: stop, naming the file
