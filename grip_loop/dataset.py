@@ -44,15 +44,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tarfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, default_collate, get_worker_info
+from torch.utils.data import IterableDataset
 
+from grip_loop.collate import collate_blocks  # noqa: F401  (re-exported)
+from grip_loop.distributed import World
 from grip_loop.manifest import (
     Manifest,
     ManifestError,
@@ -64,74 +65,15 @@ from grip_loop.manifest import (
     warn_if_unchecksummed,
 )
 from grip_loop.schedule import partition_budgets, pass_clusters
+from grip_loop.shards import (  # noqa: F401  (FULL_VERIFY_*: re-exported; tests patch them in grip_loop.shards)
+    FULL_VERIFY_MAX_BYTES,
+    FULL_VERIFY_MAX_DOCS,
+    VERIFY_LEVELS,
+    shard_index,
+    verify_prepared,
+)
 
 STATE_VERSION = 1
-
-
-def shard_index(path: str | os.PathLike) -> np.ndarray:
-    """(n_docs, 2) int64: byte offset and byte size of each document's `.ids` member, in order."""
-    rows = []
-    try:
-        with tarfile.open(path, "r:") as tar:
-            for m in tar:
-                if m.isfile() and m.name.endswith(".ids"):
-                    rows.append((m.offset_data, m.size))
-                tar.members = []
-    except (tarfile.TarError, OSError) as exc:
-        raise ManifestError(f"{path}: unreadable shard ({exc}); re-run `grip prepare`") from exc
-    return np.asarray(rows, dtype=np.int64).reshape(-1, 2)
-
-
-def collate_blocks(samples: list, *, pack: bool | None = None) -> dict[str, torch.Tensor] | object:
-    """`collate_fn` for GRIP blocks: `default_collate`'s batch, in a worker with every tensor in
-    ONE storage.
-
-    The batch holds the same keys, values, shapes and dtypes as `default_collate` produces (for
-    GRIP blocks `input_ids` [B, T], `token_cluster_ids` [B, T], `cluster_ids` [B],
-    `weights_version` [B]), each contiguous. In a DataLoader worker (or with `pack=True`) they
-    are views into a single buffer, field after field: a worker hands a batch to the main
-    process through shared memory one storage at a time, and that hand-over, not the reading,
-    bounds a worker's throughput (one storage instead of one per field measured 1.6-1.9x the
-    tokens/s with 1-2 workers, docs/benchmarks.md). In the main process (`pack=None`, no
-    workers) nothing is handed over and plain `default_collate` is faster. Samples that are
-    not dicts of same-shaped, same-dtype tensors always go to `default_collate`.
-    """
-    in_worker = get_worker_info() is not None
-    if pack is None:
-        pack = in_worker
-    first = samples[0] if samples else None
-    if not pack or not isinstance(first, dict) or not first:
-        return default_collate(samples)
-    keys = list(first)
-    dtype = first[keys[0]].dtype if isinstance(first[keys[0]], torch.Tensor) else None
-    for s in samples:
-        if not isinstance(s, dict) or list(s) != keys:
-            return default_collate(samples)
-        for k in keys:
-            v = s[k]
-            if not isinstance(v, torch.Tensor) or v.dtype != dtype or v.shape != first[k].shape:
-                return default_collate(samples)
-    b = len(samples)
-    sizes = [b * first[k].numel() for k in keys]
-    buf = torch.empty(sum(sizes), dtype=dtype)
-    if in_worker:
-        buf.share_memory_()  # as default_collate does in a worker: no copy when it is sent
-    out, off = {}, 0
-    for k, n in zip(keys, sizes, strict=True):
-        view = buf[off : off + n].view(b, *first[k].shape)
-        torch.stack([s[k] for s in samples], out=view)
-        out[k] = view
-        off += n
-    return out
-
-
-VERIFY_LEVELS = ("auto", "quick", "full", "none")
-#: "auto" verification is "full" (every header scanned, every shard's sha256 computed) up to
-#: this many documents and this many shard bytes (all orders + probe): ~1 s per 10^5
-#: documents and ~1 s per GB on a local disk. Above either, "quick": the O(1)-per-shard tail
-#: check at start, and each shard's count and sha256 checked when it is first read.
-FULL_VERIFY_MAX_DOCS = 200_000
-FULL_VERIFY_MAX_BYTES = 1 << 30
 
 
 class ClusterExhaustedError(RuntimeError):
@@ -144,62 +86,6 @@ class CorpusChangedError(ValueError):
 
 #: set to 1 to resume a checkpoint on another prepared corpus (as `allow_corpus_change=True`)
 ALLOW_CORPUS_CHANGE_ENV = "GRIP_ALLOW_CORPUS_CHANGE"
-
-
-def _tar_tail_ok(path: Path) -> str | None:
-    """None if `path` ends like a complete tar (size a multiple of 512 and two zero blocks
-    at the end, what every tar writer appends), else why not."""
-    size = path.stat().st_size
-    if size < 1024 or size % 512:
-        return f"size {size} is not a whole number of 512-byte tar blocks"
-    with open(path, "rb") as fh:
-        fh.seek(size - 1024)
-        if fh.read(1024).strip(b"\x00"):
-            return "no end-of-archive marker"
-    return None
-
-
-def _total_bytes(root: Path, shards) -> int:
-    total = 0
-    for s in shards:
-        with contextlib.suppress(OSError):
-            total += (root / s.path).stat().st_size
-    return total
-
-
-def verify_prepared(manifest: Manifest, root: Path, level: str = "auto") -> str:
-    """Check the shards a manifest lists before training starts (see GripIterableDataset).
-
-    Returns the level applied ("full", "quick" or "none"). Raises ManifestError naming the
-    first bad shard and the fix. Probe shards (small, read whole at setup) have their sha256
-    checked at every level but "none"."""
-    shards = [s for c in manifest.clusters for ss in c.shards.values() for s in ss]
-    probe = [s for c in manifest.clusters for s in c.probe_shards]
-    shards += probe
-    if level == "none" or not shards:
-        return "none" if level == "none" else "full"
-    if level == "auto":
-        small = (
-            sum(s.n_docs for s in shards) <= FULL_VERIFY_MAX_DOCS
-            and _total_bytes(root, shards) <= FULL_VERIFY_MAX_BYTES
-        )
-        level = "full" if small else "quick"
-    fix = f"re-run `grip prepare --out {root}` (it rewrites every shard)"
-    for s in shards:
-        path = root / s.path
-        try:
-            why = _tar_tail_ok(path)
-        except OSError as exc:
-            why = f"unreadable ({exc})"
-        if why is None and level == "full":
-            n = len(shard_index(path))
-            if n != s.n_docs:
-                why = f"holds {n} documents but {root / 'manifest.json'} says {s.n_docs}"
-        if why is not None:
-            raise ManifestError(f"{path}: truncated or corrupt shard: {why}; {fix}")
-    for s in shards if level == "full" else probe:
-        check_shard_sha256(root, s)
-    return level
 
 
 def check_tokenizer(manifest: Manifest, root: Path, expected: str) -> None:
@@ -373,6 +259,9 @@ class GripIterableDataset(IterableDataset):
             (or the environment variable GRIP_ALLOW_CORPUS_CHANGE=1): the saved stream state
             is dropped and the stream starts afresh on this corpus (the model and optimizer
             still resume; GripCallback starts its budgets afresh too).
+        world: the rank and world size to partition the stream for (`World(rank, world_size)`;
+            DataLoader workers are added in each worker). None (default) = this process's, from
+            torch.distributed or torchrun's environment. For tests and custom launchers.
     """
 
     def __init__(
@@ -388,6 +277,7 @@ class GripIterableDataset(IterableDataset):
         expected_tokenizer: str | None = None,
         verify_shards: str = "auto",
         allow_corpus_change: bool = False,
+        world: World | None = None,
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -429,8 +319,7 @@ class GripIterableDataset(IterableDataset):
         self._pending_state: dict | None = None
         self._chunk_tag: tuple | None = None
         self._chunk: np.ndarray | None = None
-        self.rank: int | None = None
-        self.world_size: int | None = None
+        self.world = world
 
     @property
     def vocab_size(self) -> int:
@@ -489,15 +378,8 @@ class GripIterableDataset(IterableDataset):
 
     # ------------------------------------------------------------------ partitions
     def _partition_id(self) -> tuple[int, int]:
-        rank, world = self.rank, self.world_size
-        if rank is None:
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-            else:
-                rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        return rank * nw + wid, world * nw
+        w = World.current() if self.world is None else self.world.in_worker()
+        return w.partition, w.num_partitions
 
     def _new_partition(self) -> _Partition:
         g, big_g = self._partition_id()

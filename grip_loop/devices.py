@@ -39,3 +39,14 @@ def megablocks_available() -> bool:
     except Exception:
         return False
     return True
+
+
+def resolve_device(spec: str) -> str:
+    """A device option's value as a torch device string: "auto" is cuda:LOCAL_RANK (this
+    process's GPU under torchrun, GPU 0 otherwise) when CUDA exists, else "cpu"; any other
+    value ("cpu", "cuda", "cuda:1") is returned as given."""
+    if spec != "auto":
+        return spec
+    from grip_loop.distributed import local_rank
+
+    return f"cuda:{local_rank()}" if cuda_available() else "cpu"

@@ -42,6 +42,8 @@ from pathlib import Path
 import numpy as np
 
 from grip_loop import distributed, workdir
+from grip_loop._checks import check_int
+from grip_loop.devices import resolve_device
 
 
 def default_encoder_path() -> str:
@@ -67,11 +69,9 @@ class EncoderConfig:
     """"auto" (cuda:LOCAL_RANK when CUDA exists, else cpu), "cpu" or "cuda[:i]"."""
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 8:
-            raise ValueError(f"encoder.max_tokens: must be >= 8, got {self.max_tokens}")
+        check_int("encoder.max_tokens", self.max_tokens, 8)
         for name in ("max_chunks", "batch_size", "block_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"encoder.{name}: must be >= 1, got {getattr(self, name)}")
+            check_int(f"encoder.{name}", getattr(self, name), 1)
 
     @property
     def path(self) -> str:
@@ -82,14 +82,10 @@ class Encoder:
     """An HF encoder plus its tokenizer, in eval mode on one device."""
 
     def __init__(self, cfg: EncoderConfig) -> None:
-        import torch
         from transformers import AutoModel, AutoTokenizer
 
         self.cfg = cfg
-        if cfg.device == "auto":
-            self.device = f"cuda:{distributed.local_rank()}" if torch.cuda.is_available() else "cpu"
-        else:
-            self.device = cfg.device
+        self.device = resolve_device(cfg.device)
         local = Path(cfg.path).is_dir()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(cfg.path, local_files_only=local)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from grip_loop._checks import check_number
 from grip_loop.budget import (
     DEFAULT_MAX_REPETITION,
     DEFAULT_QUALITY_THRESHOLD,
@@ -60,43 +61,44 @@ def get_mode(name: str) -> Mode:
 class BudgetConfig:
     """Budget hyper-parameters (paper section 3.2 defaults)."""
 
-    b_total: int | None = None  # documents per pass of the support set; None = corpus size
-    tau: float = 0.5  # Eq. 5 sub-linear exponent (square-root sampling)
-    temperature: float = 1.0  # Eq. 5 Boltzmann temperature
-    alpha: float = 2.0  # Eq. 7 replay intensity (max 3x)
-    quality_threshold: float = DEFAULT_QUALITY_THRESHOLD  # Eq. 7 gate on Q_k in [0, 1]
-    ema: float = 0.0  # smoothing of r_k across refreshes: r <- ema * r_prev + (1 - ema) * r; 0 = off
-    floor: float = 0.0  # minimum sampling probability of a non-empty cluster; 0 = off
-    # repetition guard: the most passes over one cluster's stream within the run's token budget
-    # (trainer.max_steps x tokens per step); a capped cluster's excess goes to the others.
-    # null = off. See `budget.repetition_capped`.
+    b_total: int | None = None
+    """B: documents per pass of the support set (a whole number); None = the corpus size."""
+    tau: float = 0.5
+    """Eq. 5 sub-linear exponent (0.5 = square-root sampling)."""
+    temperature: float = 1.0
+    """Eq. 5 Boltzmann temperature (> 0)."""
+    alpha: float = 2.0
+    """Eq. 7 replay intensity (r_k at most 1 + alpha: 3x at the default)."""
+    quality_threshold: float = DEFAULT_QUALITY_THRESHOLD
+    """Eq. 7 gate on Q_k in [0, 1]: clusters below it are not replayed."""
+    ema: float = 0.0
+    """Smoothing of r_k across refreshes, r <- ema * r_prev + (1 - ema) * r, in [0, 1); 0 = off."""
+    floor: float = 0.0
+    """Minimum sampling probability of a non-empty cluster, in [0, 1); 0 = off."""
     max_repetition: float | None = DEFAULT_MAX_REPETITION
+    """Repetition guard: the most passes over one cluster's stream within the run's token budget
+    (trainer.max_steps x tokens per step); a capped cluster's excess goes to the others.
+    None (YAML null) = off. See `budget.repetition_capped`."""
 
     def __post_init__(self) -> None:
         b = self.b_total
         if b is not None:
-            if isinstance(b, bool) or not isinstance(b, int | float) or not np.isfinite(b) or b != int(b):
-                raise ValueError(f"b_total: must be a whole number of documents (or null), got {b!r}")
-            if b < 1:
-                raise ValueError(f"b_total: must be >= 1, got {b}")
+            if (
+                isinstance(b, bool)
+                or not isinstance(b, int | float)
+                or not np.isfinite(b)
+                or b != int(b)
+                or b < 1
+            ):
+                raise ValueError(f"b_total: expected None or a whole number of documents >= 1, got {b!r}")
             self.b_total = int(b)
-        for name in ("tau", "temperature", "alpha", "quality_threshold", "ema", "floor"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int | float) or not np.isfinite(v):
-                raise ValueError(f"{name}: must be a finite number, got {v!r}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature: must be > 0, got {self.temperature}")
-        if self.tau < 0 or self.alpha < 0:
-            raise ValueError("tau and alpha: must be >= 0")
-        if not 0 <= self.ema < 1:
-            raise ValueError(f"ema: must be in [0, 1), got {self.ema}")
-        if not 0 <= self.floor < 1:
-            raise ValueError(f"floor: must be in [0, 1), got {self.floor}")
-        m = self.max_repetition
-        if m is not None and (
-            isinstance(m, bool) or not isinstance(m, int | float) or not np.isfinite(m) or m <= 0
-        ):
-            raise ValueError(f"max_repetition: must be a number > 0 (passes) or null (off), got {m!r}")
+        check_number("tau", self.tau, 0.0)
+        check_number("temperature", self.temperature, 0.0, open_lo=True)
+        check_number("alpha", self.alpha, 0.0)
+        check_number("quality_threshold", self.quality_threshold)
+        check_number("ema", self.ema, 0.0, hi=1.0, open_hi=True)
+        check_number("floor", self.floor, 0.0, hi=1.0, open_hi=True)
+        check_number("max_repetition", self.max_repetition, 0.0, open_lo=True, optional=True, unit="passes")
 
 
 def base_budget(mode: Mode, sizes, sigma, quality, cfg: BudgetConfig) -> np.ndarray:

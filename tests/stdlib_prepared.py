@@ -48,10 +48,6 @@ def stdlib_corpus(tmp_path_factory):
     return dst
 
 
-def _cfg(corpus, out, **kw):
-    return load_config(TINY, corpus=str(corpus), out=str(out), **kw)
-
-
 @pytest.fixture(scope="session")
 def stdlib_prepared(stdlib_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("stdlib_prepared")

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from grip_loop._checks import check_int
 from train.eval import EvalConfig, evaluate
 from train.overrides import parse_value
 
@@ -40,19 +41,27 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass(kw_only=True)
 class AblateConfig:
-    rows: str = "configs/ablation"  # a folder of row YAMLs (sorted by name) or one YAML
+    """What `grip ablate` runs: which rows, seeds and overrides, where, and how each is evaluated."""
+
+    rows: str = "configs/ablation"
+    """A folder of row YAMLs (run in name order) or one YAML."""
     out: str = "runs/ablation"
+    """Output folder: one run folder per row and seed, results.csv/.md/.png."""
     seeds: list[int] = field(default_factory=lambda: [0])
-    overrides: list[str] = field(default_factory=list)  # dotted KEY=VALUE (YAML value) for every row
-    only: list[str] = field(default_factory=list)  # row names to run (default all)
-    nproc: int = 1  # >1: each row is its own torchrun job on this node
+    """Seeds every row is trained with."""
+    overrides: list[str] = field(default_factory=list)
+    """Dotted KEY=VALUE (a YAML value) applied to every row, e.g. trainer.max_steps=50."""
+    only: list[str] = field(default_factory=list)
+    """Row names to run (default: all)."""
+    nproc: int = 1
+    """> 1: each row is its own torchrun job with this many processes on this node."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """How each finished row is evaluated (`grip eval`'s settings)."""
 
     def __post_init__(self) -> None:
         if not self.seeds:
-            raise ValueError("seeds: need at least one seed")
-        if self.nproc < 1:
-            raise ValueError(f"nproc: must be >= 1, got {self.nproc}")
+            raise ValueError(f"seeds: expected at least one seed, got {self.seeds!r}")
+        check_int("nproc", self.nproc, 1)
         for o in self.overrides:
             if "=" not in o or not o.split("=", 1)[0]:
                 raise ValueError(f"overrides: expected KEY=VALUE (e.g. trainer.max_steps=50), got {o!r}")

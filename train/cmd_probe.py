@@ -75,8 +75,8 @@ def main(argv: list[str]) -> int:
 
 def run(a) -> int:
     import numpy as np
-    import torch
 
+    from grip_loop.devices import resolve_device
     from grip_loop.manifest import load_manifest
     from grip_loop.modes import BudgetConfig, base_budget, budgets, get_mode, replay_for
     from grip_loop.probe_report import format_table, probe_json, probe_rows
@@ -99,9 +99,7 @@ def run(a) -> int:
             f"rap.reset_depth: {rap_cfg.reset_depth} exceeds the {model.config.num_hidden_layers} decoder "
             f"layers of {a.ckpt}"
         )
-    device = a.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(a.device)
     model = model.to(device)
     ps = probe_set(
         m, data, seq_len=a.seq_len, max_docs=a.docs, eval_split=rap_cfg.eval_split, seed=rap_cfg.seed

@@ -32,16 +32,11 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from grip_loop.dataset import collate_blocks
-
-
-def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+from grip_loop.distributed import World
 
 
 class PackedRandomTokens(IterableDataset):
@@ -111,10 +106,7 @@ class PackedRandomTokens(IterableDataset):
         return {"input_ids": ids, "labels": ids.clone(), "cluster_ids": torch.tensor(k, dtype=torch.int64)}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        rank, world = _rank_world()
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        shard = rank * nw + wid
+        shard = World.current(from_env=False).partition
         while True:
             # Count before yielding: the loader snapshots state right after a yield, and that
             # snapshot must already include the block just handed out.
@@ -165,7 +157,7 @@ class ResumableLoader(StatefulDataLoader):
         """The consumed-batch state; under torch.distributed, every rank's (Lightning saves
         rank 0's checkpoint only, and each rank's dataset partition has its own cursors)."""
         state = self._consumed_state()
-        rank, world = _rank_world()
+        world = World.current(from_env=False).world_size
         if world == 1:
             return state
         gathered: list[Any] = [None] * world
@@ -174,7 +166,8 @@ class ResumableLoader(StatefulDataLoader):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "per_rank" in state_dict:
-            rank, world = _rank_world()
+            w = World.current(from_env=False)
+            rank, world = w.rank, w.world_size
             saved = len(state_dict["per_rank"])
             if saved != world:
                 raise ValueError(

@@ -37,35 +37,46 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from grip_loop._checks import check_choice, check_int
+from grip_loop.devices import resolve_device
+
 
 @dataclass(kw_only=True)
 class EvalConfig:
-    seq_len: int = 256  # window length (the quick start trains at 256)
+    """What `grip eval` (and `grip ablate`'s evaluation of every row) measures, and how."""
+
+    seq_len: int = 256
+    """Window length of the held-out loss (the quick start trains at 256)."""
     batch_size: int = 8
-    max_tokens_per_lang: int | None = 200_000  # cap on held-out tokens scored per language; None = all
+    """Windows per forward pass."""
+    max_tokens_per_lang: int | None = 200_000
+    """Cap on held-out tokens scored per language; None = all."""
     humaneval: bool = True
+    """Also score the loss on HumanEval (prompt + canonical solution)."""
     pass_at_1: bool = False
-    limit: int | None = None  # HumanEval problems for pass@1 (the first `limit`); None = all 164
+    """Also generate greedy completions and run HumanEval's tests in the sandbox (pass@1)."""
+    limit: int | None = None
+    """HumanEval problems for pass@1 (the first `limit`); None = all 164."""
     max_new_tokens: int = 128
+    """Tokens generated per HumanEval completion at most."""
     exec_timeout: float = 5.0
+    """Seconds one HumanEval program may run (wall clock) before its process tree is killed."""
     exec_memory_mb: int = 1024
-    exec_isolation: str = "auto"  # pass@1 sandbox: auto (what the kernel allows, warn), strict, off
-    device: str = "auto"  # auto = cuda if available, else cpu
+    """Address-space limit of one HumanEval program, in MiB."""
+    exec_isolation: str = "auto"
+    """pass@1 sandbox: "auto" (what the kernel allows, with a warning), "strict" or "off"."""
+    device: str = "auto"
+    """"auto" (cuda when available, else cpu), "cpu" or "cuda[:i]"."""
     progress: bool = True
+    """Show progress bars."""
 
     def __post_init__(self) -> None:
-        if self.seq_len < 2:
-            raise ValueError(f"seq_len: must be >= 2, got {self.seq_len}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
-        if self.max_tokens_per_lang is not None and self.max_tokens_per_lang < 1:
-            raise ValueError(f"max_tokens_per_lang: must be >= 1 or None, got {self.max_tokens_per_lang}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit: must be >= 1 or None, got {self.limit}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
-        if self.exec_isolation not in ("auto", "strict", "off"):
-            raise ValueError(f"exec_isolation: must be auto, strict or off, got {self.exec_isolation!r}")
+        check_int("seq_len", self.seq_len, 2)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("max_tokens_per_lang", self.max_tokens_per_lang, 1, optional=True)
+        check_int("limit", self.limit, 1, optional=True)
+        check_int("max_new_tokens", self.max_new_tokens, 1)
+        check_choice("exec_isolation", self.exec_isolation, ("auto", "strict", "off"))
 
 
 # ------------------------------------------------------------------------------------- data
@@ -241,11 +252,7 @@ def evaluate(ckpt: str | Path, prepared: str | Path, out: str | Path, cfg: EvalC
     cfg = cfg or EvalConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(
-        "cuda"
-        if cfg.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if cfg.device == "auto" else cfg.device)
-    )
+    device = torch.device(resolve_device(cfg.device))
     t0 = time.perf_counter()
     tok, eos = load_tokenizer(prepared)
     model = load_hf_model(ckpt, out / "hf", device)

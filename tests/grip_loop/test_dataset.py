@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from grip_loop.dataset import GripIterableDataset
+from grip_loop.distributed import World
 from grip_loop.schedule import partition_budgets, permute
 from tests.prepared import EOS, decode_docs, make_prepared
 
@@ -96,8 +97,7 @@ def test_two_ranks_two_workers_no_duplicates_no_gaps(prepared):
     world, workers = 2, 2
     per_partition: dict[int, list] = {}
     for rank in range(world):
-        ds = GripIterableDataset(prepared, budgets, seq_len=16, seed=1)
-        ds.rank, ds.world_size = rank, world
+        ds = GripIterableDataset(prepared, budgets, seq_len=16, seed=1, world=World(rank, world))
         loader = DataLoader(ds, batch_size=None, num_workers=workers)
         blocks = {w: [] for w in range(workers)}
         for i, b in enumerate(itertools.islice(loader, 400)):
@@ -216,8 +216,7 @@ def test_bad_arguments_and_mismatched_resume(prepared):
     ds = GripIterableDataset(prepared, seq_len=8)
     take(ds, 2)
     state = ds.state_dict()
-    other = GripIterableDataset(prepared, seq_len=8)
-    other.rank, other.world_size = 1, 2
+    other = GripIterableDataset(prepared, seq_len=8, world=World(1, 2))
     other.load_state_dict(state)
     with pytest.raises(ValueError, match="same world size"):
         take(other, 1)

@@ -168,6 +168,7 @@ def trained_model(seed: int) -> Qwen3MoeForCausalLM:
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_repeated_text_is_learnable_and_random_tokens_are_not(seed):
     model = trained_model(seed)
@@ -189,6 +190,7 @@ def test_repeated_text_is_learnable_and_random_tokens_are_not(seed):
         np.testing.assert_allclose(res.loss_init, np.log(VOCAB), rtol=0.05)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_init_baseline_rewards_a_peaked_unigram_and_the_null_baseline_does_not(seed):
     """The confound the null baseline removes: from L(theta_init) = ln V, i.i.d. tokens from a
@@ -512,6 +514,7 @@ def test_spearman_matches_a_naive_reference(seed):
     assert np.isnan(spearman(a[:2], b[:2])) and np.isnan(spearman(np.ones(5), b[:5]))
 
 
+@pytest.mark.slow
 def test_reliability_is_the_split_half_spearman_and_high_for_separated_clusters():
     model = trained_model(0)
     g = torch.Generator().manual_seed(0)
@@ -549,6 +552,7 @@ def test_clusters_with_too_few_documents_are_flagged_not_probed():
     assert res.flagged.tolist() == [True] and np.isnan(res.delta[0])
 
 
+@pytest.mark.slow
 def test_auto_lr_moves_the_logits_as_far_as_configured():
     model = trained_model(1)
     batches = {0: repeated_text(16, 32, 16, offset_seed=3)}

@@ -16,11 +16,11 @@ from grip_loop.modes import BudgetConfig
 from grip_loop.prepare import PrepareConfig, load_config
 from grip_loop.rap import RAPConfig
 from tests.prepared import make_prepared
+from tests.tiny import TINY
 from train.data import GripDataModule
 from train.module import MoELM
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, num_experts=4, top_k=2)
 
 
 # ------------------------------------------------------------------ unknown keys

@@ -13,6 +13,7 @@ import pytest
 from grip_loop.dataset import GripIterableDataset
 from grip_loop.manifest import ManifestError, load_manifest
 from tests.prepared import make_prepared
+from tests.tiny import TINY
 
 SIZES = [9, 5, 12]
 
@@ -97,7 +98,7 @@ def test_quick_verification_leaves_the_count_to_the_first_read(prepared):
 
 
 def test_auto_verification_is_quick_above_the_threshold(prepared, monkeypatch):
-    import grip_loop.dataset as dsmod
+    import grip_loop.shards as dsmod
 
     _consistent_count_edit(prepared)
     monkeypatch.setattr(dsmod, "FULL_VERIFY_MAX_DOCS", 10)
@@ -203,7 +204,7 @@ def test_changed_token_bytes_are_refused_at_start(prepared):
 
 
 def test_large_corpora_check_each_shards_sha256_at_its_first_read(prepared, monkeypatch):
-    import grip_loop.dataset as dsmod
+    import grip_loop.shards as dsmod
 
     bad = _shard(prepared)
     _flip_token_bytes(bad)
@@ -294,8 +295,6 @@ def test_grip_prepare_records_checksums_that_training_and_eval_check(tmp_path, m
 
 
 # ------------------------------------------------------------------ out-of-range tokens (issue 13, 3)
-
-TINY = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, num_experts=4, top_k=2)
 
 
 def _set_token(root: Path, shard_path: Path, value: int, doc: int = 0) -> None:

@@ -20,10 +20,10 @@ import yaml
 from grip_loop.manifest import ManifestError, load_manifest
 from tests.prepared import make_prepared
 from tests.reliability._train_helpers import read_log
+from tests.tiny import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS, REFRESH, CKPT_EVERY = 16, 3, 2
-TINY = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, num_experts=4, top_k=2)
 
 
 def _env() -> dict[str, str]:

@@ -13,10 +13,10 @@ import torch
 from grip_loop.dataset import ClusterExhaustedError, GripIterableDataset
 from tests.prepared import decode_docs, make_prepared
 from tests.reliability._train_helpers import KillerDataset
+from tests.tiny import TINY
 from train.data import GripDataModule
 from train.module import MoELM
 
-TINY = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, num_experts=4, top_k=2)
 SIZES = [12, 8, 10]
 
 

@@ -34,6 +34,7 @@ def _worker(rank: int, port: int, out: dict) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_cluster_loss_is_pooled_over_ranks():
     import socket
 

@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
+from tests.devices import requires_gpu
 from train.data import GripDataModule, PackedRandomTokens
 from train.module import MoELM, lr_lambda
 
@@ -83,6 +84,7 @@ def test_lr_schedule_warmup_then_cosine():
     assert vals[55] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
 
 
+@pytest.mark.slow
 def test_tiny_loss_falls_and_logs(tmp_path):
     m = module()
     trainer(tmp_path, 40).fit(m, datamodule=data(num_clusters=3))
@@ -133,6 +135,7 @@ def test_vocab_mismatch_is_a_clear_error(tmp_path):
         trainer(tmp_path, 1).fit(m, datamodule=data())
 
 
+@pytest.mark.slow
 def test_checkpoint_resume_continues_the_same_loss_curve(tmp_path):
     # One run of 8 steps vs. 4 steps + checkpoint + resume to 8: identical losses at steps 4..7.
     straight = tmp_path / "straight"
@@ -168,11 +171,8 @@ def test_activation_checkpointing_same_gradients():
 
 
 @pytest.mark.gpu
+@requires_gpu
 def test_bf16_mixed_on_gpu_loss_falls(tmp_path):
-    from tests.devices import requires_gpu
-
-    if requires_gpu.args[0]:  # skipif condition: no CUDA
-        pytest.skip("needs a CUDA GPU")
     m = module()
     trainer(tmp_path, 30, accelerator="gpu", precision="bf16-mixed").fit(m, datamodule=data())
     curve = losses(tmp_path)
