@@ -44,6 +44,13 @@ columns, cluster names included) to `<log_dir>/grip_probe.csv` and to the log, a
 `<log_dir>/grip_budget_share.png` (one line per cluster, labelled with its name); W&B also
 gets the table (`grip/probe_table`, a `wandb.Table` per refresh) and share / Delta L series
 keyed by cluster name, and at the end of training the budget chart as a line series.
+
+One run, one history: the files are opened at `on_train_start`, once Lightning has restored a
+checkpoint (or not). A fresh run into a folder that already holds a `grip_history.jsonl` /
+`grip_probe.csv` moves them aside (`*.prev`, with a warning) and starts new ones: a run never
+appends to another run's history. A resumed run rewrites them (atomically) to the checkpoint's
+history: lines the file holds beyond the checkpoint (a crash after the last checkpoint) are
+dropped, and a run resumed into another folder gets the checkpoint's history written there.
 """
 
 from __future__ import annotations
@@ -152,6 +159,8 @@ class GripCallback(L.Callback):
         self._probe: dict[int, ProbeBatch] | None = None
         self._proxy = None
         self._log_dir: Path | None = None
+        self._files_open = False  # rank 0 writes history files only after on_train_start
+        self._pending: list[tuple[dict, list[dict] | None]] = []
 
     # ------------------------------------------------------------------ wiring
     @property
@@ -236,6 +245,8 @@ class GripCallback(L.Callback):
         return getattr(pl_module, "model", pl_module)
 
     def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            self._open_files(trainer)
         if self._restored and self.history:
             last = self.history[-1]
             self.dataset.publish(last["n"], version=last["version"])
@@ -462,13 +473,69 @@ class GripCallback(L.Callback):
         self._log_dir.mkdir(parents=True, exist_ok=True)
         return self._log_dir
 
+    HISTORY, PROBE_CSV = "grip_history.jsonl", "grip_probe.csv"
+
+    def _open_files(self, trainer) -> None:
+        """Start this run's history files (see the module docstring): a fresh run moves another
+        run's files aside; a resumed run rewrites them to the checkpoint's history."""
+        d = self.log_dir(trainer)
+        hist, probe = d / self.HISTORY, d / self.PROBE_CSV
+        pending, self._pending = self._pending, []
+        self._files_open = True
+        if not self._restored:
+            moved = []
+            for f in (hist, probe):
+                if f.exists():
+                    f.replace(f.with_name(f.name + ".prev"))
+                    moved.append(f.name)
+            if moved:
+                log.warning(
+                    "grip: %s held a previous run's %s; moved to *.prev, this run starts new files "
+                    "(resume with --ckpt_path to continue that run)",
+                    d,
+                    " and ".join(moved),
+                )
+            for e, rows in pending:
+                self._write_files(trainer, e, rows)
+            return
+        # resumed: the file's first len(history) lines, where they match the checkpoint's
+        # history (they carry the probe tables), else the checkpoint's entries themselves
+        old = []
+        if hist.exists():
+            for line in hist.read_text().splitlines():
+                try:
+                    old.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break  # a torn last line
+        keep = []
+        for i, h in enumerate(self.history):
+            o = old[i] if i < len(old) else None
+            same = o is not None and o.get("step") == h["step"] and o.get("version") == h["version"]
+            keep.append(o if same else h)
+        _atomic_write(hist, "".join(json.dumps(e) + "\n" for e in keep))
+        if probe.exists():
+            last = self.history[-1]["step"] if self.history else -1
+            with open(probe, newline="") as fh:
+                rows = list(csv.reader(fh))
+            body = [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= last and int(r[1]) <= self.refreshes]
+            import io
+
+            buf = io.StringIO()
+            csv.writer(buf).writerows(rows[:1] + body)
+            _atomic_write(probe, buf.getvalue())
+        if self.history:
+            self.plot(d / "grip_budget_share.png")
+
     def _write_files(self, trainer, e: dict, rows: list[dict] | None) -> None:
+        if not self._files_open:  # setup's initial publish: written once the run is known fresh
+            self._pending.append((e, rows))
+            return
         d = self.log_dir(trainer)
         # the file also gets the probe's per-cluster table (the checkpointed history stays lean)
-        with open(d / "grip_history.jsonl", "a") as fh:
+        with open(d / self.HISTORY, "a") as fh:
             fh.write(json.dumps(e if rows is None else {**e, "probe": rows}) + "\n")
         if rows is not None:
-            path = d / "grip_probe.csv"
+            path = d / self.PROBE_CSV
             new = not path.exists()
             with open(path, "a", newline="") as fh:
                 w = csv.writer(fh)
@@ -576,6 +643,12 @@ class GripCallback(L.Callback):
         if self._dataset is not None and self.history:
             last = self.history[-1]
             self._dataset.publish(last["n"], version=last["version"])
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _finite(x) -> float | None:
