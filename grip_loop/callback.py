@@ -517,7 +517,11 @@ class GripCallback(L.Callback):
             last = self.history[-1]["step"] if self.history else -1
             with open(probe, newline="") as fh:
                 rows = list(csv.reader(fh))
-            body = [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= last and int(r[1]) <= self.refreshes]
+            body = [
+                r
+                for r in rows[1:]
+                if r and r[0].isdigit() and int(r[0]) <= last and int(r[1]) <= self.refreshes
+            ]
             import io
 
             buf = io.StringIO()

@@ -132,3 +132,44 @@ def test_ablation_yaml_builds(path, tmp_path, monkeypatch):
     cli = build_cli(["--config", str(path)], run=False)
     cli.datamodule.setup("fit")
     assert cli.model.model_config.vocab_size >= cli.datamodule.dataset.vocab_size
+
+
+def test_the_run_folder_setting_moves_every_output(tmp_path, monkeypatch, capsys):
+    """`--trainer.default_root_dir=runs/try20` moves the CSV logs, the W&B run, the checkpoints
+    and the GRIP files (they follow trainer.log_dir) away from the YAML's run folder."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.prepared import make_prepared
+    from train.main import build_cli
+
+    monkeypatch.chdir(tmp_path)
+    make_prepared(
+        tmp_path / "runs" / "quickstart" / "data", [5, 7, 3], orders=("grip", "diversity", "random")
+    )
+    args = [
+        "--config",
+        str(ROOT / "configs/train/cpu-tiny-grip.yaml"),
+        "--trainer.default_root_dir=runs/try20",
+    ]
+    cli = build_cli(args, run=False)
+    root = (tmp_path / "runs" / "try20").resolve()
+    assert Path(cli.trainer.default_root_dir).resolve() == root
+    for lg in cli.trainer.loggers:
+        assert Path(lg.save_dir).resolve() == root, type(lg).__name__
+    assert Path(cli.trainer.log_dir).resolve().parent == root  # grip_history.jsonl, PNGs, probe CSV
+    ck = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    assert Path(ck[0].dirpath).resolve() == root / "checkpoints"
+    assert "outside trainer.default_root_dir" not in capsys.readouterr().err
+
+
+def test_a_hard_coded_path_outside_the_run_folder_is_named(tmp_path):
+    from train.main import place_run_paths
+
+    cfg = {
+        "default_root_dir": str(tmp_path / "b"),
+        "logger": [{"class_path": "CSVLogger", "init_args": {"save_dir": str(tmp_path / "a")}}],
+        "callbacks": [{"class_path": "ModelCheckpoint", "init_args": {"dirpath": "{default_root_dir}/ck"}}],
+    }
+    notes = place_run_paths(cfg, warn=lambda m: None)
+    assert cfg["callbacks"][0]["init_args"]["dirpath"] == f"{tmp_path / 'b'}/ck"
+    assert len(notes) == 1 and "trainer.logger[0].init_args.save_dir" in notes[0]

@@ -413,5 +413,7 @@ def test_a_resumed_run_keeps_its_history_consistent_with_the_checkpoint(prepared
     assert sorted(set(steps)) == [0, 4, 8, 12] and steps == sorted(steps)
     # resumed into a new folder: the checkpoint's history is written there
     other = cb()
-    run(prepared, tmp_path / "o", callback=other, steps=8, ckpt=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt"))
+    run(
+        prepared, tmp_path / "o", callback=other, steps=8, ckpt=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt")
+    )
     assert [h["step"] for h in _history(tmp_path / "o")] == [0, 0, 4, 8]
