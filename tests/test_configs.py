@@ -160,6 +160,11 @@ def test_the_run_folder_setting_moves_every_output(tmp_path, monkeypatch, capsys
     ck = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
     assert Path(ck[0].dirpath).resolve() == root / "checkpoints"
     assert "outside trainer.default_root_dir" not in capsys.readouterr().err
+    # model.vocab_size: null = the prepared tokenizer's vocabulary (make_prepared: 2048)...
+    assert cli.model.model_config.vocab_size == cli.datamodule.dataset.vocab_size == 2048
+    # ...unless the command line says otherwise
+    cli = build_cli([*args, "--model.vocab_size=4096"], run=False)
+    assert cli.model.model_config.vocab_size == 4096
 
 
 def test_a_hard_coded_path_outside_the_run_folder_is_named(tmp_path):

@@ -10,6 +10,9 @@ logger or callback, the text `{default_root_dir}` stands for it, so
 `grip train --config configs/train/cpu-tiny-grip.yaml --trainer.default_root_dir=runs/try20`
 moves the CSV logs, W&B run, checkpoints and the GRIP files (grip_history.jsonl, grip_probe.csv,
 PNG) together. A hard-coded path outside the run folder is kept, with a one-line warning.
+
+The vocabulary: `model.vocab_size: null` (the GRIP configs) takes the prepared tokenizer's
+vocabulary from the corpus's manifest.json; a number overrides it.
 """
 
 from __future__ import annotations
@@ -54,6 +57,27 @@ def place_run_paths(trainer_cfg, warn=print) -> list[str]:
     return notes
 
 
+def vocab_from_manifest(cfg) -> int | None:
+    """`model.vocab_size: null` with a GripIterableDataset: the prepared tokenizer's vocabulary
+    (manifest.json `tokenizer.vocab_size`) becomes the model's. A number given in the YAML or on
+    the command line is kept (GripCallback checks that it covers the tokenizer). Returns the
+    vocabulary set, or None when nothing was changed."""
+    model, data = _get(cfg, "model"), _get(cfg, "data")
+    if model is None or _get(model, "vocab_size") is not None:
+        return None
+    ds = _get(data, "dataset")
+    if not str(_get(ds, "class_path") or "").endswith("GripIterableDataset"):
+        return None
+    root = _get(_get(ds, "init_args"), "root")
+    if root is None:
+        return None
+    from grip_loop.manifest import load_manifest
+
+    vocab = int(load_manifest(root, check_files=False).tokenizer["vocab_size"])
+    _put(model, "vocab_size", vocab)
+    return vocab
+
+
 def _inside(p: Path, root: Path) -> bool:
     return p == root or root in p.parents
 
@@ -92,6 +116,7 @@ def build_cli(argv: list[str], run: bool = True):
         def before_instantiate_classes(self) -> None:
             cfg = self.config[self.subcommand] if self.subcommand else self.config
             place_run_paths(cfg.trainer, warn=lambda m: print(m, file=sys.stderr))
+            vocab_from_manifest(cfg)
 
     argv = list(argv)
     if run and (not argv or argv[0] not in SUBCOMMANDS):

@@ -340,3 +340,22 @@ def test_cluster_by_a_field_nobody_has_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"no document in .*c\.jsonl has the field 'topic'.*id, lang") as e:
         prepare(_cfg(corpus, tmp_path / "out", cluster_by="topic"))
     assert "--cluster-by" in str(e.value)
+
+
+def test_a_small_corpus_gets_one_line_with_the_fix_instead_of_faiss_s_warning(capfd):
+    from grip_loop.cluster import spherical_kmeans
+    from grip_loop.prepare import _without_faiss_size_warning, small_corpus_notes
+
+    # the default K = 64 on 216 files: one line, naming a K that fits
+    (line,) = small_corpus_notes(PrepareConfig(k=64), 216)
+    assert "k=64" in line and "216 documents" in line and "--k 5" in line
+    assert small_corpus_notes(PrepareConfig(k=5), 216) == []  # 5 x 39 <= 216
+    assert small_corpus_notes(PrepareConfig(k=64, cluster_by="lang"), 216) == []
+    emb = np.random.default_rng(0).normal(size=(60, 8)).astype(np.float32)
+    spherical_kmeans(emb, 8, niter=2)
+    assert "please provide at least" in capfd.readouterr().err  # faiss's raw warning exists...
+    with _without_faiss_size_warning():
+        spherical_kmeans(emb, 8, niter=2)
+        os.write(2, b"another line\n")
+    err = capfd.readouterr().err
+    assert "please provide at least" not in err and "another line" in err  # ...and only it goes
