@@ -78,6 +78,21 @@ def vocab_from_manifest(cfg) -> int | None:
     return vocab
 
 
+def show_logs() -> None:
+    """INFO lines of the project's loggers (`grip_loop.*`: probe start, the probe table, budget
+    versions; `train.*`: the model summary, progress lines in a log) on stderr, once."""
+    import logging
+
+    for name in ("grip_loop", "train"):
+        lg = logging.getLogger(name)
+        if not lg.handlers:
+            h = logging.StreamHandler(sys.stderr)
+            h.setFormatter(logging.Formatter("%(message)s"))
+            lg.addHandler(h)
+            lg.setLevel(logging.INFO)
+            lg.propagate = False
+
+
 def _inside(p: Path, root: Path) -> bool:
     return p == root or root in p.parents
 
@@ -109,14 +124,32 @@ def build_cli(argv: list[str], run: bool = True):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from lightning.pytorch.cli import LightningCLI
 
+    from train import quiet
     from train.data import GripDataModule
     from train.module import MoELM
+    from train.progress import progress_callbacks
+
+    quiet.install()
+    show_logs()
 
     class GripCLI(LightningCLI):
         def before_instantiate_classes(self) -> None:
             cfg = self.config[self.subcommand] if self.subcommand else self.config
             place_run_paths(cfg.trainer, warn=lambda m: print(m, file=sys.stderr))
             vocab_from_manifest(cfg)
+            loggers = cfg.trainer.logger if isinstance(cfg.trainer.logger, list) else [cfg.trainer.logger]
+            for lg in loggers:
+                if "Wandb" in str(_get(lg, "class_path") or ""):
+                    quiet.quiet_wandb()
+                    save_dir = _get(_get(lg, "init_args"), "save_dir")
+                    if save_dir and run:  # W&B looks for git in it before Lightning creates it
+                        Path(save_dir).mkdir(parents=True, exist_ok=True)
+
+        def _instantiate_trainer(self, config, callbacks):
+            existing = list(callbacks) + list(config.get("callbacks") or [])
+            return super()._instantiate_trainer(
+                config, list(callbacks) + progress_callbacks(config, existing)
+            )
 
     argv = list(argv)
     if run and (not argv or argv[0] not in SUBCOMMANDS):
