@@ -235,11 +235,21 @@ def _seed(seed: int, *parts: int) -> int:
     return int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0])
 
 
+# stages of this run that were taken from OUT/work as they were (reported as "cached", not timed)
+_CACHED: set[str] = set()
+
+
+def _cached(stage: str, record: Path) -> None:
+    _CACHED.add(stage)
+    print(f"{stage}: cached ({record})")
+
+
 class _Timer:
     def __init__(self) -> None:
         self.stages: dict[str, dict] = {}
 
     def record(self, name: str, t0: float, n: int, skipped: bool = False) -> None:
+        skipped = skipped or name in _CACHED
         s = time.perf_counter() - t0
         self.stages[name] = {
             "seconds": round(s, 3),
@@ -273,6 +283,7 @@ def _ingest(cfg: PrepareConfig, work: Path) -> dict:
     if info is not None:
         problem = _docs_problem(work / "docs.jsonl", info)
         if problem is None:
+            _cached("ingest", meta)
             return info
         _note(work / "docs.jsonl", problem, "ingest")
     reader = CorpusReader(
@@ -410,7 +421,9 @@ def _tokenize(
     info = _finished(meta, key, "tokenize")
     if info is not None:
         try:
-            return (info, *_load_tokens(out, work, info, len(texts)))
+            cached = (info, *_load_tokens(out, work, info, len(texts)))
+            _cached("tokenize", meta)
+            return cached
         except _Damaged as exc:
             path, problem = exc.args
             _note(path, problem, "tokenize")
@@ -426,7 +439,7 @@ def _tokenize(
             sample = [texts[i] for i in pick]
         else:
             sample = texts
-        tok = tk.train_tokenizer(sample, vocab_size=cfg.vocab_size)
+        tok = tk.train_tokenizer(sample, vocab_size=cfg.vocab_size, progress=cfg.progress)
     with workdir.atomic_file(tok_file) as fh:  # the bytes of tok.save(), whose errors are not OSErrors
         fh.write(tok.to_str(pretty=True).encode("utf-8"))
     ids = tk.encode(tok, texts)
@@ -563,6 +576,7 @@ def _cluster(
                 _note(path, "does not match the checksum recorded when it was written", "cluster")
                 break
         else:
+            _cached("cluster", meta)
             return np.load(files["centroids"]), np.load(files["labels"])
     centroids, _ = spherical_kmeans(
         np.asarray(emb)[train], cfg.k, seed=cfg.seed, niter=cfg.kmeans_niter, sample_size=cfg.kmeans_sample
@@ -674,6 +688,7 @@ def _run(cfg: PrepareConfig, out: Path, rank: int) -> Manifest | None:
     from grip_loop.shards import ShardWriter, token_dtype_for
 
     timer = _Timer()
+    _CACHED.clear()
     work = out / "work"
     if rank == 0:
         work.mkdir(parents=True, exist_ok=True)

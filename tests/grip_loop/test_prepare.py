@@ -183,7 +183,7 @@ def test_deterministic_for_a_fixed_seed(stdlib_prepared, stdlib_corpus, tmp_path
 
 
 @pytest.mark.slow
-def test_resume_after_interruption(stdlib_prepared, stdlib_corpus, tmp_path, monkeypatch):
+def test_resume_after_interruption(stdlib_prepared, stdlib_corpus, tmp_path, monkeypatch, capsys):
     from grip_loop.embed import Encoder
     from grip_loop.shards import ShardWriter
 
@@ -215,9 +215,15 @@ def test_resume_after_interruption(stdlib_prepared, stdlib_corpus, tmp_path, mon
     assert list(out.rglob("*.tmp")) == []  # the shard being written was dropped
     with pytest.raises(Exception, match="re-run `grip prepare"):
         load_manifest(out)
-    prepare(_cfg(stdlib_corpus, out))
+    capsys.readouterr()
+    m = prepare(_cfg(stdlib_corpus, out))
     assert calls["embed"] == 3  # nothing re-embedded
     assert _comparable(out) == _comparable(stdlib_prepared)
+    # the stages taken from OUT/work say so (not a meaningless docs/s)
+    said = capsys.readouterr().out
+    for stage in ("ingest", "tokenize", "cluster"):
+        assert f"{stage}: cached" in said and m.stats["timings"][stage].get("resumed"), stage
+    assert not m.stats["timings"]["write"].get("resumed")
 
 
 @pytest.mark.slow
