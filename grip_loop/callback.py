@@ -559,8 +559,16 @@ class GripCallback(L.Callback):
             )
         self.plot(d / "grip_budget_share.png")
 
+    # at most this many clusters are drawn as lines (10 colours x 2 line styles, each told
+    # apart); more become a heatmap, one row per cluster
+    MAX_LINES = 20
+
     def plot(self, path: Path) -> None:
-        """Budget share of each cluster over steps (a step plot: budgets change at refreshes)."""
+        """Budget share of each cluster over steps, labelled with cluster names. Up to MAX_LINES
+        clusters: a step plot (budgets change at refreshes), y from 0, every line its own colour
+        and style pair. More clusters: a heatmap (cluster x refresh). A run with no budget change
+        yet (shorter than one refresh): the current shares as bars, saying when the first refresh
+        comes."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -568,20 +576,47 @@ class GripCallback(L.Callback):
 
         steps = [h["step"] for h in self.history]
         shares = np.array([np.asarray(h["n"]) / self.b_total for h in self.history])
-        fig, ax = plt.subplots(figsize=(9, 4.5))
-        names = getattr(self, "names", [f"cluster {k}" for k in range(shares.shape[1])])
-        for k in range(shares.shape[1]):
-            ax.step(steps, shares[:, k], where="post", label=names[k] if shares.shape[1] <= 20 else None)
-        ax.set_xlabel("step")
-        ax.set_ylabel("budget share n_k / B")
-        ax.set_title(f"GRIP budget drift ({self.mode_name})")
-        if shares.shape[1] <= 20:
-            ax.legend(
-                fontsize=7,
-                ncol=1 if shares.shape[1] <= 10 else 2,
-                loc="upper left",
-                bbox_to_anchor=(1.01, 1.0),
-            )
+        k = shares.shape[1]
+        names = list(getattr(self, "names", None) or [f"cluster {i}" for i in range(k)])
+        changed = len(self.history) > 1 and not all(h["n"] == self.history[0]["n"] for h in self.history)
+        title = f"GRIP budget share per cluster ({self.mode_name})"
+        if not changed:  # nothing to draw over time yet
+            nxt = max(self.first_after, (self.interval or self.every))
+            fig, ax = plt.subplots(figsize=(9, max(3.0, 0.25 * k + 1.2)))
+            ax.barh(range(k), shares[-1], color="C0")
+            ax.set_yticks(range(k), names, fontsize=7 if k > 20 else 9)
+            ax.invert_yaxis()
+            ax.set_xlim(0, max(float(shares[-1].max()) * 1.1, 1e-9))
+            ax.set_xlabel("budget share n_k / B")
+            why = "no probe in this mode" if self.mode.replay != "loss" else f"first refresh at step {nxt}"
+            ax.set_title(f"{title}\nat step {steps[-1]}: budgets not changed yet ({why})", fontsize=10)
+        elif k > self.MAX_LINES:
+            fig, ax = plt.subplots(figsize=(10, max(3.5, 0.18 * k + 1.5)))
+            im = ax.imshow(shares.T, aspect="auto", cmap="viridis", vmin=0, interpolation="nearest")
+            ax.set_yticks(range(k), names, fontsize=6)
+            ticks = range(0, len(steps), max(1, len(steps) // 12))
+            ax.set_xticks(list(ticks), [str(steps[i]) for i in ticks])
+            ax.set_xlabel("refresh (at step)")
+            fig.colorbar(im, ax=ax, label="budget share n_k / B")
+            ax.set_title(title)
+        else:
+            fig, ax = plt.subplots(figsize=(10, 4.8))
+            styles = ["-", "--"]
+            for i in range(k):
+                ax.step(
+                    steps,
+                    shares[:, i],
+                    where="post",
+                    label=names[i],
+                    color=f"C{i % 10}",
+                    linestyle=styles[(i // 10) % 2],
+                    linewidth=1.4,
+                )
+            ax.set_ylim(0, float(shares.max()) * 1.1)  # from 0: a small drift looks small
+            ax.set_xlabel("step")
+            ax.set_ylabel("budget share n_k / B")
+            ax.set_title(title)
+            ax.legend(fontsize=7, ncol=1 if k <= 10 else 2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)

@@ -417,3 +417,39 @@ def test_a_resumed_run_keeps_its_history_consistent_with_the_checkpoint(prepared
         prepared, tmp_path / "o", callback=other, steps=8, ckpt=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt")
     )
     assert [h["step"] for h in _history(tmp_path / "o")] == [0, 0, 4, 8]
+
+
+def _drawn(monkeypatch, c, tmp_path):
+    """The figure `c.plot` saves (kept from plt.close), and the PNG it wrote."""
+    import matplotlib.pyplot as plt
+
+    figs = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig))
+    c.plot(tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    return figs[-1].axes[0]
+
+
+@pytest.mark.parametrize("k", [16, 40])
+def test_budget_chart_tells_every_cluster_apart_from_zero(monkeypatch, tmp_path, k):
+    rng = np.random.default_rng(k)
+    c = cb()
+    c.names, c.b_total = [f"name-{i}" for i in range(k)], 1000
+    c.history = [{"step": s, "n": rng.multinomial(1000, np.ones(k) / k).tolist()} for s in (0, 100, 150, 200)]
+    ax = _drawn(monkeypatch, c, tmp_path)
+    if k <= GripCallback.MAX_LINES:  # lines: a distinct colour/style pair per cluster, y from 0
+        lines = ax.get_lines()
+        assert len({(ln.get_color(), ln.get_linestyle()) for ln in lines}) == k
+        assert [ln.get_label() for ln in lines] == c.names and ax.get_ylim()[0] == 0
+    else:  # a heatmap, one named row per cluster
+        assert len(ax.images) == 1 and ax.images[0].get_array().shape == (k, 4)
+        assert [t.get_text() for t in ax.get_yticklabels()] == c.names
+
+
+def test_budget_chart_of_a_run_shorter_than_one_refresh(monkeypatch, tmp_path):
+    c = cb(first_refresh_after_steps=100)
+    c.names, c.b_total = ["a", "b", "c"], 10
+    c.history = [{"step": 0, "n": [5, 3, 2]}]
+    ax = _drawn(monkeypatch, c, tmp_path)
+    assert [p.get_width() for p in ax.patches] == [0.5, 0.3, 0.2]  # the shares, as bars
+    assert "first refresh at step 100" in ax.get_title()
