@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from train.helpfmt import DefaultsFormatter
+
 
 def load_module(ckpt: str | Path):
     """The `train.module.MoELM` of a single-file Lightning checkpoint, weights loaded, on CPU."""
@@ -117,7 +119,9 @@ def export_hf(ckpt: str | Path, out: str | Path, data: str | Path | None = None,
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="grip export-hf", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        formatter_class=DefaultsFormatter, prog="grip export-hf", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("ckpt", help="Lightning checkpoint file, e.g. runs/cpu-tiny/checkpoints/last.ckpt")
     p.add_argument("out", help="output folder for the Hugging Face model (created)")
     p.add_argument(

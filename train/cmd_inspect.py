@@ -7,6 +7,22 @@ from pathlib import Path
 
 import numpy as np
 
+from train.helpfmt import RawDefaultsFormatter
+
+COLUMNS_HELP = """columns:
+  k         cluster id
+  name      cluster name (language + path prefix or distinctive terms)
+  N_k       training documents of the cluster
+  tokens    their tokens
+  sigma     geometric spread (Eq. 3): RMS distance of the embeddings to the centroid (0: one document)
+  Q         static quality Q_k in [0, 1] (the judge)
+  mean_len  tokens per document
+  probe     probe documents of the cluster (adaptation + evaluation)
+  eval      of those, evaluation-only documents (never trained on)
+  examples  the first example paths
+the PNG: kNN distance vs length (paper Fig. 2); a binned median rising above the median line
+means inverse-density sampling over-picks long documents (Eq. 10's beta corrects it)"""
+
 
 def table(manifest, top: int = 3) -> str:
     """One row per cluster: size, tokens, sigma, Q, mean length, first documents of the first order."""
@@ -80,7 +96,12 @@ def plot_pathology(directory: Path, png: Path, bins: int = 12) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="grip inspect", description=__doc__)
+    p = argparse.ArgumentParser(
+        formatter_class=RawDefaultsFormatter,
+        prog="grip inspect",
+        description=__doc__,
+        epilog=COLUMNS_HELP,
+    )
     p.add_argument("dir", help="a prepared corpus (the --out of grip prepare)")
     p.add_argument(
         "--png",

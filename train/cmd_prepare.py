@@ -13,11 +13,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from train.helpfmt import DefaultsFormatter
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "prepare" / "default.yaml"
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="grip prepare", description=__doc__)
+    p = argparse.ArgumentParser(formatter_class=DefaultsFormatter, prog="grip prepare", description=__doc__)
     p.add_argument(
         "--corpus", required=True, help="directory of source files / .jsonl[.gz] / .tar shards, or one file"
     )
