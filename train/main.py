@@ -146,7 +146,8 @@ def build_cli(argv: list[str], run: bool = True):
                         Path(save_dir).mkdir(parents=True, exist_ok=True)
 
         def _instantiate_trainer(self, config, callbacks):
-            existing = list(callbacks) + list(config.get("callbacks") or [])
+            given = config.get("callbacks") or []
+            existing = list(callbacks) + (list(given) if isinstance(given, list) else [given])
             return super()._instantiate_trainer(
                 config, list(callbacks) + progress_callbacks(config, existing)
             )
