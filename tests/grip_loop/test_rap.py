@@ -774,3 +774,12 @@ def test_the_causal_mask_uses_no_deprecated_transformers_argument():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         causal_mask(lm.config, x, pos)
+
+
+@pytest.mark.slow
+def test_the_probe_bar_starts_before_the_trunk_features(capfd):
+    """A log shows a probe has begun before its (possibly minutes-long) feature pass, and its end."""
+    model = tiny_model()
+    rapid_adaptation_probe(model, random_batches(3), RAPConfig(epochs=1, min_docs=2), progress=True)
+    err = capfd.readouterr().err
+    assert "probe (features, then adaptation):   0%" in err and "6/6" in err  # 2 steps per cluster
