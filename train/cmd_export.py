@@ -67,6 +67,14 @@ def corpus_of_checkpoint(ckpt: str | Path) -> Path | None:
     return None
 
 
+def tokenizer_file(data: str | Path) -> Path:
+    """The prepared corpus's tokenizer.json (the file its manifest names)."""
+    from grip_loop.manifest import load_manifest
+
+    m = load_manifest(data, check_files=False)
+    return Path(data) / m.tokenizer.get("path", "tokenizer/tokenizer.json")
+
+
 def hf_tokenizer(data: str | Path):
     """The prepared corpus's tokenizer (manifest.json -> tokenizer.json) as a Hugging Face fast
     tokenizer whose EOS (and pad) is the EOS the packer puts between documents."""
@@ -109,7 +117,12 @@ def export_hf(ckpt: str | Path, out: str | Path, data: str | Path | None = None,
             gen.eos_token_id = gen.pad_token_id = gen.bos_token_id = eos
     module.save_hf(out)
     if tok is not None:
+        import shutil
+
         tok.save_pretrained(str(out))
+        # the prepared file itself, byte for byte: `grip probe` / a GripCallback proxy check that
+        # a model folder's tokenizer.json is the corpus's (sha256); Hugging Face reads it the same
+        shutil.copyfile(tokenizer_file(data), out / "tokenizer.json")
     else:
         warn(
             f"warning: {out} has no tokenizer (the checkpoint names no prepared corpus); "

@@ -83,10 +83,21 @@ def show_logs() -> None:
     versions; `train.*`: the model summary, progress lines in a log) on stderr, once."""
     import logging
 
+    class _Stderr(logging.StreamHandler):
+        """Writes to whatever sys.stderr is at the time (a test's capture may replace it)."""
+
+        @property
+        def stream(self):
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value) -> None:
+            pass
+
     for name in ("grip_loop", "train"):
         lg = logging.getLogger(name)
         if not lg.handlers:
-            h = logging.StreamHandler(sys.stderr)
+            h = _Stderr()
             h.setFormatter(logging.Formatter("%(message)s"))
             lg.addHandler(h)
             lg.setLevel(logging.INFO)

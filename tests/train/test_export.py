@@ -57,6 +57,10 @@ def test_export_round_trips_through_auto_classes(stdlib_prepared, tmp_path):
     assert isinstance(tok.decode(new, skip_special_tokens=True), str)
     cfg = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
     assert cfg["eos_token"] == "<|endoftext|>"
+    # byte for byte the prepared file: `grip probe` and a GripCallback proxy check its sha256
+    from train.cmd_export import tokenizer_file
+
+    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == tokenizer_file(stdlib_prepared).read_bytes()
 
 
 def test_export_without_a_corpus_says_how_to_add_the_tokenizer(tmp_path, capsys):
