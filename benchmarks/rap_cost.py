@@ -166,7 +166,9 @@ def main(argv=None) -> int:
                     "extrapolated": timed_k < k,
                 }
             )
-    big_tokens = 8 * 4 * 4096 * 32  # one step of configs/train/h800x8-8b.yaml: 8 GPUs x 4 x 4096 x 32 accum
+    big_tokens = (
+        8 * 4 * 4096 * 32
+    )  # one step of configs/train/h800x8-8b-grip.yaml: 8 GPUs x 4 x 4096 x 32 accum
     analytic = []
     for name in args.flops_models:
         for tok, label in ((TRAIN_BATCH * TRAIN_SEQ, "8 x 256"), (big_tokens, "h800x8 (4.2M tok)")):

@@ -53,12 +53,20 @@ writes it to `<log_dir>/grip_ledger.csv` (rows per refresh and at the end) and
 while the run goes on), W&B gets `grip/ledger_table`, and the end-of-training ledger is printed.
 The guard caps, at every publication, the passes over each cluster's stream that the budgets
 would give over the run's token budget (trainer.max_steps x tokens per step).
+
+One run, one history: the files are opened at `on_train_start`, once Lightning has restored a
+checkpoint (or not). A fresh run into a folder that already holds a `grip_history.jsonl` /
+`grip_probe.csv` (or a ledger, `grip_ledger.csv` / `.json`) moves them aside (`*.prev`, with a
+warning) and starts new ones: a run never appends to another run's history. A resumed run
+rewrites them (atomically) to the checkpoint's history: lines the file holds beyond the checkpoint (a crash after the last checkpoint) are
+dropped, and a run resumed into another folder gets the checkpoint's history written there.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import logging
 import time
@@ -178,6 +186,8 @@ class GripCallback(L.Callback):
         self.run_tokens: float | None = None
         self.max_steps: int | None = None
         self.tokens_per_step: float | None = None
+        self._files_open = False  # rank 0 writes history files only after on_train_start
+        self._pending: list[tuple[dict, list[dict] | None]] = []
 
     # ------------------------------------------------------------------ wiring
     @property
@@ -281,6 +291,8 @@ class GripCallback(L.Callback):
         return getattr(pl_module, "model", pl_module)
 
     def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            self._open_files(trainer)
         if self._restored and self.history:
             last = self.history[-1]
             self.dataset.publish(last["n"], version=last["version"])
@@ -589,15 +601,82 @@ class GripCallback(L.Callback):
         self._log_dir.mkdir(parents=True, exist_ok=True)
         return self._log_dir
 
+    HISTORY, PROBE_CSV = "grip_history.jsonl", "grip_probe.csv"
+
+    def _open_files(self, trainer) -> None:
+        """Start this run's history files (see the module docstring): a fresh run moves another
+        run's files aside; a resumed run rewrites them to the checkpoint's history."""
+        d = self.log_dir(trainer)
+        hist, probe = d / self.HISTORY, d / self.PROBE_CSV
+        ledger_csv, ledger_json = d / ledger_mod.LEDGER_CSV, d / ledger_mod.LEDGER_JSON
+        pending, self._pending = self._pending, []
+        self._files_open = True
+        if not self._restored:
+            moved = []
+            for f in (hist, probe, ledger_csv, ledger_json):
+                if f.exists():
+                    f.replace(f.with_name(f.name + ".prev"))
+                    moved.append(f.name)
+            if moved:
+                log.warning(
+                    "grip: %s held a previous run's %s; moved to *.prev, this run starts new files "
+                    "(resume with --ckpt_path to continue that run)",
+                    d,
+                    " and ".join(moved),
+                )
+            for e, rows in pending:
+                self._write_files(trainer, e, rows)
+            return
+        # resumed: the file's first len(history) lines, where they match the checkpoint's
+        # history (they carry the probe tables), else the checkpoint's entries themselves
+        old = []
+        if hist.exists():
+            for line in hist.read_text().splitlines():
+                try:
+                    old.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break  # a torn last line
+        keep = []
+        for i, h in enumerate(self.history):
+            o = old[i] if i < len(old) else None
+            same = o is not None and o.get("step") == h["step"] and o.get("version") == h["version"]
+            keep.append(o if same else h)
+        _atomic_write(hist, "".join(json.dumps(e) + "\n" for e in keep))
+        if probe.exists():
+            last = self.history[-1]["step"] if self.history else -1
+            with open(probe, newline="") as fh:
+                rows = list(csv.reader(fh))
+            body = [
+                r
+                for r in rows[1:]
+                if r and r[0].isdigit() and int(r[0]) <= last and int(r[1]) <= self.refreshes
+            ]
+            buf = io.StringIO()
+            csv.writer(buf).writerows(rows[:1] + body)
+            _atomic_write(probe, buf.getvalue())
+        if ledger_csv.exists():  # the ledger's rows up to the checkpoint (refreshes, not an "end")
+            last = self.history[-1]["step"] if self.history else -1
+            with open(ledger_csv, newline="") as fh:
+                rows = list(csv.reader(fh))
+            body = [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= last and r[1] != "end"]
+            buf = io.StringIO()
+            csv.writer(buf).writerows(rows[:1] + body)
+            _atomic_write(ledger_csv, buf.getvalue())
+        if self.history:
+            self.plot(d / "grip_budget_share.png")
+
     def _write_files(self, trainer, e: dict, rows: list[dict] | None) -> None:
+        if not self._files_open:  # setup's initial publish: written once the run is known fresh
+            self._pending.append((e, rows))
+            return
         d = self.log_dir(trainer)
         # the file also gets the probe's per-cluster table (the checkpointed history stays lean)
-        with open(d / "grip_history.jsonl", "a") as fh:
+        with open(d / self.HISTORY, "a") as fh:
             fh.write(json.dumps(e if rows is None else {**e, "probe": rows}) + "\n")
         if e.get("ledger") is not None:
             self._write_ledger(d, e["step"], "refresh", e["ledger"])
         if rows is not None:
-            path = d / "grip_probe.csv"
+            path = d / self.PROBE_CSV
             new = not path.exists()
             with open(path, "a", newline="") as fh:
                 w = csv.writer(fh)
@@ -617,8 +696,16 @@ class GripCallback(L.Callback):
             )
         self.plot(d / "grip_budget_share.png")
 
+    # at most this many clusters are drawn as lines (10 colours x 2 line styles, each told
+    # apart); more become a heatmap, one row per cluster
+    MAX_LINES = 20
+
     def plot(self, path: Path) -> None:
-        """Budget share of each cluster over steps (a step plot: budgets change at refreshes)."""
+        """Budget share of each cluster over steps, labelled with cluster names. Up to MAX_LINES
+        clusters: a step plot (budgets change at refreshes), y from 0, every line its own colour
+        and style pair. More clusters: a heatmap (cluster x refresh). A run with no budget change
+        yet (shorter than one refresh): the current shares as bars, saying when the first refresh
+        comes."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -626,20 +713,47 @@ class GripCallback(L.Callback):
 
         steps = [h["step"] for h in self.history]
         shares = np.array([np.asarray(h["n"]) / self.b_total for h in self.history])
-        fig, ax = plt.subplots(figsize=(9, 4.5))
-        names = getattr(self, "names", [f"cluster {k}" for k in range(shares.shape[1])])
-        for k in range(shares.shape[1]):
-            ax.step(steps, shares[:, k], where="post", label=names[k] if shares.shape[1] <= 20 else None)
-        ax.set_xlabel("step")
-        ax.set_ylabel("budget share n_k / B")
-        ax.set_title(f"GRIP budget drift ({self.mode_name})")
-        if shares.shape[1] <= 20:
-            ax.legend(
-                fontsize=7,
-                ncol=1 if shares.shape[1] <= 10 else 2,
-                loc="upper left",
-                bbox_to_anchor=(1.01, 1.0),
-            )
+        k = shares.shape[1]
+        names = list(getattr(self, "names", None) or [f"cluster {i}" for i in range(k)])
+        changed = len(self.history) > 1 and not all(h["n"] == self.history[0]["n"] for h in self.history)
+        title = f"GRIP budget share per cluster ({self.mode_name})"
+        if not changed:  # nothing to draw over time yet
+            nxt = max(self.first_after, (self.interval or self.every))
+            fig, ax = plt.subplots(figsize=(9, max(3.0, 0.25 * k + 1.2)))
+            ax.barh(range(k), shares[-1], color="C0")
+            ax.set_yticks(range(k), names, fontsize=7 if k > 20 else 9)
+            ax.invert_yaxis()
+            ax.set_xlim(0, max(float(shares[-1].max()) * 1.1, 1e-9))
+            ax.set_xlabel("budget share n_k / B")
+            why = "no probe in this mode" if self.mode.replay != "loss" else f"first refresh at step {nxt}"
+            ax.set_title(f"{title}\nat step {steps[-1]}: budgets not changed yet ({why})", fontsize=10)
+        elif k > self.MAX_LINES:
+            fig, ax = plt.subplots(figsize=(10, max(3.5, 0.18 * k + 1.5)))
+            im = ax.imshow(shares.T, aspect="auto", cmap="viridis", vmin=0, interpolation="nearest")
+            ax.set_yticks(range(k), names, fontsize=6)
+            ticks = range(0, len(steps), max(1, len(steps) // 12))
+            ax.set_xticks(list(ticks), [str(steps[i]) for i in ticks])
+            ax.set_xlabel("refresh (at step)")
+            fig.colorbar(im, ax=ax, label="budget share n_k / B")
+            ax.set_title(title)
+        else:
+            fig, ax = plt.subplots(figsize=(10, 4.8))
+            styles = ["-", "--"]
+            for i in range(k):
+                ax.step(
+                    steps,
+                    shares[:, i],
+                    where="post",
+                    label=names[i],
+                    color=f"C{i % 10}",
+                    linestyle=styles[(i // 10) % 2],
+                    linewidth=1.4,
+                )
+            ax.set_ylim(0, float(shares.max()) * 1.1)  # from 0: a small drift looks small
+            ax.set_xlabel("step")
+            ax.set_ylabel("budget share n_k / B")
+            ax.set_title(title)
+            ax.legend(fontsize=7, ncol=1 if k <= 10 else 2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)
@@ -765,6 +879,12 @@ def ledger_wandb_table(wandb, step: int, names, rec: dict):
         for k, row in enumerate(ledger_mod.rows(rec))
     ]
     return wandb.Table(columns=cols, data=data)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _finite(x) -> float | None:

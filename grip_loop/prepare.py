@@ -284,11 +284,21 @@ def _seed(seed: int, *parts: int) -> int:
     return int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0])
 
 
+# stages of this run that were taken from OUT/work as they were (reported as "cached", not timed)
+_CACHED: set[str] = set()
+
+
+def _cached(stage: str, record: Path) -> None:
+    _CACHED.add(stage)
+    print(f"{stage}: cached ({record})")
+
+
 class _Timer:
     def __init__(self) -> None:
         self.stages: dict[str, dict] = {}
 
     def record(self, name: str, t0: float, n: int, skipped: bool = False) -> None:
+        skipped = skipped or name in _CACHED
         s = time.perf_counter() - t0
         self.stages[name] = {
             "seconds": round(s, 3),
@@ -322,6 +332,7 @@ def _ingest(cfg: PrepareConfig, work: Path) -> dict:
     if info is not None:
         problem = _docs_problem(work / "docs.jsonl", info)
         if problem is None:
+            _cached("ingest", meta)
             return info
         _note(work / "docs.jsonl", problem, "ingest")
     reader = CorpusReader(
@@ -390,6 +401,55 @@ def _docs_problem(path: Path, info: dict) -> str | None:
     return None
 
 
+# faiss's k-means warns (raw, on stderr) below this many training points per centroid
+FAISS_MIN_POINTS_PER_CENTROID = 39
+
+
+def small_corpus_notes(cfg: PrepareConfig, n_docs: int) -> list[str]:
+    """One line per setting too large for a corpus of `n_docs` documents, with the fix: K
+    clusters need ~39 documents each (faiss's minimum; below it clusters of one document with
+    sigma 0 appear). Printed before the expensive stages."""
+    notes = []
+    per = FAISS_MIN_POINTS_PER_CENTROID
+    if not cfg.cluster_by and n_docs < cfg.k * per:
+        fit = max(1, n_docs // per)
+        notes.append(
+            f"warning: k={cfg.k} clusters for {n_docs} documents is ~{n_docs / cfg.k:.1f} per cluster "
+            f"(k-means needs ~{per}; smaller ones are often single documents with sigma 0): "
+            f"re-run with --k {fit} (or a --config with a smaller k, e.g. configs/prepare/quickstart.yaml)"
+        )
+    return notes
+
+
+class _without_faiss_size_warning:
+    """Drops faiss's "please provide at least N training points" line from the C++ stderr of the
+    block (small_corpus_notes said it first, with the fix); every other line passes through."""
+
+    def __enter__(self):
+        import sys
+        import tempfile
+
+        sys.stderr.flush()
+        self._saved = os.dup(2)  # faiss writes to the C stderr, fd 2, whatever sys.stderr is
+        self._tmp = tempfile.TemporaryFile()
+        os.dup2(self._tmp.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        import sys
+
+        sys.stderr.flush()
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._tmp.seek(0)
+        lines = self._tmp.read().splitlines(keepends=True)
+        self._tmp.close()
+        kept = b"".join(ln for ln in lines if b"please provide at least" not in ln)
+        if kept:
+            os.write(2, kept)
+        return False
+
+
 def _load_docs(work: Path) -> list[dict]:
     with open(work / "docs.jsonl", encoding="utf-8") as fh:
         return [json.loads(line) for line in fh]
@@ -410,7 +470,9 @@ def _tokenize(
     info = _finished(meta, key, "tokenize")
     if info is not None:
         try:
-            return (info, *_load_tokens(out, work, info, len(texts)))
+            cached = (info, *_load_tokens(out, work, info, len(texts)))
+            _cached("tokenize", meta)
+            return cached
         except _Damaged as exc:
             path, problem = exc.args
             _note(path, problem, "tokenize")
@@ -426,7 +488,7 @@ def _tokenize(
             sample = [texts[i] for i in pick]
         else:
             sample = texts
-        tok = tk.train_tokenizer(sample, vocab_size=cfg.vocab_size)
+        tok = tk.train_tokenizer(sample, vocab_size=cfg.vocab_size, progress=cfg.progress)
     with workdir.atomic_file(tok_file) as fh:  # the bytes of tok.save(), whose errors are not OSErrors
         fh.write(tok.to_str(pretty=True).encode("utf-8"))
     ids = tk.encode(tok, texts)
@@ -435,6 +497,11 @@ def _tokenize(
     ids = np.concatenate(ids) if ids else np.zeros(0, np.uint32)
     _atomic_npz(work / "tokens.npz", ids=ids, offsets=offsets)
     vocab = tok.get_vocab_size()
+    if not cfg.tokenizer_path and vocab < cfg.vocab_size:
+        print(
+            f"note: the BPE learned {vocab} tokens of the vocab_size={cfg.vocab_size} asked for (a small "
+            f"corpus has fewer merges); manifest.json records {vocab} and `grip train` sizes the model from it"
+        )
     info = {
         "key": key,
         "path": "tokenizer/tokenizer.json",
@@ -554,6 +621,7 @@ def _cluster(
                 _note(path, "does not match the checksum recorded when it was written", "cluster")
                 break
         else:
+            _cached("cluster", meta)
             labels = np.load(files["labels"])
             stats = info.get("stats") or {
                 "method": "kmeans",
@@ -694,6 +762,7 @@ def _run(cfg: PrepareConfig, out: Path, rank: int) -> Manifest | None:
     from grip_loop.shards import ShardWriter, token_dtype_for
 
     timer = _Timer()
+    _CACHED.clear()
     work = out / "work"
     if rank == 0:
         work.mkdir(parents=True, exist_ok=True)
@@ -707,6 +776,9 @@ def _run(cfg: PrepareConfig, out: Path, rank: int) -> Manifest | None:
             f"k: {cfg.k} clusters but {cfg.corpus} has only {ingest['n_docs']} usable documents; "
             f"lower k to at most {ingest['n_docs']}"
         )
+    if rank == 0:
+        for line in small_corpus_notes(cfg, ingest["n_docs"]):
+            print(line)
     docs = _load_docs(work)
     texts = [d["text"] for d in docs]
     fp = ingest["fingerprint"]
@@ -765,7 +837,8 @@ def _finish(
             raise ValueError(
                 f"k: {cfg.k} clusters but the corpus has only {int(train.sum())} training documents; lower k"
             )
-        centroids, labels, cluster_stats = _cluster(cfg, out, work, emb, emb_key, train)
+        with _without_faiss_size_warning():  # small_corpus_notes said it in one line, with the fix
+            centroids, labels, cluster_stats = _cluster(cfg, out, work, emb, emb_key, train)
         n_clusters = cfg.k
     # Geometric Influence Scores of the training documents, and from them each cluster's
     # influential documents, terms, languages and (k-means / GEM) name (grip_loop.naming)

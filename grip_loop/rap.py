@@ -397,6 +397,9 @@ def rapid_adaptation_probe(
     # Under torch.distributed a rank that fails must still join the all_reduce below, or
     # every other rank waits in it forever: its clusters come back NaN on every rank
     # (the callback then keeps the previous budgets everywhere). Alone, it just raises.
+    # two units per cluster: its trunk features, then its probe (the first can take minutes
+    # on many clusters: the bar starts before it, so a log shows the probe has begun)
+    bar = _progress_bar(2 * len(mine), progress and rank == 0)
     try:
         with torch.random.fork_rng(devices=cuda_devices), full_params(model):
             seed = _seed_for(config.seed, refresh_index)
@@ -432,6 +435,7 @@ def rapid_adaptation_probe(
                 table[-1, c] = _cluster_flops(trunk_p, upper_p, pb, config)
                 n_half = inputs[c].cnt_half.sum(-1).double().cpu().numpy()
                 table[_ROWS.index("n0"), c], table[_ROWS.index("n1"), c] = n_half
+                bar.update(1)
             if rank == 0 and live:  # every rank calibrates; counted once
                 table[-1, min(live)] += calibration
             groups: dict[tuple, list[int]] = {}
@@ -441,7 +445,6 @@ def rapid_adaptation_probe(
             # On CPU the per-cluster work already fills the cores and vmap's batched gathers cost
             # more than they save (docs/rap.md has the numbers), so vmap is an accelerator path.
             use_vmap = config.vmap and (device.type != "cpu" or config.vmap_on_cpu)
-            bar = _progress_bar(len(mine), progress and rank == 0)
             for members in groups.values():
                 schedule, lr = plans[members[0]]
                 rows = _probe_group(
@@ -451,8 +454,8 @@ def rapid_adaptation_probe(
                     if config.baseline == "unigram":
                         row[4:6] = _unigram_nll(inputs[c], vocab).double().cpu().numpy()
                     table[:6, c] = row
-            bar.close()
     except Exception as exc:
+        bar.close()
         if not distributed:
             raise
         warnings.warn(
@@ -460,6 +463,7 @@ def rapid_adaptation_probe(
             stacklevel=2,
         )
         table[:-1, mine] = np.nan
+    bar.close()
     if distributed:
         table = _all_reduce_owned(table, mine, device)
     if device.type == "cuda":
@@ -474,7 +478,14 @@ def _progress_bar(total: int, enabled: bool):
 
     # on a terminal a live bar; in a log file a line every ~30 s instead of carriage returns
     interval = 0.1 if sys.stderr.isatty() else 30.0
-    return tqdm(total=total, desc="probe", unit="cluster", disable=not enabled, mininterval=interval)
+    return tqdm(
+        total=total,
+        desc="probe (features, then adaptation)",
+        unit="step",
+        disable=not enabled,
+        mininterval=interval,
+        maxinterval=max(interval, 10.0),
+    )
 
 
 def _result(table: np.ndarray, cfg: RAPConfig, flagged: np.ndarray, seconds: float) -> RAPResult:

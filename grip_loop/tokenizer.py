@@ -22,8 +22,15 @@ import numpy as np
 EOS_TOKEN = "<|endoftext|>"
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int = 2):
-    """A byte-level BPE tokenizer trained on `texts`, with `EOS_TOKEN` as special token id 0."""
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int = 8192, min_frequency: int = 2, progress: bool = False
+):
+    """A byte-level BPE tokenizer trained on `texts`, with `EOS_TOKEN` as special token id 0.
+    `progress`: the trainer's bars on a terminal; elsewhere (a log) a line when it starts and
+    one when it ends."""
+    import sys
+    import time
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if vocab_size < 257 + 1:
@@ -36,9 +43,16 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192, min_frequency:
         min_frequency=min_frequency,
         special_tokens=[EOS_TOKEN],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=progress and sys.stderr.isatty(),
     )
-    tok.train_from_iterator(texts, trainer=trainer)
+    n = len(texts) if hasattr(texts, "__len__") else None
+    if progress:
+        on = f" on {n} documents" if n is not None else ""
+        print(f"tokenize: training a byte-level BPE (vocab_size {vocab_size}){on}", flush=True)
+    t0 = time.perf_counter()
+    tok.train_from_iterator(texts, trainer=trainer, length=n)
+    if progress:
+        print(f"tokenize: BPE trained in {time.perf_counter() - t0:.1f} s ({tok.get_vocab_size()} tokens)")
     return tok
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Multi node: run the same command on every node.
-#   NNODES=2 NPROC=8 MASTER_ADDR=node0 MASTER_PORT=29500 launch/multinode.sh --config configs/train/h800x8-8b.yaml
+#   NNODES=2 NPROC=8 MASTER_ADDR=node0 MASTER_PORT=29500 launch/multinode.sh --config configs/train/h800x8-8b-grip.yaml
 # Rendezvous: torchrun's c10d backend at MASTER_ADDR:MASTER_PORT with RUN_ID as the job id, so
 # node ranks are assigned automatically (no NODE_RANK needed) and a restarted node rejoins.
 # Works on one CPU machine too (NNODES=1 NPROC=2 MASTER_ADDR=127.0.0.1), with gloo.

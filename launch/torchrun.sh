@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Single node, N processes: launch/torchrun.sh N [LightningCLI args...]
-#   launch/torchrun.sh 8 --config configs/train/h800x8-8b.yaml
+#   launch/torchrun.sh 8 --config configs/train/h800x8-8b-grip.yaml
 #   launch/torchrun.sh 2 --config configs/train/cpu-tiny.yaml   # CPU: DDP with gloo
 # Run from the repository root (or give absolute --config paths). Lightning picks up the torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR); devices and
 # num_nodes are set here to match, so the YAML needs no edit. On CPU, DDP uses gloo.

@@ -103,3 +103,23 @@ def test_train_help_shows_the_config_fields_attribute_docstrings(capsys):
     out = capsys.readouterr().out
     assert "--trainer.callbacks.budget.temperature" in out
     assert "Eq. 5 Boltzmann temperature (> 0)." in out  # BudgetConfig.temperature's docstring
+
+
+def test_a_user_error_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    code = main(
+        ["prepare", "--corpus", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--no-progress"]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith("grip prepare: error:") and "nope" in err and "Traceback" not in err
+    monkeypatch.setenv("GRIP_TRACEBACK", "1")  # the traceback, for a bug report
+    with pytest.raises(ValueError, match="does not exist"):
+        main(["prepare", "--corpus", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--no-progress"])
+
+
+def test_grip_train_before_prepare_names_the_fix(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = str(ROOT / "configs" / "train" / "cpu-tiny-grip.yaml")
+    assert main(["train", "--config", config, "--data.dataset.init_args.root=nodata"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "grip train: error: nodata/manifest.json: not found; re-run `grip prepare --out nodata`"

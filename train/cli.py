@@ -74,11 +74,28 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def user_error(exc: BaseException) -> bool:
+    """Errors a user fixes by changing an argument, a config field or an input file: the project
+    raises ValueError (ManifestError is one) or FileNotFoundError naming the field/file and the fix."""
+    return isinstance(exc, (ValueError, FileNotFoundError, NotADirectoryError))
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A user-fixable error (see `user_error`) prints one line,
+    `grip COMMAND: error: ...`, and exits 2; GRIP_TRACEBACK=1 shows the traceback instead."""
+    import os
+
     argv = sys.argv[1:] if argv is None else list(argv)
     ns = _parser().parse_args(argv[:1] if argv and not argv[0].startswith("-") else argv)
     module = importlib.import_module(COMMANDS[ns.command][0])
-    return int(module.main(argv[1:]) or 0)
+    try:
+        return int(module.main(argv[1:]) or 0)
+    except Exception as exc:
+        if not user_error(exc) or os.environ.get("GRIP_TRACEBACK"):
+            raise
+        msg = " ".join(str(exc).split()) if "\n" not in str(exc).strip() else str(exc).strip()
+        print(f"grip {ns.command}: error: {msg}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import argparse
 
+from train.helpfmt import DefaultsFormatter
+
 
 def main(argv: list[str]) -> int:
     from train.cmd_eval import add_eval_arguments, eval_config
     from train.eval import EvalConfig
 
     d = EvalConfig()
-    p = argparse.ArgumentParser(prog="grip ablate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        formatter_class=DefaultsFormatter, prog="grip ablate", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--rows", default="configs/ablation", help="folder of row YAMLs (or one YAML)")
     p.add_argument("--out", required=True, help="output folder: one sub-folder per row, results.{md,csv,png}")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (each row runs once per seed)")

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 
+from train.helpfmt import DefaultsFormatter
+
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="grip corpus", description=__doc__)
+    p = argparse.ArgumentParser(formatter_class=DefaultsFormatter, prog="grip corpus", description=__doc__)
     p.add_argument("--out", required=True, help="directory to copy the files into")
     p.add_argument("--max-files", type=int, default=3000, help="number of files to copy (default 3000)")
     p.add_argument(

@@ -6,6 +6,8 @@ import argparse
 import importlib
 import platform
 
+from train.helpfmt import DefaultsFormatter
+
 
 def _version(name: str) -> str:
     try:
@@ -17,7 +19,9 @@ def _version(name: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    argparse.ArgumentParser(prog="grip env", description=__doc__).parse_args(argv)
+    argparse.ArgumentParser(
+        formatter_class=DefaultsFormatter, prog="grip env", description=__doc__
+    ).parse_args(argv)
     from grip_loop.devices import cuda_available, faiss_gpu_available
 
     print(f"python       {platform.python_version()}")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from train.helpfmt import DefaultsFormatter
+
 
 def add_eval_arguments(p: argparse.ArgumentParser, d) -> None:
     """The evaluation options `grip eval` and `grip ablate` share (defaults from EvalConfig `d`)."""
@@ -50,7 +52,9 @@ def main(argv: list[str]) -> int:
     from train.eval import EvalConfig
 
     d = EvalConfig()
-    p = argparse.ArgumentParser(prog="grip eval", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        formatter_class=DefaultsFormatter, prog="grip eval", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--ckpt", required=True, help="Lightning checkpoint (e.g. RUN/checkpoints/last.ckpt)")
     p.add_argument(
         "--data", required=True, help="the prepared corpus the model was trained on (grip prepare --out)"

@@ -9,6 +9,22 @@ from pathlib import Path
 
 import numpy as np
 
+from train.helpfmt import RawDefaultsFormatter
+
+COLUMNS_HELP = """columns:
+  k         cluster id
+  name      cluster name (language + path prefix or distinctive terms)
+  N_k       training documents of the cluster
+  tokens    their tokens
+  sigma     geometric spread (Eq. 3): RMS distance of the embeddings to the centroid (0: one document)
+  Q         static quality Q_k in [0, 1] (the judge)
+  mean_len  tokens per document
+  probe     probe documents of the cluster (adaptation + evaluation)
+  eval      of those, evaluation-only documents (never trained on)
+  examples  the first example paths
+the PNG: kNN distance vs length (paper Fig. 2); a binned median rising above the median line
+means inverse-density sampling over-picks long documents (Eq. 10's beta corrects it)"""
+
 
 def table(manifest, top: int = 3) -> str:
     """One row per cluster: size, tokens, sigma, Q, mean length, first documents of the first order."""
@@ -73,7 +89,8 @@ def card(manifest, c) -> str:
 
 
 def plot_pathology(directory: Path, png: Path, bins: int = 12) -> Path:
-    """Scatter of mean kNN distance (normalised by its median) against token length, log x, with binned medians."""
+    """Scatter of mean kNN distance (normalised by its median) against token length, log x, with
+    binned medians, a reference line at the median and a title saying what to look for."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,9 +108,10 @@ def plot_pathology(directory: Path, png: Path, bins: int = 12) -> Path:
         for b in range(len(edges) - 1)
         if (which == b).any()
     ]
+    ax[0].axhline(1.0, color="0.3", linestyle="--", linewidth=1, label="corpus median (no pathology)")
     if mids:
         ax[0].plot(*zip(*mids, strict=True), color="C3", marker="o", label="binned median")
-        ax[0].legend()
+    ax[0].legend(fontsize=8)
     ax[0].set(
         xscale="log",
         xlabel="length l(x) (tokens)",
@@ -108,6 +126,12 @@ def plot_pathology(directory: Path, png: Path, bins: int = 12) -> Path:
         ylabel="documents",
         title="length distribution",
     )
+    fig.suptitle(
+        "Length pathology (paper Fig. 2): a binned median rising above the dashed line means long "
+        "documents sit in sparse regions,\nso inverse-density (Eq. 9) sampling over-picks them; "
+        "Eq. 10's length exponent beta corrects it",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
@@ -115,7 +139,12 @@ def plot_pathology(directory: Path, png: Path, bins: int = 12) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="grip inspect", description=__doc__)
+    p = argparse.ArgumentParser(
+        formatter_class=RawDefaultsFormatter,
+        prog="grip inspect",
+        description=__doc__,
+        epilog=COLUMNS_HELP,
+    )
     p.add_argument("dir", help="a prepared corpus (the --out of grip prepare)")
     p.add_argument(
         "--png",

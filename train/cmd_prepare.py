@@ -13,11 +13,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from train.helpfmt import DefaultsFormatter
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "prepare" / "default.yaml"
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="grip prepare", description=__doc__)
+    p = argparse.ArgumentParser(formatter_class=DefaultsFormatter, prog="grip prepare", description=__doc__)
     p.add_argument(
         "--corpus", required=True, help="directory of source files / .jsonl[.gz] / .tar shards, or one file"
     )
@@ -77,5 +79,8 @@ def main(argv: list[str]) -> int:
             f"wrote {Path(a.out) / 'manifest.json'}: {m.n_docs} documents in {m.k} clusters, orders {m.orders}"
         )
         for stage, t in m.stats["timings"].items():
-            print(f"  {stage:<9} {t['seconds']:9.2f} s  {t['docs_per_s'] or 0:>10.1f} docs/s")
+            if t.get("resumed"):  # taken from OUT/work: its speed would mean nothing
+                print(f"  {stage:<9} {t['seconds']:9.2f} s  {'cached':>10}")
+            else:
+                print(f"  {stage:<9} {t['seconds']:9.2f} s  {t['docs_per_s'] or 0:>10.1f} docs/s")
     return 0

@@ -26,6 +26,8 @@ import json
 import sys
 from pathlib import Path
 
+from train.helpfmt import RawDefaultsFormatter
+
 
 def parse_sets(items: list[str]) -> dict[str, dict]:
     """`["rap.lr=1e-3", "budget.alpha=1"]` -> {"rap": {"lr": 0.001}, "budget": {"alpha": 1}}."""
@@ -51,9 +53,7 @@ def parse_sets(items: list[str]) -> dict[str, dict]:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="grip probe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(prog="grip probe", description=__doc__, formatter_class=RawDefaultsFormatter)
     p.add_argument("--ckpt", required=True, help="Lightning checkpoint file or Hugging Face model folder")
     p.add_argument("--data", required=True, help="prepared corpus (the folder with manifest.json)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the table as JSON here")

@@ -14,9 +14,11 @@ import statistics
 import time
 import warnings
 
+from train.helpfmt import DefaultsFormatter
+
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="grip rap-bench", description=__doc__)
+    p = argparse.ArgumentParser(formatter_class=DefaultsFormatter, prog="grip rap-bench", description=__doc__)
     p.add_argument("--clusters", type=int, nargs="+", default=[8, 64], help="cluster counts K to time")
     p.add_argument("--docs", type=int, default=32, help="adaptation (and evaluation) windows per cluster")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per probe window (T)")

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 
+from train.helpfmt import RawDefaultsFormatter
+
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
-        prog="grip testbed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="grip testbed", description=__doc__, formatter_class=RawDefaultsFormatter
     )
     p.add_argument("--out", required=True, help="output folder (corpus.jsonl, truth.json)")
     p.add_argument("--docs-per-group", type=int, default=160, help="documents per group (default: 160)")

@@ -3,7 +3,7 @@
 Examples:
     grip train --config configs/train/cpu-tiny.yaml
     grip train --config configs/train/cpu-tiny.yaml --trainer.max_steps 50 --data.batch_size 4
-    torchrun --nproc_per_node 8 -m train.main --config configs/train/h800x8-8b.yaml
+    torchrun --nproc_per_node 8 -m train.main --config configs/train/h800x8-8b-grip.yaml
 """
 
 from __future__ import annotations

@@ -190,14 +190,15 @@ def _summary(nll: float, n: int, docs: int) -> dict:
 # ------------------------------------------------------------------------------------- model
 
 
-def load_hf_model(ckpt: str | Path, hf_dir: str | Path, device):
-    """Export the Lightning checkpoint to `hf_dir` (grip export-hf) and load it with
-    `AutoModelForCausalLM.from_pretrained`: the evaluated model is the published artefact."""
+def load_hf_model(ckpt: str | Path, hf_dir: str | Path, device, data: str | Path | None = None):
+    """Export the Lightning checkpoint to `hf_dir` (grip export-hf, with the tokenizer of the
+    prepared corpus `data`) and load it with `AutoModelForCausalLM.from_pretrained`: the
+    evaluated model is the published artefact."""
     from transformers import AutoModelForCausalLM
 
     from train.cmd_export import export_hf
 
-    export_hf(ckpt, hf_dir)
+    export_hf(ckpt, hf_dir, data)
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir))
     return model.to(device).eval()
 
@@ -255,7 +256,7 @@ def evaluate(ckpt: str | Path, prepared: str | Path, out: str | Path, cfg: EvalC
     device = torch.device(resolve_device(cfg.device))
     t0 = time.perf_counter()
     tok, eos = load_tokenizer(prepared)
-    model = load_hf_model(ckpt, out / "hf", device)
+    model = load_hf_model(ckpt, out / "hf", device, data=prepared)
     if model.config.vocab_size < tok.get_vocab_size():
         raise ValueError(
             f"{ckpt}: model vocab_size {model.config.vocab_size} < the tokenizer's {tok.get_vocab_size()} "

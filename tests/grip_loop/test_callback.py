@@ -406,3 +406,84 @@ def test_a_proxy_is_probed_from_the_start_and_must_fit_the_corpus(prepared, tmp_
         load_proxy(str(tmp_path / "small"), ds)
     with pytest.raises(ValueError, match="not a Hugging Face model folder"):
         load_proxy(str(tmp_path), ds)
+
+
+def _history(folder):
+    return [json.loads(x) for x in (folder / "csv" / "grip_history.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_a_fresh_run_never_appends_to_another_runs_history(prepared, tmp_path, caplog):
+    first = cb()
+    run(prepared, tmp_path, callback=first, steps=4)
+    assert [h["step"] for h in _history(tmp_path)] == [h["step"] for h in first.history] == [0, 0, 4]
+    second = cb(mode="static-budget")  # a different run into the same folder, not a resume
+    with caplog.at_level(logging.WARNING, logger="grip_loop.callback"):
+        run(prepared, tmp_path, callback=second, steps=4)
+    assert [h["version"] for h in _history(tmp_path)] == [h["version"] for h in second.history]
+    assert len(_history(tmp_path)) == 1 and "delta" not in _history(tmp_path)[0]
+    assert "previous run" in caplog.text
+    prev = tmp_path / "csv" / "grip_history.jsonl.prev"  # the first run's file, moved aside whole
+    assert [json.loads(x)["step"] for x in prev.read_text().splitlines()] == [0, 0, 4]
+    assert (tmp_path / "csv" / "grip_probe.csv.prev").is_file()
+    assert not (tmp_path / "csv" / "grip_probe.csv").exists()  # the static row never probes
+
+
+@pytest.mark.slow
+def test_a_resumed_run_keeps_its_history_consistent_with_the_checkpoint(prepared, tmp_path):
+    first = cb()
+    # checkpoint at step 4, then the run goes on to step 8 and "crashes": the folder's history
+    # holds the step-8 refresh, which the checkpoint does not know
+    run(prepared, tmp_path, callback=first, steps=12, every_ckpt=4, stop_at=8)
+    assert [h["step"] for h in _history(tmp_path)] == [0, 0, 4, 8]
+    resumed = cb()
+    run(prepared, tmp_path, callback=resumed, steps=12, ckpt=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt"))
+    hist = _history(tmp_path)
+    assert [h["step"] for h in hist] == [h["step"] for h in resumed.history] == [0, 0, 4, 8, 12]
+    assert [h["version"] for h in hist] == [h["version"] for h in resumed.history]
+    assert all("probe" in h for h in hist if "delta" in h)  # the kept lines keep their tables
+    with open(tmp_path / "csv" / "grip_probe.csv") as fh:
+        steps = [int(r["step"]) for r in __import__("csv").DictReader(fh)]
+    assert sorted(set(steps)) == [0, 4, 8, 12] and steps == sorted(steps)
+    # resumed into a new folder: the checkpoint's history is written there
+    other = cb()
+    run(
+        prepared, tmp_path / "o", callback=other, steps=8, ckpt=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt")
+    )
+    assert [h["step"] for h in _history(tmp_path / "o")] == [0, 0, 4, 8]
+
+
+def _drawn(monkeypatch, c, tmp_path):
+    """The figure `c.plot` saves (kept from plt.close), and the PNG it wrote."""
+    import matplotlib.pyplot as plt
+
+    figs = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig))
+    c.plot(tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    return figs[-1].axes[0]
+
+
+@pytest.mark.parametrize("k", [16, 40])
+def test_budget_chart_tells_every_cluster_apart_from_zero(monkeypatch, tmp_path, k):
+    rng = np.random.default_rng(k)
+    c = cb()
+    c.names, c.b_total = [f"name-{i}" for i in range(k)], 1000
+    c.history = [{"step": s, "n": rng.multinomial(1000, np.ones(k) / k).tolist()} for s in (0, 100, 150, 200)]
+    ax = _drawn(monkeypatch, c, tmp_path)
+    if k <= GripCallback.MAX_LINES:  # lines: a distinct colour/style pair per cluster, y from 0
+        lines = ax.get_lines()
+        assert len({(ln.get_color(), ln.get_linestyle()) for ln in lines}) == k
+        assert [ln.get_label() for ln in lines] == c.names and ax.get_ylim()[0] == 0
+    else:  # a heatmap, one named row per cluster
+        assert len(ax.images) == 1 and ax.images[0].get_array().shape == (k, 4)
+        assert [t.get_text() for t in ax.get_yticklabels()] == c.names
+
+
+def test_budget_chart_of_a_run_shorter_than_one_refresh(monkeypatch, tmp_path):
+    c = cb(first_refresh_after_steps=100)
+    c.names, c.b_total = ["a", "b", "c"], 10
+    c.history = [{"step": 0, "n": [5, 3, 2]}]
+    ax = _drawn(monkeypatch, c, tmp_path)
+    assert [p.get_width() for p in ax.patches] == [0.5, 0.3, 0.2]  # the shares, as bars
+    assert "first refresh at step 100" in ax.get_title()

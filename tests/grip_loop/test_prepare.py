@@ -183,7 +183,7 @@ def test_deterministic_for_a_fixed_seed(stdlib_prepared, stdlib_corpus, tmp_path
 
 
 @pytest.mark.slow
-def test_resume_after_interruption(stdlib_prepared, stdlib_corpus, tmp_path, monkeypatch):
+def test_resume_after_interruption(stdlib_prepared, stdlib_corpus, tmp_path, monkeypatch, capsys):
     from grip_loop.embed import Encoder
     from grip_loop.shards import ShardWriter
 
@@ -215,9 +215,15 @@ def test_resume_after_interruption(stdlib_prepared, stdlib_corpus, tmp_path, mon
     assert list(out.rglob("*.tmp")) == []  # the shard being written was dropped
     with pytest.raises(Exception, match="re-run `grip prepare"):
         load_manifest(out)
-    prepare(_cfg(stdlib_corpus, out))
+    capsys.readouterr()
+    m = prepare(_cfg(stdlib_corpus, out))
     assert calls["embed"] == 3  # nothing re-embedded
     assert _comparable(out) == _comparable(stdlib_prepared)
+    # the stages taken from OUT/work say so (not a meaningless docs/s)
+    said = capsys.readouterr().out
+    for stage in ("ingest", "tokenize", "cluster"):
+        assert f"{stage}: cached" in said and m.stats["timings"][stage].get("resumed"), stage
+    assert not m.stats["timings"]["write"].get("resumed")
 
 
 @pytest.mark.slow
@@ -402,3 +408,22 @@ def test_gem_clusters_end_to_end(stdlib_prepared, stdlib_corpus, tmp_path, capsy
     before = _comparable(out)
     prepare(_cfg(stdlib_corpus, out, cluster={"method": "gem"}))
     assert _comparable(out) == before  # the cluster stage resumed to the same result
+
+
+def test_a_small_corpus_gets_one_line_with_the_fix_instead_of_faiss_s_warning(capfd):
+    from grip_loop.cluster import spherical_kmeans
+    from grip_loop.prepare import _without_faiss_size_warning, small_corpus_notes
+
+    # the default K = 64 on 216 files: one line, naming a K that fits
+    (line,) = small_corpus_notes(PrepareConfig(k=64), 216)
+    assert "k=64" in line and "216 documents" in line and "--k 5" in line
+    assert small_corpus_notes(PrepareConfig(k=5), 216) == []  # 5 x 39 <= 216
+    assert small_corpus_notes(PrepareConfig(k=64, cluster_by="lang"), 216) == []
+    emb = np.random.default_rng(0).normal(size=(60, 8)).astype(np.float32)
+    spherical_kmeans(emb, 8, niter=2)
+    assert "please provide at least" in capfd.readouterr().err  # faiss's raw warning exists...
+    with _without_faiss_size_warning():
+        spherical_kmeans(emb, 8, niter=2)
+        os.write(2, b"another line\n")
+    err = capfd.readouterr().err
+    assert "please provide at least" not in err and "another line" in err  # ...and only it goes

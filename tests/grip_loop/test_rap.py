@@ -765,3 +765,25 @@ def test_two_gloo_ranks_equal_one_process():
         np.testing.assert_allclose(lb, single.loss_base, rtol=1e-5)
         assert rel == pytest.approx(single.reliability, abs=1e-6)
         assert flops == pytest.approx(single.flops)
+
+
+def test_the_causal_mask_uses_no_deprecated_transformers_argument():
+    """rap.causal_mask must not pass `past_key_values` (deprecated in transformers 5, removed in
+    5.40): every training run printed its FutureWarning."""
+    from grip_loop.rap import causal_mask
+    from models import build_model
+
+    lm = build_model("tiny", vocab_size=64)
+    x, pos = torch.zeros(2, 8, lm.config.hidden_size), torch.arange(8).expand(2, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        causal_mask(lm.config, x, pos)
+
+
+@pytest.mark.slow
+def test_the_probe_bar_starts_before_the_trunk_features(capfd):
+    """A log shows a probe has begun before its (possibly minutes-long) feature pass, and its end."""
+    model = tiny_model()
+    rapid_adaptation_probe(model, random_batches(3), RAPConfig(epochs=1, min_docs=2), progress=True)
+    err = capfd.readouterr().err
+    assert "probe (features, then adaptation):   0%" in err and "6/6" in err  # 2 steps per cluster

@@ -30,9 +30,24 @@ def env() -> dict[str, str]:
     return e
 
 
-def run(cmd: list[str], cwd: Path) -> None:
+def run(cmd: list[str], cwd: Path) -> str:
     proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+# what every training run printed before train/quiet.py and train/progress.py (issue 14)
+NOISE = [
+    "set_vital",
+    "LeafSpec",
+    "litlogger",
+    "anonymous setting",
+    "git root",
+    "Epoch 0/-2",
+    "Total FLOPs",
+    "Warning",
+    "Traceback",
+]
 
 
 def check_run_folder(root: Path, steps: int) -> list[dict[str, str]]:
@@ -47,12 +62,16 @@ def check_run_folder(root: Path, steps: int) -> list[dict[str, str]]:
 
 @pytest.mark.slow
 def test_grip_train_cli_default_config(tmp_path):
-    run(
-        [sys.executable, "-m", "train", "train", "--config", str(CONFIG), "--trainer.max_steps", "4", *SMALL],
+    # logged to a file (stdout is a pipe), the bar is left on: it must turn into periodic lines
+    small = [a for a in SMALL if a not in ("--trainer.enable_progress_bar", "false")]
+    out = run(
+        [sys.executable, "-m", "train", "train", "--config", str(CONFIG), "--trainer.max_steps", "4", *small],
         tmp_path,
     )
     rows = check_run_folder(tmp_path / "runs" / "cpu-tiny", 4)
     assert any(r.get("train/loss_cluster_0") for r in rows)
+    assert [n for n in NOISE if n in out] == [], out[-3000:]
+    assert "train: step 4/4, loss" in out and "\r" not in out  # lines a log can show, no bar
 
 
 @pytest.mark.slow
