@@ -84,6 +84,9 @@ class PrepareConfig:
     """Follow symlinks (to files and directories) that lead out of the corpus directory. Default:
     no, they are skipped and counted as `outside_root`, so a link in a downloaded corpus to
     ~/.ssh or /proc/self/environ never lands in the shards."""
+    text_column: str = "text"
+    """Parquet / Arrow (HF `datasets` saved to disk) inputs: the column holding the document
+    text (`content` for The Stack); every other string column becomes a document field."""
     exclude_humaneval: bool = True
     """Drop documents whose content hash matches a HumanEval problem (held out for evaluation)."""
     tokenizer_path: str | None = None
@@ -132,6 +135,8 @@ class PrepareConfig:
             raise ValueError(
                 f"follow_symlinks_outside: must be true or false, got {self.follow_symlinks_outside!r}"
             )
+        if not isinstance(self.text_column, str) or not self.text_column:
+            raise ValueError(f"text_column: expected a column name, got {self.text_column!r}")
         if self.cluster_by is not None and (not isinstance(self.cluster_by, str) or not self.cluster_by):
             raise ValueError(f"cluster_by: expected a field name or null, got {self.cluster_by!r}")
         if not 0 < self.probe_fraction <= 1:
@@ -267,6 +272,7 @@ def _ingest(cfg: PrepareConfig, work: Path) -> dict:
         cfg.exclude_humaneval,
         cfg.cluster_by,
         cfg.follow_symlinks_outside,
+        cfg.text_column,
         READER_VERSION,  # a fixed reader redoes an ingest that an older one may have got wrong
     )
     info = _finished(meta, key, "ingest")
@@ -280,6 +286,7 @@ def _ingest(cfg: PrepareConfig, work: Path) -> dict:
         max_file_bytes=cfg.max_file_bytes,
         exclude=frozenset(humaneval_hashes()) if cfg.exclude_humaneval else frozenset(),
         follow_symlinks_outside=cfg.follow_symlinks_outside,
+        text_column=cfg.text_column,
     )
     h = hashlib.sha256()
     n = missing = 0
