@@ -109,6 +109,12 @@ class PrepareConfig:
     stable probe (half adaptation, half evaluation: 32 + 32 by default, docs/rap.md)."""
     knn_k: int = 10
     """Neighbours in the Eq. 9 density."""
+    knn_approx_above: int | None = 50_000
+    """Clusters with more training documents than this use an approximate kNN (faiss IVF) for
+    Eq. 9, tuned per cluster to `knn_target_recall` on a seeded sample of 256 queries (logged in
+    `manifest.stats.knn`); smaller clusters use the exact search. None: always exact."""
+    knn_target_recall: float = 0.95
+    """recall@knn_k of the approximate kNN against the exact one (measured on a sample)."""
     beta: float = 0.3
     """Length exponent of Eq. 10 for the "grip" order."""
     orders: list[str] = field(default_factory=lambda: ["grip"])
@@ -150,6 +156,14 @@ class PrepareConfig:
             raise ValueError(f"heldout_fraction: must lie in [0, 1), got {self.heldout_fraction}")
         if self.knn_k < 1:
             raise ValueError(f"knn_k: must be >= 1, got {self.knn_k}")
+        if self.knn_approx_above is not None and (
+            isinstance(self.knn_approx_above, bool)
+            or not isinstance(self.knn_approx_above, int)
+            or self.knn_approx_above < 1
+        ):
+            raise ValueError(f"knn_approx_above: an integer >= 1 or null, got {self.knn_approx_above!r}")
+        if not 0 < self.knn_target_recall <= 1:
+            raise ValueError(f"knn_target_recall: must lie in (0, 1], got {self.knn_target_recall}")
         for name in ("probe_fraction", "beta"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
@@ -586,18 +600,49 @@ def probe_sizes(sizes: np.ndarray, sigma: np.ndarray, fraction: float, floor: in
 
 
 def cluster_orders(
-    emb_k: np.ndarray, lengths_k: np.ndarray, orders: list[str], *, beta: float, knn_k: int, seed: int
+    emb_k: np.ndarray,
+    lengths_k: np.ndarray,
+    orders: list[str],
+    *,
+    beta: float,
+    knn_k: int,
+    seed: int,
+    approx_above: int | None = None,
+    target_recall: float = 0.95,
+    info: dict | None = None,
 ) -> dict[str, np.ndarray]:
-    """Positions -> member indices of one cluster for each order (see the module docstring)."""
+    """Positions -> member indices of one cluster for each order (see the module docstring).
+    `approx_above`, `target_recall`, `info`: the kNN of Eq. 9 (`selection.kernel_density`)."""
     if len(emb_k) == 0:
         return {o: np.zeros(0, np.int64) for o in orders}
-    rho = kernel_density(emb_k, k=knn_k) if any(o != "random" for o in orders) else None
+    rho = (
+        kernel_density(
+            emb_k, k=knn_k, approx_above=approx_above, target_recall=target_recall, seed=seed, info=info
+        )
+        if any(o != "random" for o in orders)
+        else None
+    )
     weights = {
         "grip": lambda: selection_weights(rho, lengths_k, beta=beta),
         "diversity": lambda: selection_weights(rho, lengths_k, beta=0.0),
         "random": lambda: np.ones(len(emb_k)),
     }
     return {o: selection_order(weights[o](), seed=seed) for o in orders}
+
+
+def _knn_stats(cfg: PrepareConfig, infos: list[dict | None]) -> dict:
+    """manifest.stats.knn: which clusters used the approximate kNN and the recall measured."""
+    approx = [i for i in infos if i]
+    out = {
+        "approx_above": cfg.knn_approx_above,
+        "target_recall": cfg.knn_target_recall,
+        "exact_clusters": len(infos) - len(approx),
+        "approx_clusters": len(approx),
+    }
+    if approx:
+        out["min_recall"] = min(i["recall"] for i in approx)
+        out["approx"] = approx
+    return out
 
 
 def _check_shard_space(out, text_bytes, lengths, itemsize, members, probes, held, n_orders) -> None:
@@ -755,7 +800,7 @@ def _finish(
     bounds = np.searchsorted(np.where(train, labels, n_clusters)[order_by_label], np.arange(n_clusters + 1))
     members = [order_by_label[bounds[k] : bounds[k + 1]] for k in range(n_clusters)]
     del order_by_label
-    orders, probes = [], []
+    orders, probes, knn_info = [], [], []
     for k in tqdm(range(n_clusters), desc="density+order", unit="cluster", disable=not cfg.progress):
         m = members[k]
         # a uniform draw, kept in draw order: any prefix is a uniform sample, and the probe's
@@ -766,6 +811,7 @@ def _finish(
             held_out = np.asarray(split_probe(m[pick].tolist())[1], np.int64)
             m = members[k] = m[~np.isin(m, held_out)]
             train[held_out] = False
+        info: dict = {}
         orders.append(
             cluster_orders(
                 np.asarray(emb[m]),
@@ -774,8 +820,12 @@ def _finish(
                 beta=cfg.beta,
                 knn_k=cfg.knn_k,
                 seed=_seed(cfg.seed, k, 0),
+                approx_above=cfg.knn_approx_above,
+                target_recall=cfg.knn_target_recall,
+                info=info,
             )
         )
+        knn_info.append({"cluster": k, **info} if info.get("approx") else None)
     sizes = np.array([len(m) for m in members], dtype=np.int64)
     pathology = _pathology(cfg, out, emb, lengths)
     timer.record("geometry", t0, n)
@@ -901,6 +951,7 @@ def _finish(
             "probe_eval_in_training": cfg.probe_eval_in_training,
             "judge": getattr(judge, "stats", {"kind": cfg.judge.kind}),
             "length_knn": pathology,
+            "knn": _knn_stats(cfg, knn_info),
             "centroids": "centroids.npy",
             "timings": timer.stages,
         },
