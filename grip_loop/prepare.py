@@ -6,12 +6,15 @@ and redoes a stage whose inputs changed; a resume checks each stage file against
 (size, checksum, shape) and redoes a damaged stage with a printed note; one run at a time holds
 `<out>/.lock`, see `grip_loop.workdir`):
 
-1. ingest    read the corpus (`grip_loop.corpus`), drop held-out HumanEval copies -> work/docs.jsonl
-2. tokenize  load or train the byte-level BPE, token ids and l(x)   -> tokenizer/, work/tokens.npy
-3. embed     mean-pooled, L2-normalised encoder embeddings            -> work/embeddings.npy (memmap,
-             resumable per block, data-parallel under torchrun)
-4. cluster   spherical k-means on a sample, assign all               -> centroids.npy, work/labels.npy
-5. geometry  sigma_k (Eq. 3), Neyman probe (Eq. 4, with a per-cluster floor), kNN density (Eq. 9),
+1. ingest    read the corpus (`grip_loop.corpus`), drop held-out HumanEval copies -> document parts
+             work/docs/part-*.{txt,meta.jsonl,idx.npy} (`grip_loop.docstore`; nothing kept in memory)
+2. tokenize  load or train the byte-level BPE (on a bounded seeded sample), token ids and l(x)
+             -> tokenizer/, work/tokens/part-*.{ids,offsets}.npy (per part: resumable, data-parallel)
+3. embed     mean-pooled, L2-normalised encoder embeddings (or `encoder.kind: hashed`)
+             -> work/embeddings.npy (memmap, resumable per block, data-parallel under torchrun)
+4. cluster   spherical k-means on a sample, assign all (streamed)    -> centroids.npy, work/labels.npy
+5. geometry  sigma_k (Eq. 3), Neyman probe (Eq. 4, with a per-cluster floor), kNN density (Eq. 9;
+             approximate above `knn_approx_above` members, recall logged),
              P_select (Eq. 10) and the Efraimidis–Spirakis order of each requested order
 6. judge     four rubric scores of every probe document -> Q_k on [0, 1]
 7. write     shards/<order>/cluster-KKKKK/shard-*.tar in order, probe/cluster-KKKKK-*.tar, and
@@ -66,7 +69,8 @@ ORDERS = ("grip", "diversity", "random")
 @dataclass
 class PrepareConfig:
     corpus: str = ""
-    """Source: a directory of source files / .jsonl[.gz] / .tar shards, or one such file."""
+    """Source: a directory of source files / .jsonl[.gz] / .tar shards / .parquet / HF datasets
+    saved to disk (.arrow), or one such file."""
     out: str = ""
     """Output directory (the prepared corpus)."""
     k: int = 64
