@@ -286,3 +286,84 @@ def allocate(base, replay, b_total: int) -> np.ndarray:
     if b > 0 and u.sum() <= 0:
         raise ValueError("base * replay is zero for every cluster: nothing to allocate")
     return apportion(u, int(b))
+
+
+#: Default of `budget.max_repetition`: passes over a cluster's stream within one run. Returns
+#: from repeated data fall fast beyond ~4 epochs (Muennighoff et al. 2023, "Scaling
+#: Data-Constrained Language Models"); OLMo-core's mixing caps sources the same way.
+DEFAULT_MAX_REPETITION = 4.0
+
+
+def stream_passes(n, sizes, doc_tokens, run_tokens: float) -> np.ndarray:
+    """Passes over each cluster's stream if budgets `n` held for a run of `run_tokens` tokens.
+
+    Cluster k is drawn with frequency n_k / sum n, a draw costs doc_tokens_k tokens (its mean
+    length + EOS), so the run draws run_tokens / S documents, S = sum_j n_j doc_tokens_j / sum n,
+    and cluster k's N_k documents are read run_tokens n_k / (S' N_k) times each on average
+    (S' = sum_j n_j doc_tokens_j). Empty clusters: 0.
+    """
+    n = np.asarray(n, dtype=np.float64)
+    c = np.asarray(doc_tokens, dtype=np.float64)
+    size = np.asarray(sizes, dtype=np.float64)
+    s = float((n * c).sum())
+    if s <= 0:
+        return np.zeros(len(n))
+    return np.divide(float(run_tokens) * n, s * size, out=np.zeros(len(n)), where=size > 0)
+
+
+def repetition_capped(
+    weights,
+    total: int,
+    sizes,
+    doc_tokens,
+    run_tokens: float,
+    max_repetition: float,
+    lower=None,
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """`apportion(weights, total, lower)` with every cluster's stream read at most
+    `max_repetition` times in a run of `run_tokens` tokens (see `stream_passes`).
+
+    Returns (n, capped, infeasible): integers summing exactly to `total`, the clusters whose
+    cap binds (n_k equals its cap and is below what the uncapped rule gives), and whether no
+    split can respect the cap.
+
+    The cap of cluster k is u_k = floor(R N_k S / run_tokens) documents, S = sum_j n_j c_j (the
+    run draws fewer documents when the mix favours long ones, so the caps depend on the split).
+    A capped cluster's excess goes to the others in proportion to their weights (the bounded
+    water-filling of `apportion`). S is taken from the previous iterate and never allowed to
+    grow (S_t = min(S_{t-1}, S(n_t))): the caps then only tighten, the iteration ends (within
+    a few rounds in practice, at most once per integer step of a cap), and every cluster's
+    passes under the final n are <= R (the true S is >= the one used).
+
+    When the caps' integer sum falls below `total` the fallback is the split that spreads the
+    passes most evenly, n_k proportional to N_k (every cluster read run_tokens / corpus tokens
+    times), the clusters it cuts reported as capped. That split respects the cap
+    whenever any split does; `infeasible` is True when even it does not (the run reads the
+    whole corpus more than R times): callers check before training starts
+    and turn the guard off (`modes.repetition_infeasible`: its message is the warning).
+    """
+    w = finite_array("weights", weights, ndim=1)
+    size = count_array("sizes", sizes)
+    c = finite_array("doc_tokens", doc_tokens, ndim=1)
+    same_length(weights=w, sizes=size, doc_tokens=c)
+    if np.any(c <= 0):
+        raise ValueError("doc_tokens: must be > 0 (mean document length + 1 for the EOS)")
+    t = finite_scalar("run_tokens", run_tokens, lo=0, lo_open=True)
+    r = finite_scalar("max_repetition", max_repetition, lo=0, lo_open=True)
+    lo = np.zeros(len(w)) if lower is None else np.asarray(lower, dtype=np.float64)
+    n = apportion(w, total, lower=lo)
+    free = n.copy()
+    s_used = float((n * c).sum())
+    caps = None
+    for _ in range(100_000):  # bounded by the integer caps' descent; never reached in practice
+        new_caps = np.maximum(np.floor(r * size * s_used / t), lo)
+        if caps is not None and np.array_equal(new_caps, caps):
+            break
+        caps = new_caps
+        if caps.sum() < total:
+            even = apportion(size.astype(np.float64), total, lower=lo)
+            return even, even < free, bool(t / float((size * c).sum()) > r)
+        n = apportion(w, total, lower=lo, upper=caps)
+        s_used = min(s_used, float((n * c).sum()))
+    capped = (n >= caps) & (n < free)
+    return n, capped, False

@@ -44,6 +44,15 @@ columns, cluster names included) to `<log_dir>/grip_probe.csv` and to the log, a
 `<log_dir>/grip_budget_share.png` (one line per cluster, labelled with its name); W&B also
 gets the table (`grip/probe_table`, a `wandb.Table` per refresh) and share / Delta L series
 keyed by cluster name, and at the end of training the budget chart as a line series.
+
+Ledger and repetition guard (`grip_loop.ledger`, `budget.max_repetition`): every history entry
+carries the per-cluster ledger (documents, distinct documents read, tokens, reads per document,
+planned vs consumed shares, and the decision: r_k, Delta L_k, gate, shrink, cap), rank 0 also
+writes it to `<log_dir>/grip_ledger.csv` (rows per refresh and at the end) and
+`<log_dir>/grip_ledger.json` (the latest, rewritten atomically: `grip ledger RUN_DIR` reads it
+while the run goes on), W&B gets `grip/ledger_table`, and the end-of-training ledger is printed.
+The guard caps, at every publication, the passes over each cluster's stream that the budgets
+would give over the run's token budget (trainer.max_steps x tokens per step).
 """
 
 from __future__ import annotations
@@ -59,9 +68,20 @@ import lightning as L
 import numpy as np
 import torch
 
+from grip_loop import ledger as ledger_mod
+from grip_loop.budget import stream_passes
 from grip_loop.dataset import GripIterableDataset
+from grip_loop.ledger import Ledger
 from grip_loop.manifest import ManifestError
-from grip_loop.modes import BudgetConfig, base_budget, budgets, get_mode, replay_for
+from grip_loop.modes import (
+    BudgetConfig,
+    allocation,
+    base_budget,
+    get_mode,
+    repetition_guard,
+    repetition_infeasible,
+    replay_step,
+)
 from grip_loop.probe_report import COLUMNS, format_table, probe_rows
 from grip_loop.probeset import check_model_fits, probe_set
 from grip_loop.rap import (
@@ -152,6 +172,12 @@ class GripCallback(L.Callback):
         self._probe: dict[int, ProbeBatch] | None = None
         self._proxy = None
         self._log_dir: Path | None = None
+        self.ledger: Ledger | None = None
+        self._ledger_state: dict | None = None  # restored before setup made the ledger
+        self.guard = None
+        self.run_tokens: float | None = None
+        self.max_steps: int | None = None
+        self.tokens_per_step: float | None = None
 
     # ------------------------------------------------------------------ wiring
     @property
@@ -201,8 +227,27 @@ class GripCallback(L.Callback):
         if self.consumed is None:
             self.consumed = np.zeros(len(self.sizes))
             self.planned = np.zeros(len(self.sizes))
+        if self.ledger is None:
+            self.ledger = Ledger(self.sizes)
+            if self._ledger_state is not None:
+                self.ledger.load_state_dict(self._ledger_state)
+                self._ledger_state = None
+        self.max_steps, self.tokens_per_step = _run_length(trainer, ds)
+        self.run_tokens = (
+            self.max_steps * self.tokens_per_step if self.max_steps and self.tokens_per_step else None
+        )
+        self.guard = repetition_guard(self.budget_cfg, self.sizes, self.mean_len, self.run_tokens)
+        if self.budget_cfg.max_repetition is not None and self.guard is None:
+            log.warning(
+                "grip: budget.max_repetition is set but the run's length is unknown (trainer.max_steps "
+                "is not set): the repetition guard is off"
+            )
+        why = repetition_infeasible(self.guard)
+        if why is not None:
+            log.warning("grip: %s", why)
+            self.guard = None
         if not self._restored:
-            r = replay_for(self.mode, self.quality, self.budget_cfg)
+            r = replay_step(self.mode, self.quality, self.budget_cfg)
             self._publish(trainer, r, res=None, rap=None, step=0)
 
     def _check_model(self, pl_module, ds: GripIterableDataset) -> None:
@@ -251,6 +296,14 @@ class GripCallback(L.Callback):
             # budgets count documents; the plan in tokens weights them by mean length (+ EOS)
             plan = self.dataset.weights() * (self.mean_len + 1.0)
             self.planned += plan / plan.sum() * counts.sum()
+            if self.ledger is not None:
+                self.ledger.observe(
+                    batch["token_cluster_ids"],
+                    batch["input_ids"],
+                    batch["weights_version"],
+                    self.dataset.eos_id,
+                    plan=plan / plan.sum() * counts.sum(),
+                )
             # effective step of a budget version: the (0-based) optimizer step that trained on
             # the first batch drawn under it
             v = int(batch["weights_version"].max())
@@ -332,8 +385,10 @@ class GripCallback(L.Callback):
             )
             probed = np.array([k in self._probe for k in range(len(self.sizes))]) & ~res.flagged
             if not np.all(np.isfinite(res.delta[probed])):
+                bad = np.flatnonzero(~np.isfinite(res.delta) & probed).tolist()
+                names = getattr(self, "names", None) or [f"cluster {k}" for k in range(len(self.sizes))]
                 raise FloatingPointError(
-                    f"non-finite Delta L for clusters {np.flatnonzero(~np.isfinite(res.delta) & probed).tolist()}"
+                    f"non-finite Delta L for clusters {', '.join(f'{k} ({names[k]})' for k in bad)}"
                 )
         except ManifestError:
             raise  # bad prepared data is not a transient probe failure: stop, naming the file
@@ -354,9 +409,10 @@ class GripCallback(L.Callback):
                 )
             )
         shrink = res.shrink(cfg.reliability_threshold)
-        r = replay_for(self.mode, self.quality, self.budget_cfg, delta=res.delta, shrink=shrink)
-        if self.budget_cfg.ema > 0 and self.history and self.history[-1].get("r") is not None:
-            r = self.budget_cfg.ema * np.asarray(self.history[-1]["r"]) + (1 - self.budget_cfg.ema) * r
+        prev_r = self.history[-1].get("r") if self.history else None
+        r = replay_step(
+            self.mode, self.quality, self.budget_cfg, delta=res.delta, shrink=shrink, prev_r=prev_r
+        )
         self.refreshes += 1
         drop = res.loss_init - res.loss_final
         rap = {
@@ -370,12 +426,31 @@ class GripCallback(L.Callback):
         }
         self._publish(trainer, r, res=res, rap=rap, step=trainer.global_step)
 
+    def _budgets_of(self, version: int) -> np.ndarray:
+        for h in reversed(self.history):
+            if h["version"] == version:
+                return np.asarray(h["n"])
+        return self.sizes  # version 0: the dataset's initial table (n_k = N_k)
+
     def _publish(self, trainer, r: np.ndarray, *, res, rap, step: int) -> None:
-        n = budgets(self.base, r, self.b_total, sizes=self.sizes, floor=self.budget_cfg.floor)
+        alloc = allocation(
+            self.base, r, self.b_total, sizes=self.sizes, floor=self.budget_cfg.floor, guard=self.guard
+        )
+        n, capped = alloc.n, alloc.capped
         strategy = getattr(trainer, "strategy", None)
         if strategy is not None and trainer.world_size > 1:  # one source of truth across ranks
-            n = np.asarray(strategy.broadcast(n.tolist(), src=0), dtype=np.int64)
+            n, capped = strategy.broadcast((n.tolist(), capped.tolist()), src=0)
+            n, capped = np.asarray(n, dtype=np.int64), np.asarray(capped, dtype=bool)
+        if alloc.infeasible and trainer.is_global_zero:
+            log.warning(
+                "grip: step %d: no split keeps every cluster under budget.max_repetition=%g; budgets "
+                "follow the cluster sizes (every cluster read about equally often)",
+                step,
+                self.budget_cfg.max_repetition,
+            )
         prev = np.asarray(self.history[-1]["n"]) if self.history else None
+        # the reads so far are counted under the budgets they were drawn with (before publishing)
+        self.ledger.flush(self._budgets_of, world_size=getattr(trainer, "world_size", 1))
         version = self.dataset.publish(n)
         entry = {
             "step": int(step),
@@ -383,6 +458,8 @@ class GripCallback(L.Callback):
             "n": n.tolist(),
             "r": np.asarray(r).tolist(),
             "drift": float(np.abs(n - prev).sum() / self.b_total) if prev is not None else 0.0,
+            "capped": np.flatnonzero(capped).tolist(),
+            "rule": self._rule(),
         }
         if res is not None:
             entry.update(
@@ -395,11 +472,52 @@ class GripCallback(L.Callback):
             )
         if rap is not None:
             entry.update(rap)
+        entry["ledger"] = self._ledger_record(entry)
         self.history.append(entry)
         rows = None
         if res is not None:
             rows = probe_rows(self.dataset.manifest, res, r, prev if prev is not None else n, n)
         self._log(trainer, entry, rows)
+
+    def _rule(self) -> dict:
+        """What a replay of this publication needs (`grip simulate`): the budget rule's settings,
+        B, the run's token budget and the corpus it indexes."""
+        return {
+            "mode": self.mode_name,
+            **dataclasses.asdict(self.budget_cfg),
+            "b_total_resolved": self.b_total,
+            "run_tokens": self.run_tokens,
+            "max_steps": self.max_steps,
+            "tokens_per_step": self.tokens_per_step,
+            "refresh_every_n_steps": self.interval or self.every,
+            "first_refresh_after_steps": self.first_after,
+            "reliability_threshold": self.rap_cfg.reliability_threshold,
+            "corpus_fingerprint": self.dataset.fingerprint,
+        }
+
+    def _ledger_record(self, e: dict) -> dict:
+        delta = e.get("delta")
+        gate = (
+            self.quality > self.budget_cfg.quality_threshold
+            if self.mode.replay != "none"
+            else np.zeros(len(self.sizes), dtype=bool)
+        )
+        capped = np.zeros(len(self.sizes), dtype=bool)
+        capped[e.get("capped", [])] = True
+        projected = (
+            stream_passes(e["n"], self.sizes, self.mean_len + 1.0, self.run_tokens)
+            if self.run_tokens
+            else None
+        )
+        return self.ledger.record(
+            n=e["n"],
+            r=e["r"],
+            delta=None if delta is None else np.asarray(delta, dtype=np.float64),
+            gate=gate,
+            capped=capped,
+            projected=projected,
+            shrink=e.get("shrink"),
+        )
 
     # ------------------------------------------------------------------ logging
     def _log(self, trainer, e: dict, rows: list[dict] | None) -> None:
@@ -425,6 +543,13 @@ class GripCallback(L.Callback):
         if len(self.history) == 1:
             for k, q in enumerate(self.quality):
                 metrics[f"grip/quality/{k:03d}"] = float(q)
+        led = e.get("ledger")
+        if led is not None:
+            for k in range(len(self.sizes)):
+                metrics[f"grip/rep_max/{k:03d}"] = float(led["rep_max"][k])
+                metrics[f"grip/rep_mean/{k:03d}"] = float(led["rep_mean"][k])
+                metrics[f"grip/distinct/{k:03d}"] = float(led["distinct"][k])
+                metrics[f"grip/capped/{k:03d}"] = float(led["capped"][k])
         for lg in trainer.loggers:
             lg.log_metrics(metrics, step=e["step"])
             if type(lg).__name__ == "WandbLogger" and trainer.is_global_zero:
@@ -447,6 +572,8 @@ class GripCallback(L.Callback):
                     if np.isfinite(d)
                 }
             )
+        if e.get("ledger") is not None:
+            named["grip/ledger_table"] = ledger_wandb_table(wandb, e["step"], self.names, e["ledger"])
         if rows is not None:
             named["grip/probe_table"] = wandb.Table(
                 columns=["step", *COLUMNS], data=[[e["step"], *[row[c] for c in COLUMNS]] for row in rows]
@@ -467,6 +594,8 @@ class GripCallback(L.Callback):
         # the file also gets the probe's per-cluster table (the checkpointed history stays lean)
         with open(d / "grip_history.jsonl", "a") as fh:
             fh.write(json.dumps(e if rows is None else {**e, "probe": rows}) + "\n")
+        if e.get("ledger") is not None:
+            self._write_ledger(d, e["step"], "refresh", e["ledger"])
         if rows is not None:
             path = d / "grip_probe.csv"
             new = not path.exists()
@@ -515,9 +644,41 @@ class GripCallback(L.Callback):
         fig.savefig(path, dpi=100)
         plt.close(fig)
 
+    def _write_ledger(self, d: Path, step: int, event: str, rec: dict) -> None:
+        ledger_mod.append_csv(d / ledger_mod.LEDGER_CSV, step, event, self.names, rec)
+        ledger_mod.write_json_atomic(
+            d / ledger_mod.LEDGER_JSON,
+            {
+                "step": int(step),
+                "event": event,
+                "names": list(self.names),
+                "max_repetition": self.budget_cfg.max_repetition,
+                "run_tokens": self.run_tokens,
+                "ledger": rec,
+            },
+        )
+
+    def final_ledger(self, trainer) -> dict | None:
+        """The ledger at the end of training (a collective under DDP: every rank calls it)."""
+        if self.ledger is None or not self.history:
+            return None
+        self.ledger.flush(self._budgets_of, world_size=getattr(trainer, "world_size", 1))
+        return self._ledger_record(self.history[-1])
+
     def on_train_end(self, trainer, pl_module) -> None:
+        rec = self.final_ledger(trainer)
         if not trainer.is_global_zero or not self.history:
             return
+        if rec is not None:
+            self._write_ledger(self.log_dir(trainer), trainer.global_step, "end", rec)
+            table = ledger_mod.format_ledger(
+                rec,
+                self.names,
+                step=trainer.global_step,
+                event="end of training",
+                max_repetition=self.budget_cfg.max_repetition if self.guard is not None else None,
+            )
+            print(table, flush=True)
         for lg in trainer.loggers:
             if type(lg).__name__ != "WandbLogger":
                 continue
@@ -527,6 +688,11 @@ class GripCallback(L.Callback):
             ys = [[h["n"][k] / self.b_total for h in self.history] for k in range(len(self.sizes))]
             lg.experiment.log(
                 {
+                    **(
+                        {"grip/ledger_final": ledger_wandb_table(wandb, trainer.global_step, self.names, rec)}
+                        if rec is not None
+                        else {}
+                    ),
                     "grip/budget_share": wandb.plot.line_series(
                         xs=steps,
                         ys=ys,
@@ -552,6 +718,7 @@ class GripCallback(L.Callback):
             "refreshes": self.refreshes,
             "interval": self.interval,
             "probe_flops": self._probe_flops,
+            "ledger": None if self.ledger is None else self.ledger.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -572,10 +739,32 @@ class GripCallback(L.Callback):
         if self.max_overhead is not None:  # a fixed cadence stays what this run's config says
             self.interval = state.get("interval")
         self._probe_flops = state.get("probe_flops")
+        if state.get("ledger") is not None:  # checkpoints from before the ledger start it at zero
+            if self.ledger is None:
+                self._ledger_state = state["ledger"]
+            else:
+                self.ledger.load_state_dict(state["ledger"])
         self._restored = True
         if self._dataset is not None and self.history:
             last = self.history[-1]
             self._dataset.publish(last["n"], version=last["version"])
+
+
+def _run_length(trainer, ds) -> tuple[int | None, float | None]:
+    """(max_steps, tokens per step = batch x seq_len x world size x accumulation); None if unknown."""
+    steps = getattr(trainer, "max_steps", -1)
+    batch = getattr(getattr(trainer, "datamodule", None), "batch_size", None)
+    tps = float(batch * ds.seq_len * trainer.world_size * trainer.accumulate_grad_batches) if batch else None
+    return (int(steps) if steps and steps > 0 else None), tps
+
+
+def ledger_wandb_table(wandb, step: int, names, rec: dict):
+    cols = ["step", "cluster", "name", *ledger_mod.COLUMNS]
+    data = [
+        [step, k, names[k], *[row[c] for c in ledger_mod.COLUMNS]]
+        for k, row in enumerate(ledger_mod.rows(rec))
+    ]
+    return wandb.Table(columns=cols, data=data)
 
 
 def _finite(x) -> float | None:

@@ -537,7 +537,8 @@ class GripIterableDataset(IterableDataset):
             position = p.g + p.num_partitions * int(p.taken[k])
             if position >= self.sizes[k]:
                 raise ClusterExhaustedError(
-                    f"cluster {k} of {self.root / 'manifest.json'} is exhausted: replay=False and its "
+                    f"cluster {k} ({self.manifest.clusters[k].label}) of {self.root / 'manifest.json'} is "
+                    "exhausted: replay=False and its "
                     f"{int(self.sizes[k])} documents are used up (partition {p.g} of {p.num_partitions}, "
                     f"after {int(p.taken[k])} draws at budget version {p.version}); set replay: true, "
                     "lower trainer.max_steps, or prepare more data for this cluster. Checkpoints "

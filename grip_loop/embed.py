@@ -25,7 +25,7 @@ single punctuation marks) give its n-grams for n = 1..`ngram`; each distinct n-g
 (crc32 with a seed) into one of `hash_buckets` buckets with a sign, weighted by 1 + log(count),
 and the bucket vector is projected to `dim` dimensions by a fixed seeded Gaussian matrix
 (`hash_buckets` x `dim`, built once per process), then L2-normalised. It is orders of magnitude
-cheaper than a transformer (no model, no GPU; docs/benchmarks.md section 6) and much less
+cheaper than a transformer (no model, no GPU; docs/benchmarks.md section 7) and much less
 semantic (lexical overlap, not meaning): meant for scale tests and CPU-only users.
 
 Faults: the embeddings file is created with its blocks allocated (free space checked, then

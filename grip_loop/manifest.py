@@ -55,12 +55,19 @@ class ClusterInfo:
     shards: dict[str, list[ShardInfo]] = field(default_factory=dict)  # order name -> shards
     examples: list[str] = field(default_factory=list)
     # A human-readable name: the --cluster-by value, or "<language>:<path prefix or top terms>"
-    # for k-means clusters. Empty in manifests written before names existed.
+    # for k-means / GEM clusters (grip_loop.naming). Empty in manifests written before names existed.
     name: str = ""
     # The probe's evaluation documents (a subset of probe_ids; the rest are its adaptation
     # documents), split once by `grip prepare`. Empty = a manifest without the split: only
     # `rap.eval_split: none` can probe it.
     eval_ids: list[str] = field(default_factory=list)
+    # What the cluster card (`grip inspect --cluster K`) shows; empty in older manifests.
+    # languages: share of each language among the members; top_terms: the most distinctive
+    # identifiers of its most influential documents; influential: paths of its highest-GIS
+    # documents (Geometric Influence Score, grip_loop.naming).
+    languages: dict[str, float] = field(default_factory=dict)
+    top_terms: list[str] = field(default_factory=list)
+    influential: list[str] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -287,9 +294,15 @@ def _check_schema(d: dict, path: Path, fix: str) -> None:
         need(isinstance(qs, dict) and all(is_num(v) for v in qs.values()), f"{w}.quality_scores", "numbers")
         for dim, v in qs.items():
             need(-_EPS <= v <= 10 + _EPS, f"{w}.quality_scores[{dim!r}]", f"a score in [0, 10] (got {v})")
-        for key in ("probe_ids", "examples", "eval_ids"):
+        for key in ("probe_ids", "examples", "eval_ids", "top_terms", "influential"):
             need(str_list(c.get(key, [])), f"{w}.{key}", "a list of strings")
         need(isinstance(c.get("name", ""), str), f"{w}.name", "a string")
+        langs = c.get("languages", {})
+        need(
+            isinstance(langs, dict) and all(is_num(v) and 0 <= v <= 1 + _EPS for v in langs.values()),
+            f"{w}.languages",
+            "an object of language -> share in [0, 1]",
+        )
         need(
             set(c.get("eval_ids", [])) <= set(c.get("probe_ids", [])),
             f"{w}.eval_ids",

@@ -22,11 +22,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from grip_loop.budget import (
+    DEFAULT_MAX_REPETITION,
     DEFAULT_QUALITY_THRESHOLD,
     allocate,
     apportion,
     baseline_budget,
+    repetition_capped,
     replay_multiplier,
+    stream_passes,
 )
 
 
@@ -64,6 +67,10 @@ class BudgetConfig:
     quality_threshold: float = DEFAULT_QUALITY_THRESHOLD  # Eq. 7 gate on Q_k in [0, 1]
     ema: float = 0.0  # smoothing of r_k across refreshes: r <- ema * r_prev + (1 - ema) * r; 0 = off
     floor: float = 0.0  # minimum sampling probability of a non-empty cluster; 0 = off
+    # repetition guard: the most passes over one cluster's stream within the run's token budget
+    # (trainer.max_steps x tokens per step); a capped cluster's excess goes to the others.
+    # null = off. See `budget.repetition_capped`.
+    max_repetition: float | None = DEFAULT_MAX_REPETITION
 
     def __post_init__(self) -> None:
         b = self.b_total
@@ -85,6 +92,11 @@ class BudgetConfig:
             raise ValueError(f"ema: must be in [0, 1), got {self.ema}")
         if not 0 <= self.floor < 1:
             raise ValueError(f"floor: must be in [0, 1), got {self.floor}")
+        m = self.max_repetition
+        if m is not None and (
+            isinstance(m, bool) or not isinstance(m, int | float) or not np.isfinite(m) or m <= 0
+        ):
+            raise ValueError(f"max_repetition: must be a number > 0 (passes) or null (off), got {m!r}")
 
 
 def base_budget(mode: Mode, sizes, sigma, quality, cfg: BudgetConfig) -> np.ndarray:
@@ -111,14 +123,105 @@ def replay_for(mode: Mode, quality, cfg: BudgetConfig, delta=None, shrink: float
     )
 
 
-def budgets(base, replay, b_total: int, *, sizes=None, floor: float = 0.0) -> np.ndarray:
+def replay_step(mode: Mode, quality, cfg: BudgetConfig, *, delta=None, shrink: float = 1.0, prev_r=None):
+    """r_k of one publication: `replay_for`, then the optional EMA over the previous r_k. The
+    training callback and `grip simulate` both call this (one copy of the rule)."""
+    r = replay_for(mode, quality, cfg, delta=delta, shrink=shrink)
+    if cfg.ema > 0 and prev_r is not None:
+        r = cfg.ema * np.asarray(prev_r, dtype=np.float64) + (1 - cfg.ema) * r
+    return r
+
+
+@dataclass(frozen=True)
+class RepetitionGuard:
+    """What the repetition guard needs besides the budgets: documents per cluster, tokens per
+    document (mean length + EOS), the run's token budget and the cap (passes per stream)."""
+
+    sizes: tuple
+    doc_tokens: tuple
+    run_tokens: float
+    max_repetition: float
+
+    def passes(self, n) -> np.ndarray:
+        return stream_passes(n, self.sizes, self.doc_tokens, self.run_tokens)
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """Integer budgets and what decided them (the ledger records it)."""
+
+    n: np.ndarray
+    capped: np.ndarray  # bool per cluster: the repetition cap binds
+    infeasible: bool = False  # no split keeps every cluster under the cap (fallback: n ~ N_k)
+
+
+def allocation(
+    base, replay, b_total: int, *, sizes=None, floor: float = 0.0, guard: RepetitionGuard | None = None
+) -> Allocation:
     """Eq. 8 integers; with `floor` > 0 every non-empty cluster gets at least floor * B
-    (rounded up), the rest shared in proportion to U_k as before (bounded apportionment)."""
-    if floor <= 0 or sizes is None:
-        return allocate(base, replay, b_total)
+    (rounded up), the rest shared in proportion to U_k as before (bounded apportionment);
+    with `guard`, no cluster's stream is read more than guard.max_repetition times in the run
+    (`budget.repetition_capped`: the excess of a capped cluster goes to the others)."""
+    k = len(np.asarray(base))
+    lower = None
+    if floor > 0 and sizes is not None:
+        nonempty = np.asarray(sizes) > 0
+        lower = np.where(nonempty, np.ceil(floor * b_total), 0.0)
+        if lower.sum() > b_total:
+            raise ValueError(f"floor: {floor} x {int(nonempty.sum())} clusters exceeds the whole budget")
+    if guard is None:
+        if lower is None:
+            n = allocate(base, replay, b_total)
+        else:
+            u = np.asarray(base, dtype=np.float64) * np.asarray(replay, dtype=np.float64)
+            n = apportion(u, int(b_total), lower=lower)
+        return Allocation(n=n, capped=np.zeros(k, dtype=bool))
     u = np.asarray(base, dtype=np.float64) * np.asarray(replay, dtype=np.float64)
-    nonempty = np.asarray(sizes) > 0
-    lower = np.where(nonempty, np.ceil(floor * b_total), 0.0)
-    if lower.sum() > b_total:
-        raise ValueError(f"floor: {floor} x {int(nonempty.sum())} clusters exceeds the whole budget")
-    return apportion(u, int(b_total), lower=lower)
+    if b_total > 0 and u.sum() <= 0:
+        raise ValueError("base * replay is zero for every cluster: nothing to allocate")
+    n, capped, infeasible = repetition_capped(
+        u, int(b_total), guard.sizes, guard.doc_tokens, guard.run_tokens, guard.max_repetition, lower=lower
+    )
+    return Allocation(n=n, capped=capped, infeasible=infeasible)
+
+
+def budgets(
+    base, replay, b_total: int, *, sizes=None, floor: float = 0.0, guard: RepetitionGuard | None = None
+) -> np.ndarray:
+    """The integers of `allocation` (Eq. 8 with the optional floor and repetition guard)."""
+    return allocation(base, replay, b_total, sizes=sizes, floor=floor, guard=guard).n
+
+
+def repetition_guard(
+    cfg: BudgetConfig, sizes, mean_length, run_tokens: float | None
+) -> RepetitionGuard | None:
+    """The guard of a run, or None when it is off (max_repetition null, or no known run length)."""
+    if cfg.max_repetition is None or not run_tokens or run_tokens <= 0:
+        return None
+    return RepetitionGuard(
+        sizes=tuple(int(x) for x in np.asarray(sizes)),
+        doc_tokens=tuple(float(x) + 1.0 for x in np.asarray(mean_length, dtype=np.float64)),
+        run_tokens=float(run_tokens),
+        max_repetition=float(cfg.max_repetition),
+    )
+
+
+def repetition_infeasible(guard: RepetitionGuard | None, where: str = "budget") -> str | None:
+    """Why `guard` cannot hold (the run reads the whole corpus more than max_repetition times:
+    no split keeps every cluster under the cap), or None. Callers then turn the guard off for
+    the run and say so (a warning naming the field and the fix), rather than refuse: the
+    default cap applies to every run, including short tests on tiny corpora."""
+    if guard is None:
+        return None
+    size = np.asarray(guard.sizes, dtype=np.float64)
+    c = np.asarray(guard.doc_tokens, dtype=np.float64)
+    corpus_passes = guard.run_tokens / float((size * c).sum())
+    if corpus_passes <= guard.max_repetition:
+        return None
+    return (
+        f"{where}.max_repetition: the run reads {guard.run_tokens:.4g} tokens, {corpus_passes:.2f} passes "
+        f"over the whole corpus ({int(size.sum())} documents), more than max_repetition={guard.max_repetition:g}: "
+        f"no split of the budget keeps every cluster under it, so the repetition guard is off for this run; "
+        f"raise {where}.max_repetition, set it to null to silence this, lower trainer.max_steps, or prepare "
+        "more data"
+    )

@@ -14,6 +14,30 @@ A k-means cluster is named ``<language>:<what its documents share>``:
 Clusters that would share a name are told apart by their most distinctive identifier
 (``python:stdlib/encodings~codec``), and by ``#<id>`` if that is not enough. Clusters
 from `grip prepare --cluster-by FIELD` are named by their field value instead.
+
+With Geometric Influence Scores (`influence_scores`, `describe_clusters`; what `grip prepare`
+uses), a cluster is named from its core, the more influential half of its members (at least
+10, at most `sample`), instead of a uniform sample: the documents that make the cluster's
+direction, not its outliers. The language part names two languages (``c+python``) when
+neither has half of those documents but the two together have 80%, and a one-level path
+prefix (``stdlib``) gets the top term appended (``python:stdlib~pty``).
+
+Geometric Influence Score (GIS). The seed (GEM) names it without a formula; the definition
+here: for cluster k with members x_i (unit vectors), resultant s_k = sum_i x_i, R_k = |s_k|
+and mean direction mu_k = s_k / R_k, a document's influence is how much of the cluster's
+resultant it supplies, measured by removing it:
+
+    GIS_i = (N_k / R_k) (R_k - |s_k - x_i|),   |s_k - x_i| = sqrt(R_k^2 - 2 R_k cos_i + 1)
+
+(cos_i = mu_k . x_i). Why this one: R_k / N_k is the cluster's mean resultant length, the
+statistic the vMF concentration (kappa) and sigma_k (Eq. 3) are functions of, so GIS_i is the
+document's leave-one-out effect on how tight the cluster is; the factor N_k / R_k makes it
+comparable across clusters of any size and spread (the members' mean is ~1; 2 = twice an
+average member's pull; < 0 = the document pulls against the direction, an outlier).
+The other leave-one-out quantity, the angle the direction turns when a document is removed,
+is largest for outliers (it grows with the component orthogonal to mu_k), so it would name a
+cluster after its least typical documents. Within one cluster GIS is an increasing function
+of cos_i: it ranks members like the cosine to the centroid does; what it adds is the scale.
 """
 
 from __future__ import annotations
@@ -36,6 +60,45 @@ def _prefix(path: str, depth: int = 2) -> str:
     return "/".join(parts[:depth])
 
 
+def influence_scores(emb: np.ndarray, labels: np.ndarray, k: int, *, block: int = 65536) -> np.ndarray:
+    """GIS of every row (module docstring): float64 (N,), NaN where `labels` < 0."""
+    labels = np.asarray(labels)
+    n = len(labels)
+    d = np.asarray(emb[:1]).shape[1]
+    s = np.zeros((k, d))
+    for lo in range(0, n, block):  # resultants, streamed
+        xb = np.asarray(emb[lo : lo + block], np.float64)
+        lb = labels[lo : lo + block]
+        ok = lb >= 0
+        np.add.at(s, lb[ok], xb[ok])
+    sizes = np.bincount(labels[labels >= 0], minlength=k)
+    r = np.linalg.norm(s, axis=1)
+    mu = s / np.maximum(r, 1e-12)[:, None]
+    gis = np.full(n, np.nan)
+    for lo in range(0, n, block):
+        xb = np.asarray(emb[lo : lo + block], np.float64)
+        lb = labels[lo : lo + block]
+        ok = np.flatnonzero(lb >= 0)
+        c = lb[ok]
+        cos = np.einsum("nd,nd->n", xb[ok], mu[c])
+        rk = r[c]
+        rest = np.sqrt(np.maximum(rk * rk - 2 * rk * cos + 1.0, 0.0))
+        gis[lo + ok] = np.where(rk > 1e-12, sizes[c] / np.maximum(rk, 1e-12) * (rk - rest), 0.0)
+    return gis
+
+
+def _language(langs: list[str]) -> tuple[str, dict[str, float]]:
+    counts = Counter(langs)
+    total = sum(counts.values())
+    shares = {lang: round(m / total, 4) for lang, m in counts.most_common()}
+    top = counts.most_common(2)
+    if top[0][1] >= total / 2:
+        return top[0][0], shares
+    if len(top) == 2 and top[0][1] + top[1][1] >= 0.8 * total:
+        return "+".join(sorted((top[0][0], top[1][0]))), shares
+    return "mixed", shares
+
+
 def cluster_names(
     labels: np.ndarray,
     k: int,
@@ -46,12 +109,56 @@ def cluster_names(
     min_prefix_share: float = 0.3,
     sample: int = 200,
     seed: int = 0,
+    gis: np.ndarray | None = None,
 ) -> list[str]:
     """One name per cluster id 0..k-1 (see the module docstring); `labels[i]` < 0 = unclustered."""
+    return [
+        c["name"]
+        for c in describe_clusters(
+            labels,
+            k,
+            langs,
+            paths,
+            texts,
+            min_prefix_share=min_prefix_share,
+            sample=sample,
+            seed=seed,
+            gis=gis,
+        )
+    ]
+
+
+def describe_clusters(
+    labels: np.ndarray,
+    k: int,
+    langs: Sequence[str],
+    paths: Sequence[str],
+    texts: Sequence[str],
+    *,
+    min_prefix_share: float = 0.3,
+    sample: int = 200,
+    seed: int = 0,
+    gis: np.ndarray | None = None,
+    n_terms: int = 8,
+    n_influential: int = 5,
+) -> list[dict]:
+    """Per cluster id 0..k-1: {"name", "languages" (share of each language among all members),
+    "top_terms" (the `n_terms` most distinctive identifiers of the named-from documents),
+    "influential" (indices of the `n_influential` highest-GIS members; [] without `gis`)}.
+
+    Documents named from: with `gis`, each cluster's `sample` highest-GIS members; without,
+    a seeded uniform sample of `sample` members (the naming of issue 12)."""
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     members = [np.flatnonzero(labels == c) for c in range(k)]
-    picks = [m if len(m) <= sample else np.sort(rng.choice(m, sample, replace=False)) for m in members]
+    if gis is not None:
+        gis = np.asarray(gis, np.float64)
+        ranked = [m[np.lexsort((m, -gis[m]))] for m in members]  # GIS descending, ties by index
+        # the cluster's core: its more influential half (at least 10, at most `sample`)
+        picks = [np.sort(r[: min(sample, max(10, -(-len(r) // 2)))]) for r in ranked]
+    else:
+        ranked = [np.zeros(0, np.int64)] * k
+        picks = [m if len(m) <= sample else np.sort(rng.choice(m, sample, replace=False)) for m in members]
     df_cluster: list[Counter] = []
     df_all: Counter = Counter()
     for pick in picks:
@@ -67,21 +174,37 @@ def cluster_names(
         ratio = {w: (m / size) / ((df_all[w] + 1) / (n_all + 1)) for w, m in df.items() if m >= 2}
         return sorted(ratio, key=lambda w: (-ratio[w], w))[:n]
 
-    names, terms = [], []
+    names, terms, languages = [], [], []
     for c, pick in enumerate(picks):
-        terms.append(top_terms(c, 2) if len(pick) else [])
+        terms.append(top_terms(c, n_terms) if len(pick) else [])
+        languages.append(_language([langs[i] for i in members[c]])[1] if len(members[c]) else {})
         if not len(pick):
             names.append(f"empty#{c}")
             continue
-        lang, n_lang = Counter(langs[i] for i in pick).most_common(1)[0]
-        lang = lang if n_lang >= len(pick) / 2 else "mixed"
+        lang = _language([langs[i] for i in pick])[0] if gis is not None else _majority(langs, pick)
         prefix, n_prefix = Counter(_prefix(paths[i]) for i in pick).most_common(1)[0]
         if prefix and n_prefix >= min_prefix_share * len(pick):
-            names.append(f"{lang}:{prefix}")
+            # a one-level prefix ("stdlib") says little: with GIS, its top term is added
+            one_level = gis is not None and "/" not in prefix and terms[c]
+            names.append(f"{lang}:{prefix}~{terms[c][0]}" if one_level else f"{lang}:{prefix}")
         else:
-            names.append(f"{lang}:{'/'.join(terms[c]) or 'misc'}")
+            names.append(f"{lang}:{'/'.join(terms[c][:2]) or 'misc'}")
     # clusters that share a path prefix are told apart by their most distinctive term
     seen = Counter(names)
     names = [f"{n}~{terms[c][0]}" if seen[n] > 1 and terms[c] else n for c, n in enumerate(names)]
     seen = Counter(names)
-    return [f"{n}#{c}" if seen[n] > 1 else n for c, n in enumerate(names)]
+    names = [f"{n}#{c}" if seen[n] > 1 else n for c, n in enumerate(names)]
+    return [
+        {
+            "name": names[c],
+            "languages": languages[c],
+            "top_terms": terms[c],
+            "influential": [int(i) for i in ranked[c][:n_influential]],
+        }
+        for c in range(k)
+    ]
+
+
+def _majority(langs: Sequence[str], pick) -> str:
+    lang, n_lang = Counter(langs[i] for i in pick).most_common(1)[0]
+    return lang if n_lang >= len(pick) / 2 else "mixed"

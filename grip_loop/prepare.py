@@ -12,7 +12,9 @@ and redoes a stage whose inputs changed; a resume checks each stage file against
              -> tokenizer/, work/tokens/part-*.{ids,offsets}.npy (per part: resumable, data-parallel)
 3. embed     mean-pooled, L2-normalised encoder embeddings (or `encoder.kind: hashed`)
              -> work/embeddings.npy (memmap, resumable per block, data-parallel under torchrun)
-4. cluster   spherical k-means on a sample, assign all (streamed)    -> centroids.npy, work/labels.npy
+4. cluster   spherical k-means or GEM (`cluster.method`) on a sample, assign all (streamed)
+                                                                      -> centroids.npy, work/labels.npy;
+             each document's Geometric Influence Score, cluster names  -> stats/gis.npy
 5. geometry  sigma_k (Eq. 3), Neyman probe (Eq. 4, with a per-cluster floor), kNN density (Eq. 9;
              approximate above `knn_approx_above` members, recall logged),
              P_select (Eq. 10) and the Efraimidis–Spirakis order of each requested order
@@ -29,9 +31,10 @@ training shards) and *evaluation* documents (`ClusterInfo.eval_ids`: written onl
 shard, never trained on, unless `probe_eval_in_training`), so the probe measures how learnable a
 cluster is on text the model has not memorised. N_k counts training documents.
 
-Clusters: spherical k-means (`k`), or one per distinct value of a document field
-(`cluster_by`: `grip prepare --cluster-by lang`), named either way (`ClusterInfo.name`; see
-`grip_loop.naming`).
+Clusters: spherical k-means (`k`), GEM (`cluster.method: gem`: a balanced vMF mixture distilled
+to a linear student, `grip_loop.cluster.fit_gem`), or one per distinct value of a document field
+(`cluster_by`: `grip prepare --cluster-by lang`), named either way (`ClusterInfo.name`, from the
+most influential documents by GIS; see `grip_loop.naming`).
 
 Held-out slice: `heldout_fraction` of each language's documents (a seeded draw per language,
 so every language with enough files is represented) is removed before clustering and never
@@ -60,10 +63,44 @@ from grip_loop.budget import apportion
 from grip_loop.embed import EncoderConfig, embed_corpus
 from grip_loop.judge import JudgeConfig, JudgeInput, cluster_quality
 from grip_loop.manifest import SCHEMA_VERSION, ClusterInfo, Manifest, ShardInfo
-from grip_loop.naming import cluster_names
+from grip_loop.naming import describe_clusters, influence_scores
 from grip_loop.selection import kernel_density, knn, selection_order, selection_weights
 
 ORDERS = ("grip", "diversity", "random")
+CLUSTER_METHODS = ("kmeans", "gem")
+
+
+@dataclass
+class ClusterConfig:
+    """How the `k` clusters are found (ignored with `cluster_by`)."""
+
+    method: str = "kmeans"
+    """`kmeans`: spherical k-means (faiss; `kmeans_niter`, `kmeans_sample`). `gem`: a balanced
+    mixture of von Mises-Fisher components fitted by MM on a sample, distilled to a linear
+    student that labels every document (`grip_loop.cluster.fit_gem`; docs/design.md)."""
+    balance: float = 1.0
+    """gem: weight of the entropy bonus on the mixing weights (0 = plain vMF EM)."""
+    niter: int = 100
+    """gem: at most this many MM iterations (fewer when the objective stops improving)."""
+    sample: int = 50_000
+    """gem: fit the teacher on at most this many documents (a seeded sample)."""
+    student_heldout: float = 0.1
+    """gem: fraction of the sample kept out of the student's training, to measure how often
+    student and teacher agree (`manifest.stats.clustering.student_agreement`)."""
+
+    def __post_init__(self) -> None:
+        if self.method not in CLUSTER_METHODS:
+            raise ValueError(f"cluster.method: one of {CLUSTER_METHODS}, got {self.method!r}")
+        b = self.balance
+        if isinstance(b, bool) or not isinstance(b, int | float) or not math.isfinite(b) or b < 0:
+            raise ValueError(f"cluster.balance: must be a finite number >= 0, got {b!r}")
+        for name in ("niter", "sample"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"cluster.{name}: must be an integer >= 1, got {v!r}")
+        h = self.student_heldout
+        if isinstance(h, bool) or not isinstance(h, int | float) or not 0 <= h < 1:
+            raise ValueError(f"cluster.student_heldout: must lie in [0, 1), got {h!r}")
 
 
 @dataclass
@@ -103,6 +140,8 @@ class PrepareConfig:
     """Documents per part of the document and token stores (work/docs/, work/tokens/): the
     unit of the tokenize stage, of its resume and of its split over torchrun ranks."""
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """Clustering method and its settings (`cluster.method: kmeans | gem`)."""
     kmeans_niter: int = 25
     kmeans_sample: int = 200_000
     """Fit centroids on at most this many documents, then assign all."""
@@ -142,6 +181,8 @@ class PrepareConfig:
             self.encoder = _build(EncoderConfig, self.encoder, "encoder")
         if isinstance(self.judge, dict):
             self.judge = _build(JudgeConfig, self.judge, "judge")
+        if isinstance(self.cluster, dict):
+            self.cluster = _build(ClusterConfig, self.cluster, "cluster")
         if self.k < 1:
             raise ValueError(f"k: must be >= 1, got {self.k}")
         if not isinstance(self.follow_symlinks_outside, bool):
@@ -212,7 +253,15 @@ def load_config(path: str | os.PathLike, **overrides) -> PrepareConfig:
     raw = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a YAML mapping of PrepareConfig fields")
-    raw.update({k: v for k, v in overrides.items() if v is not None})
+    for k, v in overrides.items():  # a dict (e.g. cluster={"method": "gem"}) merges into the section
+        if isinstance(v, dict) and isinstance(raw.get(k), dict):
+            raw[k] = {**raw[k], **{a: b for a, b in v.items() if b is not None}}
+        elif isinstance(v, dict):
+            v = {a: b for a, b in v.items() if b is not None}
+            if v:
+                raw[k] = v
+        elif v is not None:
+            raw[k] = v
     try:
         return PrepareConfig.from_dict(raw)
     except ValueError as exc:
@@ -534,21 +583,17 @@ def sigma_streamed(emb, labels: np.ndarray, train: np.ndarray, centroids: np.nda
 
 def _cluster(
     cfg: PrepareConfig, out: Path, work: Path, emb: np.ndarray, emb_key: str, train: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Centroids fitted on the training documents only; labels of every document (held-out
-    ones get their nearest centroid, for reporting)."""
-    from grip_loop.cluster import assign, spherical_kmeans
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(centroids, labels, stats): centroids fitted on the training documents only; labels of
+    every document (held-out ones get their nearest centroid, or the GEM student's label, for
+    reporting); stats for `manifest.stats.clustering`."""
+    from grip_loop.cluster import assign, fit_gem, normalised_entropy, spherical_kmeans
 
     meta = work / "labels.json"
-    key = _key(
-        "cluster",
-        emb_key,
-        cfg.k,
-        cfg.seed,
-        cfg.kmeans_niter,
-        cfg.kmeans_sample,
-        np.flatnonzero(~train).tolist(),
-    )
+    parts = ["cluster", emb_key, cfg.k, cfg.seed, cfg.kmeans_niter, cfg.kmeans_sample]
+    if cfg.cluster.method != "kmeans":  # k-means keeps its old key: its finished stages resume
+        parts.append(asdict(cfg.cluster))
+    key = _key(*parts, np.flatnonzero(~train).tolist())
     files = {"centroids": out / "centroids.npy", "labels": work / "labels.npy"}
     info = _finished(meta, key, "cluster")
     if info is not None:
@@ -562,23 +607,48 @@ def _cluster(
                 _note(path, "does not match the checksum recorded when it was written", "cluster")
                 break
         else:
-            return np.load(files["centroids"]), np.load(files["labels"])
-    # the sample spherical_kmeans would draw from the training rows, read from the memmap
-    # alone (the same rows, so the same centroids, without a copy of every training row)
-    rows = np.flatnonzero(train)
-    if len(rows) > cfg.kmeans_sample:
-        pick = np.sort(
-            np.random.default_rng(cfg.seed).choice(len(rows), max(cfg.kmeans_sample, cfg.k), replace=False)
+            labels = np.load(files["labels"])
+            stats = info.get("stats") or {
+                "method": "kmeans",
+                "size_entropy": normalised_entropy(np.bincount(labels[train], minlength=cfg.k)),
+            }
+            return np.load(files["centroids"]), labels, stats
+    if cfg.cluster.method == "gem":
+        c = cfg.cluster
+        if cfg.progress:
+            print(f"cluster: GEM, K={cfg.k}, balance {c.balance}, on up to {c.sample} documents")
+        r = fit_gem(
+            np.asarray(emb)[train],
+            cfg.k,
+            seed=cfg.seed,
+            balance=c.balance,
+            niter=c.niter,
+            sample_size=c.sample,
+            heldout=c.student_heldout,
         )
-        rows = rows[pick]
-    centroids, _ = spherical_kmeans(
-        np.asarray(emb[rows]), cfg.k, seed=cfg.seed, niter=cfg.kmeans_niter, sample_size=None
-    )
-    labels = assign(emb, centroids)
+        centroids = r.centroids
+        labels = r.student.predict(emb) if r.student is not None else np.zeros(len(emb), np.int64)
+        stats = r.stats()
+    else:
+        # the sample spherical_kmeans would draw from the training rows, read from the memmap
+        # alone (the same rows, so the same centroids, without a copy of every training row)
+        rows = np.flatnonzero(train)
+        if len(rows) > cfg.kmeans_sample:
+            pick = np.random.default_rng(cfg.seed).choice(
+                len(rows), max(cfg.kmeans_sample, cfg.k), replace=False
+            )
+            rows = rows[np.sort(pick)]
+        centroids, _ = spherical_kmeans(
+            np.asarray(emb[rows]), cfg.k, seed=cfg.seed, niter=cfg.kmeans_niter, sample_size=None
+        )
+        labels = assign(emb, centroids)
+        stats = {"method": "kmeans"}
+    stats["size_entropy"] = round(normalised_entropy(np.bincount(labels[train], minlength=cfg.k)), 6)
     _atomic_npy(files["centroids"], centroids)
     _atomic_npy(files["labels"], labels)
-    _atomic_json(meta, {"key": key, "sha256": {name: _file_sha256(path) for name, path in files.items()}})
-    return centroids, labels
+    record = {"key": key, "sha256": {name: _file_sha256(path) for name, path in files.items()}}
+    _atomic_json(meta, record | {"stats": stats})
+    return centroids, labels, stats
 
 
 def split_probe(probe_ids: list[str]) -> tuple[list[str], list[str]]:
@@ -779,21 +849,30 @@ def _finish(
         centroids, labels, names = clusters_from_field(strata, emb, train)
         _atomic_npy(out / "centroids.npy", centroids)
         n_clusters = len(names)
+        cluster_stats = {"method": "field", "field": cfg.cluster_by}
     else:
         if cfg.k > int(train.sum()):
             raise ValueError(
                 f"k: {cfg.k} clusters but the corpus has only {int(train.sum())} training documents; lower k"
             )
-        centroids, labels = _cluster(cfg, out, work, emb, emb_key, train)
+        centroids, labels, cluster_stats = _cluster(cfg, out, work, emb, emb_key, train)
         n_clusters = cfg.k
-        names = cluster_names(
-            np.where(train, labels, -1),
-            n_clusters,
-            strata,
-            store.field("path"),
-            store.texts,
-            seed=cfg.seed,
-        )
+    # Geometric Influence Scores of the training documents, and from them each cluster's
+    # influential documents, terms, languages and (k-means / GEM) name (grip_loop.naming)
+    gis = influence_scores(emb, np.where(train, labels, -1), n_clusters)
+    described = describe_clusters(
+        np.where(train, labels, -1),
+        n_clusters,
+        store.field("lang"),  # read on demand: only the sampled documents of each cluster
+        store.field("path"),
+        store.texts,
+        seed=cfg.seed,
+        gis=gis,
+    )
+    if not cfg.cluster_by:
+        names = [c["name"] for c in described]
+    (out / "stats").mkdir(exist_ok=True)
+    _atomic_npy(out / "stats" / "gis.npy", gis.astype(np.float32))
     timer.record("cluster", t0, n)
 
     t0 = time.perf_counter()
@@ -907,6 +986,9 @@ def _finish(
                 probe_shards=probe_infos,
                 shards=shard_lists,
                 examples=[store.meta(int(m[j]))["path"] for j in first],
+                languages=described[k]["languages"],
+                top_terms=described[k]["top_terms"],
+                influential=[store.meta(int(i))["path"] for i in described[k]["influential"]],
             )
         )
     heldout_infos: list[ShardInfo] = []
@@ -957,6 +1039,8 @@ def _finish(
             "length_knn": pathology,
             "knn": _knn_stats(cfg, knn_info),
             "centroids": "centroids.npy",
+            "clustering": cluster_stats,
+            "gis": "stats/gis.npy",
             "timings": timer.stages,
         },
     )

@@ -45,6 +45,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "train.cmd_ablate",
         "train and evaluate every sampler row of configs/ablation; results.md/.csv and a bar chart",
     ),
+    "ledger": (
+        "train.cmd_ledger",
+        "a run's data ledger: documents and tokens read per cluster, repetition, and each budget decision",
+    ),
+    "simulate": (
+        "train.cmd_simulate",
+        "replay the budget rule offline (a recorded run or a synthetic probe): trajectories, sweeps",
+    ),
     "train": (
         "train.cmd_train",
         "train a MoE LM with Lightning (LightningCLI: --config configs/train/*.yaml)",

@@ -33,6 +33,13 @@ def main(argv: list[str]) -> int:
         help="one cluster per distinct value of this document field (JSONL/shard string fields, "
         "`lang` for directories) instead of k-means; documents without it are skipped and counted",
     )
+    p.add_argument(
+        "--cluster-method",
+        choices=["kmeans", "gem"],
+        default=None,
+        help="kmeans (spherical k-means) or gem (balanced vMF mixture, MM, distilled to a linear "
+        "student; docs/design.md); overrides the config's cluster.method (default there: kmeans)",
+    )
     p.add_argument("--seed", type=int, default=None, help="random seed (overrides the config)")
     p.add_argument(
         "--follow-symlinks-outside",
@@ -54,6 +61,7 @@ def main(argv: list[str]) -> int:
         out=a.out,
         k=a.k,
         cluster_by=a.cluster_by,
+        cluster={"method": a.cluster_method},
         seed=a.seed,
         follow_symlinks_outside=a.follow_symlinks_outside,
         orders=a.orders.split(",") if a.orders else None,

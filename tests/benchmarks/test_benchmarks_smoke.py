@@ -96,3 +96,14 @@ def test_sampler_memory_quick(tmp_path):
     r = run("sampler_memory", tmp_path=tmp_path)
     for row in r["rows"]:
         assert row["index_bytes_per_doc"] == 16  # offset + size, int64
+
+
+@pytest.mark.slow
+def test_clustering_quick(tmp_path):
+    r = run("clustering", tmp_path=tmp_path)
+    methods = {row["method"] for row in r["rows"]}
+    assert methods == {"kmeans", "gem(balance=0)", "gem(balance=1)"}
+    for row in r["rows"]:
+        assert 0 <= row["size_entropy"] <= 1 and -1 <= row["ari"] <= 1 and row["fit_s"] > 0
+        assert row["method"] == "kmeans" or 0 <= row["agreement"] <= 1
+    assert sum(r["synthetic"]["group_sizes"]) == r["synthetic"]["n"]

@@ -124,6 +124,23 @@ def test_training_run_refreshes_publishes_and_logs_drift(prepared, tmp_path):
     share = c.consumed / c.consumed.sum()
     planned = c.planned / c.planned.sum()
     assert np.abs(share - planned).max() < 0.15
+    # `grip simulate` replays this run's recorded probes into exactly its recorded budgets, through
+    # the training functions (the repetition guard is on: 12 steps x 128 tokens, max_repetition 4)
+    from grip_loop.history import read_history, rule_of
+    from grip_loop.simulate import RecordedProbe, replay_config, replay_matches, simulate
+
+    hist_path = tmp_path / "csv" / "grip_history.jsonl"
+    hist = read_history(hist_path)
+    rule = rule_of(hist[0], hist_path)
+    assert rule["max_repetition"] == 4.0 and rule["run_tokens"] == 12 * 4 * 32
+    sim = simulate(ds.manifest, replay_config(hist, rule, {}), RecordedProbe(hist), exact_probe_index=True)
+    assert replay_matches(hist, sim) == [] and len(sim.n) == len(hist) == 5
+    # the ledger in the history and the files: tokens add up to what was trained on
+    led = c.history[-1]["ledger"]
+    assert sum(led["tokens"]) == c.consumed.sum() == 12 * 4 * 32 and led["docs"] == SIZES
+    assert all(led["distinct"][k] <= SIZES[k] for k in range(5)) and led["distinct"][3] == 0
+    end = json.loads((tmp_path / "csv" / "grip_ledger.json").read_text())
+    assert end["event"] == "end" and sum(end["ledger"]["tokens"]) == 12 * 4 * 32
 
 
 def test_easy_cluster_gets_less_replay_than_random_ones(prepared, tmp_path):
@@ -216,6 +233,12 @@ def test_resume_restores_schedule_and_stream(prepared, tmp_path, overhead):
     assert ds.version == full.history[-1]["version"]
     for a, b in zip(m_full.state_dict().values(), m_res.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # the ledger: the same at every refresh and at the end, per-document counts included
+    assert [h["ledger"] for h in resumed.history] == [h["ledger"] for h in full.history]
+    end = [json.loads((tmp_path / d / "csv" / "grip_ledger.json").read_text()) for d in ("a", "c")]
+    assert end[0] == end[1] and end[0]["event"] == "end" and sum(end[0]["ledger"]["tokens"]) > 0
+    np.testing.assert_array_equal(resumed.ledger.seen, full.ledger.seen)
+    assert resumed.ledger.seen.sum() > 0
 
 
 def test_model_vocabulary_smaller_than_the_tokenizer_is_rejected(prepared, tmp_path):
@@ -353,6 +376,13 @@ def test_wandb_gets_a_probe_table_per_refresh_and_named_series(prepared, tmp_pat
     table = json.loads(tables[0].read_text())
     assert table["columns"][:3] == ["step", "id", "name"]
     assert [row[2] for row in table["data"]] == [f"synthetic-{k}" for k in range(len(SIZES))]
+    # the ledger: a table per publication (setup, steps 4 and 8) and one at the end
+    ledgers = sorted((run_dir / "files" / "media" / "table" / "grip").glob("ledger_table_*.table.json"))
+    assert len(ledgers) == 3
+    last = json.loads(ledgers[-1].read_text())
+    assert last["columns"][:5] == ["step", "cluster", "name", "docs", "distinct"]
+    assert [row[3] for row in last["data"]] == SIZES
+    assert len(list((run_dir / "files" / "media" / "table" / "grip").glob("ledger_final_*.table.json"))) == 1
 
 
 def test_a_proxy_is_probed_from_the_start_and_must_fit_the_corpus(prepared, tmp_path):

@@ -341,3 +341,65 @@ def test_cluster_by_a_field_nobody_has_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"no document in .*c\.jsonl has the field 'topic'.*id, lang") as e:
         prepare(_cfg(corpus, tmp_path / "out", cluster_by="topic"))
     assert "--cluster-by" in str(e.value)
+
+
+def test_cluster_method_config_and_cli_override():
+    base = ROOT / "configs" / "prepare" / "default.yaml"
+    cfg = load_config(base, corpus="x", out="y", cluster={"method": "gem"})
+    assert cfg.cluster.method == "gem" and cfg.cluster.balance == 1.0 and cfg.cluster.sample == 50_000
+    assert load_config(base, corpus="x", out="y", cluster={"method": None}).cluster.method == "kmeans"
+    assert load_config(TINY, corpus="x", out="y", cluster={"method": "gem"}).cluster.method == "gem"
+    for bad, match in (
+        ({"method": "dbscan"}, "cluster.method"),
+        ({"balance": -1}, "cluster.balance"),
+        ({"niter": 0}, "cluster.niter"),
+        ({"student_heldout": 1.0}, "cluster.student_heldout"),
+        ({"mthod": "gem"}, "cluster: unknown field"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            PrepareConfig.from_dict({"cluster": bad})
+
+
+@pytest.mark.slow
+def test_gem_clusters_end_to_end(stdlib_prepared, stdlib_corpus, tmp_path, capsys):
+    """`cluster.method: gem` from the stdlib fixture's embeddings: a complete manifest, labels
+    from the student, GIS of every training document, names and cards; a re-run resumes."""
+    out = tmp_path / "gem"
+    (out / "work").mkdir(parents=True)
+    for f in ("embeddings.npy", "embeddings.done.npy", "embeddings.json"):
+        shutil.copy(stdlib_prepared / "work" / f, out / "work" / f)
+    m = prepare(_cfg(stdlib_corpus, out, cluster={"method": "gem"}))
+    m = load_manifest(out)
+    how = m.stats["clustering"]
+    assert how["method"] == "gem" and how["mm_iterations"] >= 1 and how["objective"][1] >= how["objective"][0]
+    assert 0.8 <= how["student_agreement"] <= 1 and how["student_heldout_points"] >= 1
+    assert m.k == 8 and len(set(m.names)) == 8 and all(":" in n for n in m.names)
+    centroids = np.load(out / "centroids.npy")
+    assert np.all(np.isfinite(centroids)) and np.allclose(np.linalg.norm(centroids, axis=1), 1, atol=1e-5)
+    labels = np.load(out / "work" / "labels.npy")
+    assert labels.min() >= 0 and labels.max() < 8
+    assert _comparable(out)["clusters"] != _comparable(stdlib_prepared)["clusters"]  # not k-means
+    docs = read_docs(out / "work")
+    gis = np.load(out / "stats" / "gis.npy")
+    assert gis.shape == (len(docs),) and np.isnan(gis).sum() == m.stats["heldout_docs"]
+    for c in m.clusters:
+        member_paths = {docs[i]["path"] for i in np.flatnonzero(labels == c.id)}
+        assert c.influential and set(c.influential) <= member_paths
+        assert sum(c.languages.values()) == pytest.approx(1, abs=1e-3) and c.top_terms
+        # the influential documents are the members with the highest GIS
+        ranked = sorted(
+            (i for i in np.flatnonzero(labels == c.id) if np.isfinite(gis[i])), key=lambda i: (-gis[i], i)
+        )
+        assert c.influential == [docs[i]["path"] for i in ranked[: len(c.influential)]]
+    from train import cli
+
+    capsys.readouterr()
+    assert cli.main(["inspect", str(out), "--cluster", m.clusters[2].name]) == 0
+    card = capsys.readouterr().out
+    assert card.startswith(f"cluster 2: {m.clusters[2].name}") and m.clusters[2].influential[0] in card
+    assert "sigma_k" in card and "Q_k" in card and "languages   python" in card
+    assert cli.main(["inspect", str(out), "--cluster", "99"]) == 2
+    assert "no cluster '99'" in capsys.readouterr().err
+    before = _comparable(out)
+    prepare(_cfg(stdlib_corpus, out, cluster={"method": "gem"}))
+    assert _comparable(out) == before  # the cluster stage resumed to the same result

@@ -34,7 +34,9 @@ def test_without_replay_every_document_is_read_at_most_once_then_a_clear_error(p
     ds = GripIterableDataset(prepared, seq_len=8, replay=False)
     ds._partition_id = lambda: (0, 1)
     blocks = []
-    with pytest.raises(ClusterExhaustedError, match=r"cluster \d of .*manifest.json is exhausted") as err:
+    with pytest.raises(
+        ClusterExhaustedError, match=r"cluster \d \(.+\) of .*manifest.json is exhausted"
+    ) as err:
         for b in ds:
             blocks.append(b)
     assert "replay: true" in str(err.value)

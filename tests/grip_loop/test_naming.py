@@ -1,0 +1,72 @@
+"""Geometric Influence Score against a naive leave-one-out recomputation, and the names and
+cluster descriptions built from it."""
+
+import numpy as np
+import pytest
+
+from grip_loop.naming import cluster_names, describe_clusters, influence_scores
+from tests.conftest import unit_rows
+
+
+def _naive_gis(x, labels, k):
+    out = np.full(len(x), np.nan)
+    for c in range(k):
+        m = np.flatnonzero(labels == c)
+        s = x[m].astype(np.float64).sum(0)
+        r = np.linalg.norm(s)
+        for i in m:
+            out[i] = len(m) / r * (r - np.linalg.norm(s - x[i]))  # remove the document, re-measure
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gis_equals_leave_one_out_and_streams_in_blocks(seed):
+    rng = np.random.default_rng(seed)
+    x = unit_rows(rng.normal(size=(90, 6)) + np.array([3.0, 0, 0, 0, 0, 0]))
+    labels = rng.integers(0, 4, size=90)
+    labels[:5] = -1  # unclustered (held out)
+    g = influence_scores(x, labels, 4, block=7)
+    assert np.isnan(g[:5]).all()
+    assert np.allclose(g[5:], _naive_gis(x, labels, 4)[5:], atol=1e-9)
+    for c in range(4):  # normalised: an average member scores ~1 in every cluster
+        assert np.nanmean(g[labels == c]) == pytest.approx(1.0, abs=0.05)
+    # an outlier pulls against its cluster's direction: the lowest score of its cluster
+    x2 = x.copy()
+    x2[10] = -x2[11]
+    labels2 = labels.copy()
+    labels2[10] = labels2[11]
+    g2 = influence_scores(x2, labels2, 4)
+    members = np.flatnonzero(labels2 == labels2[10])
+    assert g2[10] < 0 and g2[10] == g2[members].min()
+
+
+def test_gis_of_a_singleton_and_an_empty_cluster():
+    x = unit_rows(np.eye(3))
+    g = influence_scores(x, np.array([0, 1, 1]), 3)  # cluster 2 is empty
+    assert g[0] == pytest.approx(1.0) and np.all(np.isfinite(g))
+
+
+def test_descriptions_come_from_the_influential_core():
+    rng = np.random.default_rng(0)
+    # cluster 0: a tight core under pkg/core and loose members scattered around it elsewhere;
+    # cluster 1: C files
+    core = unit_rows(np.array([1.0, 0, 0]) + 0.01 * rng.normal(size=(12, 3)))
+    loose = unit_rows(np.array([1.0, 0, 0]) + 0.6 * rng.normal(size=(12, 3)))
+    other = unit_rows(np.array([0, 0, 1.0]) + 0.05 * rng.normal(size=(10, 3)))
+    x = np.vstack([core, loose, other])
+    labels = np.array([0] * 24 + [1] * 10)
+    paths = [f"pkg/core/m{i}.py" for i in range(12)] + [f"misc/a{i}/x.py" for i in range(12)]
+    paths += [f"native/src/f{i}.c" for i in range(10)]
+    langs = ["python"] * 24 + ["c", "cpp"] * 4 + ["python"] * 2
+    texts = ["def tensor_kernel(): pass"] * 12 + ["def random_helper(): pass"] * 12
+    texts += ["int fast_loop(void);"] * 10
+    gis = influence_scores(x, labels, 2)
+    d = describe_clusters(labels, 2, langs, paths, texts, gis=gis)
+    assert d[0]["name"] == "python:pkg/core"
+    assert set(d[0]["influential"]) <= set(range(12))  # the tight core, not the loose members
+    assert "tensor_kernel" in d[0]["top_terms"] and "random_helper" not in d[0]["top_terms"]
+    assert d[1]["name"] == "c+cpp:native/src" and d[1]["languages"] == {"c": 0.4, "cpp": 0.4, "python": 0.2}
+    assert d[0]["influential"] == sorted(range(24), key=lambda i: (-gis[i], i))[:5]
+    # without GIS: the uniform-sample naming (issue 12), the same language rule as before
+    assert cluster_names(labels, 2, langs, paths, texts)[1] == "mixed:native/src"
+    assert describe_clusters(labels, 2, langs, paths, texts)[0]["influential"] == []
