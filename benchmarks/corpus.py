@@ -35,6 +35,7 @@ def build_corpus(
     """Write (once) a prepared corpus of k clusters x docs_per_cluster documents; returns root."""
     root = Path(root)
     key = dict(k=k, docs=docs_per_cluster, min_len=min_len, max_len=max_len, shard_docs=shard_docs, seed=seed)
+    key["schema"] = SCHEMA_VERSION  # a corpus written by an older layout is rebuilt
     stamp = root / "bench-corpus.json"
     if stamp.exists() and json.loads(stamp.read_text()) == key and (root / "manifest.json").exists():
         return root

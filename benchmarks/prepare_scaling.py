@@ -14,6 +14,13 @@ per document = (peak RSS - RSS after imports) / N.
 
 Tokenize and embed at 10^5-10^6 real documents do not fit this machine's time budget: they are
 measured at small N and the linear fit (seconds = a + b N) is reported *as an extrapolation*.
+
+`--end-to-end N [N ...]` (with `--nproc 1 [2]`) instead runs the whole `grip prepare` command
+(`python -m train prepare`, or `torchrun --nproc_per_node P -m train prepare`) on N small
+synthetic JSONL documents (5-40 words of one of 8 topics) with the hashed encoder
+(`E2E_CONFIG`: dim 64, K = N / 1000 so clusters stay ~1000 documents, one order), and reports
+the wall time, each stage's seconds from `manifest.stats.timings`, and the peak RSS of the
+largest process (ru_maxrss over every descendant, torchrun's workers included).
 """
 
 from __future__ import annotations
@@ -128,13 +135,98 @@ PLAN_QUICK = {
 }
 
 
+E2E_CONFIG = {
+    "encoder": {"kind": "hashed", "dim": 64, "hash_buckets": 16384, "block_size": 4096},
+    "vocab_size": 4096,
+    "tokenizer_train_docs": 20_000,
+    "kmeans_niter": 10,
+    "kmeans_sample": 50_000,
+    "probe_min_per_cluster": 4,
+    "orders": ["grip"],
+    "progress": False,
+}
+
+
+def synthetic_jsonl(path: Path, n: int, seed: int = 0) -> Path:
+    """n small documents: 5-40 words drawn from one of 8 overlapping topic vocabularies."""
+    rng = np.random.default_rng(seed)
+    words = np.array([f"tok{i}" for i in range(2000)])
+    langs = ["python", "c", "go", "rust"]
+    with open(path, "w") as fh:
+        for lo in range(0, n, 10_000):
+            m = min(10_000, n - lo)
+            topics = rng.integers(0, 8, m)
+            lens = rng.integers(5, 41, m)
+            lines = []
+            for j in range(m):
+                t = int(topics[j])
+                body = " ".join(words[rng.integers(t * 200, t * 200 + 400, lens[j])])
+                lines.append(json.dumps({"id": f"d{lo + j}", "text": body, "lang": langs[t % 4]}))
+            fh.write("\n".join(lines) + "\n")
+    return path
+
+
+def end_to_end(n: int, nproc: int, scratch: Path) -> dict:
+    """One `grip prepare` run in a child process (tree); see the module docstring."""
+    import os
+    import resource
+
+    import yaml
+
+    corpus = scratch / f"corpus-{n}.jsonl"
+    if not corpus.exists():
+        synthetic_jsonl(corpus, n)
+    cfg = scratch / f"e2e-{n}.yaml"
+    cfg.write_text(yaml.safe_dump({**E2E_CONFIG, "k": max(2, n // 1000)}))
+    out = scratch / f"out-{n}-{nproc}"
+    root = Path(__file__).resolve().parents[1]
+    launch = [sys.executable, "-m", "train"]
+    if nproc > 1:
+        launch = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(nproc),
+        ]
+        launch += ["-m", "train"]
+    cmd = launch + ["prepare", "--corpus", str(corpus), "--out", str(out), "--config", str(cfg), "--restart"]
+    env = {**_env(), "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    log, _ = proc.communicate()
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"grip prepare N={n} nproc={nproc} failed:\n{log[-3000:]}")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB -> MiB, the largest so far
+    m = json.loads((out / "manifest.json").read_text())
+    row = {"N": n, "nproc": nproc, "K": m["k"], "wall_s": wall, "docs_per_s": n / wall, "peak_rss_mb": peak}
+    row.update({f"{k}_s": v["seconds"] for k, v in m["stats"]["timings"].items()})
+    row["work_bytes_per_doc"] = sum(f.stat().st_size for f in (out / "work").rglob("*") if f.is_file()) / n
+    row["shard_bytes_per_doc"] = sum(f.stat().st_size for f in (out / "shards").rglob("*") if f.is_file()) / n
+    os.sync()
+    return row
+
+
 def main(argv=None) -> int:
     p = parser(__doc__.split("\n")[0])
     p.add_argument("--one", nargs=3, metavar=("STAGE", "N", "K"), help=argparse_help())
     p.add_argument("--stages", nargs="+", default=list(PLAN_FULL), help="stages to run")
     p.add_argument("--max-pairs", type=float, default=5e9, help="skip density when N^2/K exceeds this")
     p.add_argument("--extrapolate-to", type=int, nargs="+", default=[100_000, 1_000_000], help="N for fits")
+    p.add_argument("--end-to-end", type=int, nargs="+", metavar="N", help="whole `grip prepare` runs instead")
+    p.add_argument("--nproc", type=int, nargs="+", default=[1], help="processes of the --end-to-end runs")
+    p.add_argument("--e2e-one", nargs=3, metavar=("N", "NPROC", "SCRATCH"), help="internal: one e2e run")
     args = p.parse_args(argv)
+    if args.e2e_one:
+        n, nproc, scratch = int(args.e2e_one[0]), int(args.e2e_one[1]), Path(args.e2e_one[2])
+        print(json.dumps(end_to_end(n, nproc, scratch)))
+        return 0
+    if args.end_to_end or (args.quick and args.end_to_end is not None):
+        return _main_e2e(args)
     if args.one:
         stage, n, k = args.one[0], int(args.one[1]), int(args.one[2])
         print(json.dumps(run_one(stage, n, k)))
@@ -200,6 +292,29 @@ def main(argv=None) -> int:
         columns=["stage", "N", "K", "seconds", "docs_per_s", "peak_rss_mb", "bytes_per_doc", "note"],
         fits=fits,
     )
+    return 0
+
+
+def _main_e2e(args) -> int:
+    """Each (N, nproc) from a fresh driver process, so ru_maxrss of its children is that run's."""
+    scratch = Path(tempfile.mkdtemp(prefix="grip-e2e-"))
+    ns = [1000] if args.quick else args.end_to_end
+    rows = []
+    for n in ns:
+        for nproc in args.nproc:
+            out = subprocess.run(
+                [sys.executable, __file__, "--e2e-one", str(n), str(nproc), str(scratch)],
+                capture_output=True,
+                text=True,
+            )
+            if out.returncode != 0:
+                raise RuntimeError(f"N={n} nproc={nproc} failed:\n{out.stderr[-3000:]}")
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"  N={n} nproc={nproc}: {rows[-1]['wall_s']:.1f}s", file=sys.stderr, flush=True)
+    cols = ["N", "nproc", "K", "wall_s", "docs_per_s", "peak_rss_mb"]
+    cols += [f"{s}_s" for s in ("ingest", "tokenize", "embed", "cluster", "geometry", "judge", "write")]
+    cols += ["work_bytes_per_doc", "shard_bytes_per_doc"]
+    emit("prepare_end_to_end", rows, args, columns=cols, scratch=str(scratch), config=E2E_CONFIG)
     return 0
 
 

@@ -28,6 +28,7 @@ hash matches are skipped. Tar files are read with `grip_loop._tario` (bounded me
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -38,6 +39,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from grip_loop import readers
 from grip_loop._checks import check_number
 from grip_loop._tario import (  # noqa: F401  (MAX_TAR_HEADER_BYTES: re-exported)
     _READ_ERRORS,
@@ -50,7 +52,7 @@ from grip_loop.heldout import content_hash, humaneval_hashes, humaneval_path  # 
 
 #: Bumped when the reader changes what it yields for some input, so `grip prepare` redoes its
 #: ingest stage instead of resuming from documents an older reader produced.
-READER_VERSION = 2
+READER_VERSION = 3  # 3: Parquet and Arrow files are read (grip_loop.readers)
 
 #: File extension -> language. Files with other extensions are ignored by the directory
 #: reader (counted as `skipped_extension`), so build dirs full of .o/.pyc files cost nothing.
@@ -199,6 +201,8 @@ class CorpusReader:
     max_file_bytes: int = 1 << 20
     exclude: frozenset[str] = frozenset()
     follow_symlinks_outside: bool = False
+    text_column: str = "text"
+    """Parquet / Arrow inputs: the column holding the document text (grip_loop.readers)."""
     stats: ReadStats = field(default_factory=ReadStats)
 
     def __post_init__(self) -> None:
@@ -315,6 +319,8 @@ class CorpusReader:
             read = self._jsonl
         elif name.endswith((".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")):
             read = self._tar
+        elif name.endswith(readers.TABLE_SUFFIXES):  # Parquet, HF datasets' Arrow files
+            read = functools.partial(readers.read_table, self)
         elif os.path.splitext(name)[1] in EXTENSION_LANG:
             read = self._source
         else:

@@ -36,8 +36,11 @@ a pure function of the seed and the steps at which budgets were published; with 
 worker's switch point depends on when it saw the table (recorded per block, and exact on
 resume once the checkpoint is more than the prefetch depth past the update).
 
-Reading: each shard's member offsets are indexed once (a header scan, O(docs) ints per
-rank: the only per-document memory); a document is then one `os.pread` of its token ids.
+Reading: each shard's member offsets come from its index file `<shard>.idx.npy` (written by
+`grip prepare`, memory-mapped: every worker of a rank shares it through the page cache, so no
+per-document memory is private to a worker); a shard without one (an older or foreign writer)
+has its headers scanned once instead (16 bytes a document in the worker). A document is then
+one `os.pread` of its token ids.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ from grip_loop.shards import (  # noqa: F401  (FULL_VERIFY_*: re-exported; tests
     FULL_VERIFY_MAX_BYTES,
     FULL_VERIFY_MAX_DOCS,
     VERIFY_LEVELS,
+    load_index,
     shard_index,
     verify_prepared,
 )
@@ -150,7 +154,9 @@ class ClusterReader:
             if i not in self._index:
                 if i in self.verify_sha256:
                     check_shard_sha256(self.root, self.shards[i])
-                idx = shard_index(self.paths[i])
+                idx = load_index(self.paths[i], int(self.counts[i]))  # memory-mapped, shared
+                if idx is None:  # no index file: scan the headers into this process's memory
+                    idx = shard_index(self.paths[i])
                 if len(idx) != self.counts[i]:
                     raise ManifestError(
                         f"{self.paths[i]}: holds {len(idx)} documents but the manifest says "
@@ -164,7 +170,7 @@ class ClusterReader:
     def tokens(self, position: int) -> np.ndarray:
         """The token ids of document `position` (one positioned read, no EOS)."""
         i, j = self._shard_of(position)
-        off, size = self._index[i][j].tolist()
+        off, size = (int(v) for v in self._index[i][j])
         buf = os.pread(self._fd(i), size, off)
         if len(buf) != size:
             raise ManifestError(f"{self.paths[i]}: truncated; re-run `grip prepare`")

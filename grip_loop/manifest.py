@@ -18,7 +18,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: shards carry a memory-mappable index `<shard>.idx.npy` (grip_loop.shards)
 _EPS = 1e-9  # rounding slack on [0, 1] and [0, 10] scores
 MANIFEST_NAME = "manifest.json"
 

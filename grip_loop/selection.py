@@ -53,14 +53,95 @@ def knn(emb: np.ndarray, k: int, *, use_gpu: bool | None = None) -> tuple[np.nda
     return np.maximum(dist[keep].reshape(n, k), 0.0), idx[keep].reshape(n, k)
 
 
+def _drop_self(dist: np.ndarray, idx: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """k of the k + 1 results of each query row, its own entry removed (or the last one)."""
+    n = len(rows)
+    own = idx == rows[:, None]
+    own &= np.cumsum(own, axis=1) == 1  # one entry only, even if faiss repeated it
+    missing = ~own.any(axis=1)
+    own[missing, -1] = True
+    keep = ~own
+    return np.maximum(dist[keep].reshape(n, k), 0.0), idx[keep].reshape(n, k)
+
+
+def knn_recall(approx_d2: np.ndarray, exact_d2: np.ndarray) -> float:
+    """recall@k of an approximate kNN against the exact one on the same queries, by distance:
+    a returned neighbour counts when it is no farther than the exact k-th neighbour (so ties
+    between equidistant points, e.g. duplicates, are not counted as misses)."""
+    if approx_d2.size == 0:
+        return 1.0
+    kth = exact_d2[:, -1:] * (1 + 1e-5) + 1e-7
+    return float((approx_d2 <= kth).mean())
+
+
+def knn_approx(
+    emb: np.ndarray, k: int, *, target_recall: float = 0.95, sample: int = 256, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Approximate k nearest *other* rows (as `knn`) with a faiss IVF index, plus what it measured.
+
+    Coarse centroids: sqrt(N) rows drawn with `seed` (no training, so the index is a pure
+    function of the rows and the seed). `nprobe` starts at 8 and doubles until recall@k on
+    `sample` seeded query rows, against an exact search of those rows, reaches `target_recall`
+    (at nprobe = nlist the search is exact). Returns (squared distances, indices, info) with
+    info = {"n", "nlist", "nprobe", "recall", "sample"}.
+    """
+    import faiss
+
+    x = np.ascontiguousarray(emb, dtype=np.float32)
+    n, d = x.shape
+    k = min(int(k), n - 1)
+    if k <= 0:
+        return np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64), {"n": n, "recall": 1.0}
+    rng = np.random.default_rng(seed)
+    nlist = max(1, int(round(np.sqrt(n))))
+    quantizer = faiss.IndexFlatL2(d)
+    quantizer.add(x[np.sort(rng.choice(n, nlist, replace=False))])
+    index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_L2)
+    index.is_trained = True  # the quantizer holds its centroids already
+    index.add(x)
+    q = np.sort(rng.choice(n, min(sample, n), replace=False))
+    exact = faiss.IndexFlatL2(d)
+    exact.add(x)
+    ed, ei = exact.search(x[q], k + 1)
+    exact_d2, _ = _drop_self(ed, ei, q, k)
+    nprobe = min(8, nlist)
+    while True:
+        index.nprobe = nprobe
+        ad, ai = index.search(x[q], k + 1)
+        recall = knn_recall(_drop_self(ad, ai, q, k)[0], exact_d2)
+        if recall >= target_recall or nprobe >= nlist:
+            break
+        nprobe = min(nlist, 2 * nprobe)
+    dist, idx = index.search(x, k + 1)
+    # faiss pads with -1 when the probed lists hold fewer than k + 1 points: fill from exact
+    short = np.flatnonzero((idx < 0).any(axis=1))
+    if len(short):
+        dist[short], idx[short] = exact.search(x[short], k + 1)
+    d2, nn = _drop_self(dist, idx, np.arange(n), k)
+    info = {"n": n, "nlist": nlist, "nprobe": int(nprobe), "recall": round(recall, 4), "sample": len(q)}
+    return d2, nn, info
+
+
 def kernel_density(
-    emb, k: int = 10, bandwidth: float | None = None, *, use_gpu: bool | None = None
+    emb,
+    k: int = 10,
+    bandwidth: float | None = None,
+    *,
+    use_gpu: bool | None = None,
+    approx_above: int | None = None,
+    target_recall: float = 0.95,
+    seed: int = 0,
+    info: dict | None = None,
 ) -> np.ndarray:
     """Eq. 9 inside one cluster: rho(x) = 1 + sum_{z in kNN(x)} exp(-||e(x) - e(z)||^2 / 2h^2).
 
     `emb` are the cluster's L2-normalised embeddings (N, d). See the module docstring for
     the self term and the default bandwidth (median kNN distance). Returns float64 (N,),
     every value in [1, k + 1].
+
+    Clusters of more than `approx_above` rows (None: never) use `knn_approx` (IVF, recall@k
+    tuned to `target_recall` on a seeded sample) instead of the exact search; `info`, when
+    given, receives what was done ({"approx": bool, ...knn_approx's info}).
     """
     e = finite_array("emb", emb, ndim=2, dtype=np.float32)
     if int(k) < 1:
@@ -68,7 +149,14 @@ def kernel_density(
     n = len(e)
     if n == 0:
         return np.zeros(0)
-    d2, _ = knn(e, k, use_gpu=use_gpu)
+    if approx_above is not None and n > approx_above:
+        d2, _, got = knn_approx(e, k, target_recall=target_recall, seed=seed)
+        if info is not None:
+            info.update(approx=True, **got)
+    else:
+        d2, _ = knn(e, k, use_gpu=use_gpu)
+        if info is not None:
+            info.update(approx=False, n=n)
     d2 = d2.astype(np.float64)
     if d2.shape[1] == 0:
         return np.ones(n)

@@ -16,6 +16,12 @@ leaves a file that looks like a finished shard.
 Reading side: `iter_shard` streams a shard, `shard_index` lists each document's byte range
 (for random access by `GripIterableDataset`), and `verify_prepared` checks every shard a
 manifest lists before training (levels "auto", "quick", "full", "none").
+
+Index: next to each shard `<name>.tar` the writer puts `<name>.idx.npy` (written atomically
+before the shard is renamed into place), an int64 (n_docs, 2) array of the byte offset and
+byte size of every document's `.ids` member. The sampler memory-maps it (`load_index`), so
+every DataLoader worker of a rank shares one copy through the page cache instead of scanning
+the tar headers into its own memory (16 bytes a document per worker).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from grip_loop.manifest import Manifest, ManifestError, ShardInfo, check_shard_sha256, file_sha256
-from grip_loop.workdir import DiskSpaceError, disk_full
+from grip_loop.workdir import DiskSpaceError, atomic_npy, disk_full
 
 TOKEN_DTYPES = ("uint16", "uint32")
 
@@ -55,11 +61,43 @@ class Doc:
     meta: dict = field(default_factory=dict)
 
 
-def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> int:
+    """Append one member; returns the byte offset of its data in the archive."""
     info = tarfile.TarInfo(name)
     info.size = len(payload)
     info.mode = 0o444
     tar.addfile(info, io.BytesIO(payload))
+    return tar.offset - -(-len(payload) // 512) * 512  # the data ends padded to 512-byte blocks
+
+
+def index_path(shard: str | os.PathLike) -> Path:
+    """`<name>.idx.npy` of the shard `<name>.tar`."""
+    shard = Path(shard)
+    return shard.with_name(shard.name.removesuffix(".tar") + ".idx.npy")
+
+
+def load_index(shard: str | os.PathLike, n_docs: int) -> np.ndarray | None:
+    """The memory-mapped (n_docs, 2) index of `shard`, None when it has none (a shard written by
+    an older grip_loop or another tool: the caller scans the headers). ManifestError when the
+    index does not fit the shard (another shard's, cut short)."""
+    path = index_path(shard)
+    if not path.exists():
+        return None
+    fix = "re-run `grip prepare` to rebuild it"
+    try:
+        idx = np.load(path, mmap_mode="r")
+        size = os.path.getsize(shard)
+    except (OSError, ValueError) as exc:
+        raise ManifestError(f"{path}: unreadable shard index ({exc}); {fix}") from None
+    if idx.dtype != np.int64 or idx.ndim != 2 or idx.shape[1] != 2:
+        raise ManifestError(f"{path}: index of {idx.shape} {idx.dtype}, expected (n, 2) int64; {fix}")
+    if len(idx) != n_docs:
+        raise ManifestError(
+            f"{shard}: holds {len(idx)} documents but the manifest says {n_docs} (its index {path.name}); {fix}"
+        )
+    if n_docs and (int(idx[:, 0].min()) < 0 or int((idx[:, 0] + idx[:, 1]).max()) > size):
+        raise ManifestError(f"{path}: points past the end of {Path(shard).name}; {fix}")
+    return idx
 
 
 class ShardWriter:
@@ -90,12 +128,14 @@ class ShardWriter:
         self._tar: tarfile.TarFile | None = None
         self._tmp: Path | None = None
         self._docs = self._tokens = self._bytes = 0
+        self._rows: list[tuple[int, int]] = []
 
     def _open(self) -> None:
         name = f"{self.prefix}-{len(self.finished):06d}.tar"
         self._tmp = self.directory / (name + ".tmp")
         self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
         self._docs = self._tokens = self._bytes = 0
+        self._rows = []
 
     @contextlib.contextmanager
     def _disk_full_is_clear(self):
@@ -118,6 +158,7 @@ class ShardWriter:
                 os.close(fd)
         final = self._tmp.with_suffix("")  # drop ".tmp"
         sha = file_sha256(self._tmp)  # read back from the page cache: what the reader will see
+        atomic_npy(index_path(final), np.asarray(self._rows, np.int64).reshape(-1, 2))
         os.replace(self._tmp, final)
         self.finished.append(ShardInfo(path=final.name, n_docs=self._docs, n_tokens=self._tokens, sha256=sha))
         self._tar = self._tmp = None
@@ -134,7 +175,7 @@ class ShardWriter:
         txt = text.encode("utf-8")
         js = json.dumps(meta, sort_keys=True).encode("utf-8")
         with self._disk_full_is_clear():
-            _add(self._tar, f"{key}.ids", ids)
+            self._rows.append((_add(self._tar, f"{key}.ids", ids), len(ids)))
             _add(self._tar, f"{key}.txt", txt)
             _add(self._tar, f"{key}.json", js)
         self._docs += 1

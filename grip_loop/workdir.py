@@ -213,14 +213,32 @@ def atomic_json(path: str | os.PathLike, obj) -> None:
         fh.write(json.dumps(obj, indent=1, sort_keys=True))
 
 
+class _WriteOnly:
+    """A file seen through `write` alone: numpy then writes in chunks with `write` (a full disk
+    is an OSError with errno ENOSPC) instead of `ndarray.tofile` (an OSError without errno)."""
+
+    def __init__(self, fh) -> None:
+        self.write = fh.write
+
+
 def atomic_npy(path: str | os.PathLike, arr: np.ndarray) -> None:
     with atomic_file(path) as fh:
-        np.save(fh, arr)
+        np.save(_WriteOnly(fh), arr)
 
 
 def atomic_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
     with atomic_file(path) as fh:
         np.savez(fh, **arrays)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------

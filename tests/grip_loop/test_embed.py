@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from grip_loop.embed import Encoder, EncoderConfig, embed_corpus
+from grip_loop.embed import Encoder, EncoderConfig, HashedEncoder, embed_corpus
 from tests.devices import requires_gpu
 
 TEXTS = [
@@ -97,3 +97,82 @@ def test_bad_encoder_name_is_a_clear_error():
 def test_cuda_embedding_matches_cpu(encoder):
     gpu = Encoder(EncoderConfig(max_tokens=32, max_chunks=3, batch_size=4, device="cuda"))
     assert np.allclose(gpu.embed(TEXTS), encoder.embed(TEXTS), atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------
+# kind: hashed
+
+
+def _hashed_naive(cfg: EncoderConfig, text: str) -> np.ndarray:
+    """Reference from the definition: tokens, n-grams, crc32 bucket and sign, 1 + log count,
+    the seeded projection row by row in float64, L2 norm."""
+    import math
+    import re
+    import zlib
+
+    toks = re.findall(r"\w+|[^\w\s]", text)
+    grams = []
+    for n in range(1, cfg.ngram + 1):
+        grams += [" ".join(toks[i : i + n]) for i in range(len(toks) - n + 1)]
+    grams = grams or ["\x00empty"]
+    proj = HashedEncoder(cfg).proj.astype(np.float64)
+    crc_seed = int(np.random.SeedSequence([cfg.seed, 1]).generate_state(1)[0])
+    v = np.zeros(cfg.dim)
+    for g in set(grams):
+        h = zlib.crc32(g.encode("utf-8"), crc_seed)
+        sign = -1.0 if h >= 2**31 else 1.0
+        v += sign * (1.0 + math.log(grams.count(g))) * proj[h % cfg.hash_buckets]
+    return v / np.linalg.norm(v)
+
+
+def test_hashed_encoder_matches_naive_reference_and_is_deterministic():
+    from grip_loop.embed import make_encoder
+
+    texts = [*TEXTS, "", "   ", "ünïcödé → ∑ x_i", "(((("]
+    for seed, ngram in [(0, 2), (3, 1), (7, 3)]:
+        cfg = EncoderConfig(kind="hashed", dim=64, hash_buckets=1 << 10, ngram=ngram, seed=seed)
+        enc = make_encoder(cfg)
+        assert isinstance(enc, HashedEncoder)
+        emb = enc.embed(texts)
+        assert emb.shape == (len(texts), 64) and emb.dtype == np.float32
+        assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+        ref = np.stack([_hashed_naive(cfg, t) for t in texts])
+        assert np.allclose(emb, ref, atol=1e-5)
+        # a fresh encoder (another process) gives the same bytes; a row ignores its neighbours
+        assert np.array_equal(HashedEncoder(cfg).embed(texts), emb)
+        assert np.array_equal(enc.embed(texts[2:3])[0], emb[2])
+    other = HashedEncoder(EncoderConfig(kind="hashed", dim=64, hash_buckets=1 << 10, seed=1)).embed(texts)
+    assert not np.allclose(
+        other, HashedEncoder(EncoderConfig(kind="hashed", dim=64, hash_buckets=1 << 10)).embed(texts)
+    )
+
+
+def test_hashed_encoder_puts_similar_texts_closer_than_unrelated_ones():
+    enc = HashedEncoder(EncoderConfig(kind="hashed"))
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(2000)]
+    wins = 0
+    for _ in range(20):
+        base = list(rng.choice(words, 60))
+        near = list(base)
+        for j in rng.choice(60, 6, replace=False):  # 10% of the words edited
+            near[j] = str(rng.choice(words))
+        far = list(rng.choice(words, 60))
+        a, b, c = enc.embed([" ".join(base), " ".join(near), " ".join(far)])
+        wins += float(a @ b) > float(a @ c) + 0.3
+    assert wins == 20
+    a, b, c = enc.embed(
+        [
+            "def add(a, b):\n    return a + b\n",
+            "def add(x, y):\n    return x + y\n",
+            "SELECT name FROM users WHERE id = 1;",
+        ]
+    )
+    assert a @ b > a @ c
+
+
+def test_hashed_encoder_config_is_checked():
+    with pytest.raises(ValueError, match="encoder.kind"):
+        EncoderConfig(kind="bert")
+    with pytest.raises(ValueError, match="encoder.dim"):
+        EncoderConfig(kind="hashed", dim=0)

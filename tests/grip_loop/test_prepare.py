@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from grip_loop.docstore import open_work, read_docs
 from grip_loop.manifest import load_manifest
 from grip_loop.prepare import PrepareConfig, heldout_split, load_config, prepare, probe_sizes
 from grip_loop.shards import iter_shard
@@ -48,7 +49,7 @@ def test_end_to_end_manifest_and_shards(stdlib_prepared):
     centroids = np.load(stdlib_prepared / "centroids.npy")
     assert emb.shape == (N_DOCS, 384) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
     assert np.array_equal(labels, np.argmax(emb @ centroids.T, axis=1))
-    docs = [json.loads(line) for line in open(stdlib_prepared / "work" / "docs.jsonl")]
+    docs = read_docs(stdlib_prepared / "work")
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(stdlib_prepared / m.tokenizer["path"]))
@@ -103,7 +104,7 @@ def test_heldout_split_is_disjoint_and_stratified(stdlib_prepared):
     from collections import Counter
 
     m = load_manifest(stdlib_prepared)
-    docs = [json.loads(line) for line in open(stdlib_prepared / "work" / "docs.jsonl")]
+    docs = read_docs(stdlib_prepared / "work")
     held = [d for s in m.heldout for d in iter_shard(stdlib_prepared / s.path, "uint16")]
     held_ids = [d.meta["doc_id"] for d in held]
     assert len(set(held_ids)) == len(held_ids) == m.stats["heldout_docs"] >= 1
@@ -145,15 +146,13 @@ def test_grip_order_is_the_es_order_of_eq10_weights(stdlib_prepared):
     m = load_manifest(stdlib_prepared)
     emb = np.load(stdlib_prepared / "work" / "embeddings.npy")
     labels = np.load(stdlib_prepared / "work" / "labels.npy")
-    offsets = np.load(stdlib_prepared / "work" / "tokens.npz")["offsets"]
+    lengths = open_work(stdlib_prepared / "work")[1].lengths()
     k = int(np.argmax(m.sizes))
-    ids = [json.loads(line)["id"] for line in open(stdlib_prepared / "work" / "docs.jsonl")]
+    ids = [d["id"] for d in read_docs(stdlib_prepared / "work")]
     held = {d.meta["doc_id"] for s in m.heldout for d in iter_shard(stdlib_prepared / s.path, "uint16")}
     not_trained = held | set(m.clusters[k].eval_ids)  # held-out slice, the probe's evaluation documents
     members = np.array([i for i in np.flatnonzero(labels == k) if ids[i] not in not_trained])
-    orders = cluster_orders(
-        emb[members], np.diff(offsets)[members], m.orders, beta=0.3, knn_k=10, seed=_seed(0, k, 0)
-    )
+    orders = cluster_orders(emb[members], lengths[members], m.orders, beta=0.3, knn_k=10, seed=_seed(0, k, 0))
     for order in m.orders:
         assert [int(key) for key, _, _ in _shard_docs(stdlib_prepared, m, order, k)] == members[
             orders[order]
@@ -384,7 +383,7 @@ def test_gem_clusters_end_to_end(stdlib_prepared, stdlib_corpus, tmp_path, capsy
     labels = np.load(out / "work" / "labels.npy")
     assert labels.min() >= 0 and labels.max() < 8
     assert _comparable(out)["clusters"] != _comparable(stdlib_prepared)["clusters"]  # not k-means
-    docs = [json.loads(line) for line in open(out / "work" / "docs.jsonl")]
+    docs = read_docs(out / "work")
     gis = np.load(out / "stats" / "gis.npy")
     assert gis.shape == (len(docs),) and np.isnan(gis).sum() == m.stats["heldout_docs"]
     for c in m.clusters:

@@ -143,3 +143,38 @@ def test_missing_shard_and_missing_manifest(tmp_path):
     load_manifest(tmp_path, check_files=False)
     with pytest.raises(ManifestError, match="not found"):
         load_manifest(tmp_path / "nowhere")
+
+
+def test_index_file_matches_a_header_scan_and_is_memory_mapped(tmp_path):
+    """The writer's `<shard>.idx.npy` equals a scan of the tar headers, over several seeds and
+    sizes (empty documents and ones that end exactly on a 512-byte block included)."""
+    from grip_loop.dataset import shard_index
+    from grip_loop.shards import index_path, load_index
+
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        docs = [rng.integers(0, 60000, size=int(n)) for n in rng.choice([0, 1, 255, 256, 257, 1000], 30)]
+        infos = _write(tmp_path / str(seed), docs, max_docs=7)
+        for s in infos:
+            path = tmp_path / str(seed) / "s" / s.path
+            idx = load_index(path, s.n_docs)
+            assert isinstance(idx, np.memmap) and index_path(path).name == path.name[:-4] + ".idx.npy"
+            assert np.array_equal(idx, shard_index(path))
+    path = tmp_path / "0" / "s" / infos[0].path
+    with pytest.raises(
+        ManifestError, match=r"holds 7 documents but the manifest says 99 \(its index .*idx\.npy\)"
+    ):
+        load_index(path, 99)
+    index_path(path).unlink()
+    assert load_index(path, infos[0].n_docs) is None  # no index: the reader scans the headers
+
+
+def test_a_folder_prepared_by_an_older_schema_says_re_run_prepare(tmp_path):
+    _manifest(tmp_path).save(tmp_path)
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    m["schema_version"] = 1  # before the shard index files
+    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(
+        ManifestError, match=r"schema version 1, this grip-loop reads version 2; re-run `grip prepare"
+    ):
+        load_manifest(tmp_path)

@@ -582,6 +582,7 @@ def test_grip_prepare_end_to_end_on_a_hostile_corpus(tmp_path, monkeypatch):
     import yaml
 
     import grip_loop.prepare as prep
+    from grip_loop.docstore import read_docs
     from grip_loop.manifest import load_manifest
     from grip_loop.shards import iter_shard
     from train.cmd_prepare import main
@@ -610,7 +611,7 @@ def test_grip_prepare_end_to_end_on_a_hostile_corpus(tmp_path, monkeypatch):
         "undecodable": 1,
     }
     assert read["read"] == 24 + 6 + 3 + 1 and read["duplicate_ids"] == 1
-    docs = [json.loads(line) for line in open(out / "work" / "docs.jsonl", encoding="utf-8")]
+    docs = read_docs(out / "work")
     ids = [d["id"] for d in docs]
     assert len(set(ids)) == len(ids) == read["read"] and {"dup", "dup#2"} <= set(ids)
     shards = [s.path for c in m.clusters for ss in c.shards.values() for s in ss]

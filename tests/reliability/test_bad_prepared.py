@@ -61,7 +61,7 @@ def _consistent_count_edit(root):
 def _other_schema(root):
     path = root / "manifest.json"
     m = json.loads(path.read_text())
-    m["schema_version"] = 2
+    m["schema_version"] = 99
     path.write_text(json.dumps(m))
     return path
 
@@ -73,7 +73,7 @@ def _other_schema(root):
         (_cut_tail, "no end-of-archive marker"),
         (_delete, "missing"),
         (_consistent_count_edit, "holds 4 documents but .* says 3"),
-        (_other_schema, "schema version 2"),
+        (_other_schema, "schema version 99"),
     ],
     ids=["truncated", "tail-cut", "missing", "count-edit", "schema"],
 )

@@ -250,9 +250,13 @@ def _files(out: Path) -> dict[str, bytes]:
 
 STAGE_FILES = [
     "work/ingest.json",
-    "work/docs.jsonl",
+    "work/docs/part-00000.txt",
+    "work/docs/part-00000.meta.jsonl",
+    "work/docs/part-00000.idx.npy",
     "work/tokens.json",
-    "work/tokens.npz",
+    "work/tokens/part-00000.ids.npy",
+    "work/tokens/part-00000.offsets.npy",
+    "work/tokens/part-00000.json",
     "tokenizer/tokenizer.json",
     "work/embeddings.json",
     "work/embeddings.npy",

@@ -1,0 +1,299 @@
+"""Sharded, on-disk document and token stores of `grip prepare` (`OUT/work/docs/`, `OUT/work/tokens/`).
+
+No stage holds the corpus in memory: ingest streams documents into *parts* of at most
+`part_docs` documents (or `part_bytes` of text), and later stages read single documents back
+by their global index (positioned reads), or a part at a time.
+
+A document part `work/docs/part-PPPPP` is three files, each written under a temporary name,
+fsynced and renamed (`grip_loop.workdir`):
+
+    part-PPPPP.txt         the texts, UTF-8, concatenated
+    part-PPPPP.meta.jsonl  one JSON object a document: id, lang, path (and group with --cluster-by)
+    part-PPPPP.idx.npy     int64 (n, 5): text offset, text bytes, meta offset, meta bytes, stratum
+
+`stratum` is a small integer code of the document's language (or its `--cluster-by` value): the
+held-out split and `--cluster-by` need that one string of every document, and the codes cost
+8 bytes a document where the strings would cost ~60. The codes' values are listed in
+`ingest.json` (`strata`).
+
+A token part `work/tokens/part-PPPPP` (the unit of the tokenize stage, one per document part):
+
+    part-PPPPP.ids.npy      every document's token ids, concatenated (uint16 or uint32)
+    part-PPPPP.offsets.npy  int64 (n + 1,): document j is ids[offsets[j]:offsets[j + 1]]
+    part-PPPPP.json         its record: the stage key and the sha256 of both files (written last)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from grip_loop import workdir
+
+#: Bumped when the layout of the stores changes (it is part of the ingest stage's key).
+STORE_VERSION = 1
+IDX_COLUMNS = 5
+
+
+def part_name(p: int) -> str:
+    return f"part-{p:05d}"
+
+
+class _HashedFile:
+    """A temporary file written sequentially, hashed as it goes (no second read)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tmp = path.with_name(path.name + ".tmp")
+        self.fh = open(self.tmp, "wb")  # noqa: SIM115 (closed in finish / abort)
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        off = self.size
+        with self._full_disk_is_clear():
+            self.fh.write(data)
+        self.sha.update(data)
+        self.size += len(data)
+        return off
+
+    def finish(self) -> dict:
+        with self._full_disk_is_clear():
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
+            self.fh.close()
+        os.replace(self.tmp, self.path)
+        return {"bytes": self.size, "sha256": self.sha.hexdigest()}
+
+    @contextlib.contextmanager
+    def _full_disk_is_clear(self):
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC and not isinstance(exc, workdir.DiskSpaceError):
+                raise workdir.disk_full(self.path) from exc
+            raise
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):  # closing flushes: a full disk again
+            self.fh.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+class DocPartWriter:
+    """Writes documents into `folder/part-PPPPP.*`, a new part every `part_docs` documents or
+    `part_bytes` of text. `close()` returns the record of every part (`ingest.json`)."""
+
+    def __init__(self, folder: str | os.PathLike, *, part_docs: int = 100_000, part_bytes: int = 256 << 20):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.part_docs, self.part_bytes = part_docs, part_bytes
+        self.parts: list[dict] = []
+        self._open = None
+
+    def add(self, text: str, meta: dict, stratum: int) -> None:
+        if self._open is None:
+            name = part_name(len(self.parts))
+            self._open = (
+                name,
+                _HashedFile(self.folder / f"{name}.txt"),
+                _HashedFile(self.folder / f"{name}.meta.jsonl"),
+                [],
+            )
+        _, txt, meta_f, rows = self._open
+        t = text.encode("utf-8")
+        m = (json.dumps(meta, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
+        rows.append((txt.write(t), len(t), meta_f.write(m), len(m), stratum))
+        if len(rows) >= self.part_docs or txt.size >= self.part_bytes:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self._open is None:
+            return
+        name, txt, meta_f, rows = self._open
+        idx_path = self.folder / f"{name}.idx.npy"
+        workdir.atomic_npy(idx_path, np.asarray(rows, np.int64).reshape(-1, IDX_COLUMNS))
+        files = {"txt": txt.finish(), "meta.jsonl": meta_f.finish()}
+        files["idx.npy"] = {"bytes": idx_path.stat().st_size, "sha256": workdir.file_sha256(idx_path)}
+        self.parts.append({"name": name, "n_docs": len(rows), "files": files})
+        self._open = None
+
+    def close(self) -> list[dict]:
+        self._finish()
+        return list(self.parts)
+
+    def abort(self) -> None:
+        if self._open is not None:
+            for f in self._open[1:3]:
+                f.abort()
+            self._open = None
+
+
+def parts_problem(folder: Path, parts: list[dict]) -> str | None:
+    """Why the parts on disk are not the ones recorded (missing, cut short, overwritten), or None."""
+    for part in parts:
+        for suffix, want in part.get("files", {}).items():
+            path = folder / f"{part['name']}.{suffix}"
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                return f"{path.name}: missing"
+            if size != want.get("bytes"):
+                return (
+                    f"{path.name}: {size} bytes, {want.get('bytes')} were written (cut short or overwritten)"
+                )
+            if workdir.file_sha256(path) != want.get("sha256"):
+                return f"{path.name}: its sha256 differs from the one recorded when it was written"
+    return None
+
+
+class DocStore:
+    """Read access to the documents of `work/docs/` by global index (0..N-1, reading order).
+
+    Holds the parts' index arrays memory-mapped (clean page-cache pages) and one descriptor per
+    part; a text or a metadata record is one positioned read. Pickles without its descriptors."""
+
+    def __init__(self, folder: str | os.PathLike, parts: list[dict]) -> None:
+        self.folder = Path(folder)
+        self.names = [p["name"] for p in parts]
+        counts = np.array([p["n_docs"] for p in parts], np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(counts)])
+        self._idx: dict[int, np.ndarray] = {}
+        self._fds: dict[tuple[int, str], int] = {}
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getstate__(self):
+        return {**self.__dict__, "_idx": {}, "_fds": {}}
+
+    def idx(self, p: int) -> np.ndarray:
+        a = self._idx.get(p)
+        if a is None:
+            a = self._idx[p] = np.load(self.folder / f"{self.names[p]}.idx.npy", mmap_mode="r")
+        return a
+
+    def _loc(self, i: int) -> tuple[int, int]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"document {i} of {len(self)}")
+        p = int(np.searchsorted(self.starts, i, side="right") - 1)
+        return p, int(i - self.starts[p])
+
+    def _read(self, p: int, suffix: str, off: int, size: int) -> bytes:
+        fd = self._fds.get((p, suffix))
+        if fd is None:
+            fd = self._fds[(p, suffix)] = os.open(self.folder / f"{self.names[p]}.{suffix}", os.O_RDONLY)
+        buf = os.pread(fd, size, off)
+        if len(buf) != size:
+            raise OSError(f"{self.folder / self.names[p]}.{suffix}: cut short; re-run grip prepare")
+        return buf
+
+    def text(self, i: int) -> str:
+        p, j = self._loc(i)
+        off, size = (int(x) for x in self.idx(p)[j, 0:2])
+        return self._read(p, "txt", off, size).decode("utf-8")
+
+    def meta(self, i: int) -> dict:
+        p, j = self._loc(i)
+        off, size = (int(x) for x in self.idx(p)[j, 2:4])
+        return json.loads(self._read(p, "meta.jsonl", off, size))
+
+    def part_texts(self, p: int) -> list[str]:
+        """Every text of part p, in order (one sequential read)."""
+        idx = self.idx(p)
+        if not len(idx):
+            return []
+        raw = self._read(p, "txt", 0, int(idx[-1, 0] + idx[-1, 1]))
+        return [raw[o : o + n].decode("utf-8") for o, n in idx[:, 0:2].tolist()]
+
+    def column(self, c: int) -> np.ndarray:
+        """One column of every part's index, concatenated: (N,) int64 (1: text bytes, 4: stratum)."""
+        return np.concatenate([np.asarray(self.idx(p)[:, c]) for p in range(len(self.names))] or [[]]).astype(
+            np.int64
+        )
+
+    @property
+    def texts(self) -> Sequence[str]:
+        return _View(self, self.text)
+
+    @property
+    def metas(self) -> Sequence[dict]:
+        return _View(self, self.meta)
+
+    def field(self, name: str) -> Sequence[str]:
+        return _View(self, lambda i: self.meta(i)[name])
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._idx.clear()
+
+
+class _View(Sequence):
+    """A lazy sequence over a store: `view[i]` and `view[lo:hi]` read on demand."""
+
+    def __init__(self, store, get) -> None:
+        self.store, self.get = store, get
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.get(j) for j in range(*i.indices(len(self)))]
+        return self.get(int(i))
+
+
+class TokenStore:
+    """Token ids of every document from `work/tokens/part-PPPPP.*` (memory-mapped ids)."""
+
+    def __init__(self, folder: str | os.PathLike, names: list[str], starts: np.ndarray) -> None:
+        self.folder = Path(folder)
+        self.names = list(names)
+        self.starts = np.asarray(starts, np.int64)
+        self._ids: dict[int, np.ndarray] = {}
+        self._off: dict[int, np.ndarray] = {}
+
+    def _part(self, p: int) -> tuple[np.ndarray, np.ndarray]:
+        if p not in self._ids:
+            self._ids[p] = np.load(self.folder / f"{self.names[p]}.ids.npy", mmap_mode="r")
+            self._off[p] = np.load(self.folder / f"{self.names[p]}.offsets.npy")
+        return self._ids[p], self._off[p]
+
+    def tokens(self, i: int) -> np.ndarray:
+        p = int(np.searchsorted(self.starts, i, side="right") - 1)
+        ids, off = self._part(p)
+        j = i - int(self.starts[p])
+        return np.array(ids[off[j] : off[j + 1]])
+
+    def close(self) -> None:
+        self._ids.clear()
+        self._off.clear()
+
+    def lengths(self) -> np.ndarray:
+        """(N,) int64 token count of every document."""
+        out = [np.diff(np.load(self.folder / f"{n}.offsets.npy")) for n in self.names]
+        return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
+
+
+def open_work(work: str | os.PathLike) -> tuple[DocStore, TokenStore]:
+    """The document and token stores of a prepared folder's `work/` (after its tokenize stage)."""
+    work = Path(work)
+    ingest = json.loads((work / "ingest.json").read_text())
+    docs = DocStore(work / "docs", ingest["parts"])
+    return docs, TokenStore(work / "tokens", docs.names, docs.starts)
+
+
+def read_docs(work: str | os.PathLike) -> list[dict]:
+    """Every document of `work/docs/` as {id, lang, path, [group,] text}, in order. For tests and
+    inspection of small corpora: it holds them all in memory."""
+    docs, _ = open_work(work)
+    return [{**docs.meta(i), "text": docs.text(i)} for i in range(len(docs))]
