@@ -33,9 +33,9 @@ same thing are worth less together than the sum of their scores. Three parts:
 3. Lower confidence bound (`evaluate`, `select`). Everything above is a function of the S
    group sketches; the delete-one-group jackknife over the groups (cluster groups and target
    group s removed together, gamma refit each time) gives a standard error of U(w) and of the
-   paired difference U(w) - U(w_ref). LCB = U - z * se. The protocol is finite: among the
-   candidates it proposes the best LCB, and recommends a change from the current allocation
-   only when the LCB of the paired gain is > 0.
+   paired difference U(w) - U(w_ref). LCB = U - z * se. The protocol is finite: it reports the
+   candidate with the best LCB, and recommends the candidate whose paired gain over the
+   current allocation has the best LCB, only when that LCB is > 0 (else: keep the current).
 """
 
 from __future__ import annotations
@@ -479,20 +479,23 @@ def evaluate(
 
 
 def select(candidates: Sequence[Candidate], reference: str | None = None) -> dict:
-    """The finite LCB protocol: the candidate with the best LCB; a change from `reference` is
-    recommended only when that candidate's paired gain LCB is > 0."""
+    """The finite LCB protocol. `best_lcb`: the candidate with the best LCB of its utility.
+    With a `reference` (the current allocation): `recommend` is the candidate whose paired
+    gain over the reference has the best LCB, if that LCB is > 0; otherwise the reference
+    (a change must be supported by the sketches' spread, not only by the point estimate)."""
     best = max(candidates, key=lambda c: c.lcb)
     out = {"best_lcb": best.name}
     if reference is not None:
-        change = best.name != reference and best.gain_lcb > 0
-        out["recommend"] = best.name if change else reference
-        out["reason"] = (
-            f"{best.name}: gain {best.gain:.4g} over {reference}, LCB {best.gain_lcb:.4g} > 0"
-            if change
-            else f"no candidate's gain over {reference} has a positive lower confidence bound"
-            if best.name != reference
-            else f"{reference} has the best LCB"
-        )
+        others = [c for c in candidates if c.name != reference and np.isfinite(c.gain_lcb)]
+        top = max(others, key=lambda c: c.gain_lcb, default=None)
+        if top is not None and top.gain_lcb > 0:
+            out["recommend"] = top.name
+            out["reason"] = (
+                f"gain {top.gain:.4g} over {reference}, lower confidence bound {top.gain_lcb:.4g} > 0"
+            )
+        else:
+            out["recommend"] = reference
+            out["reason"] = f"no candidate's gain over {reference} has a positive lower confidence bound"
     return out
 
 

@@ -248,11 +248,21 @@ def test_selection_protocol_is_finite_and_conservative():
         )
 
     out = A.select([cand("current", 0.0, 0.0), cand("alt", 1.0, 0.2), cand("alt2", 0.5, 0.9)], "current")
-    assert out["best_lcb"] == "alt" and out["recommend"] == "alt"
+    assert out["best_lcb"] == "alt" and out["recommend"] == "alt2"  # the paired gain decides
     out = A.select([cand("current", 0.0, 0.0), cand("alt", 1.0, -0.1)], "current")
     assert out["best_lcb"] == "alt" and out["recommend"] == "current"
-    out = A.select([cand("current", 2.0, 0.0), cand("alt", 1.0, 0.5)], "current")
-    assert out["recommend"] == "current"
+    out = A.select([cand("current", 2.0, 0.0), cand("alt", 1.0, 0.0)], "current")
+    assert out["recommend"] == "current" and "no candidate" in out["reason"]
+    # end to end: a candidate far better than the reference with little noise is recommended
+    rng = np.random.default_rng(3)
+    mu_t = rng.normal(size=16)
+    mu = np.stack([mu_t, -mu_t, rng.normal(size=16)])
+    sk = fake_sketches(mu, mu_t, 0.05, 4, rng)
+    allocs = {"current": np.array([0.1, 0.8, 0.1]), "aligned": np.array([0.8, 0.1, 0.1])}
+    _, cands = A.evaluate(sk, allocs, reference="current")
+    assert A.select(cands, "current")["recommend"] == "aligned"
+    _, cands = A.evaluate(sk, allocs, reference="aligned")
+    assert A.select(cands, "aligned")["recommend"] == "aligned"
 
 
 def test_evaluate_names_bad_allocations_and_drops_absent_clusters():
