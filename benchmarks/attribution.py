@@ -7,7 +7,8 @@ From one checkpoint and a prepared corpus:
    projection seeded by the seed), fit the surrogate (gamma from the line search at the
    uniform allocation: nothing here is fitted to the retrainings);
 2. draw M allocations per seed (token shares ~ Dirichlet(1) over the K clusters);
-3. for each, retrain a copy of the checkpoint (all parameters, AdamW at a fixed lr, `steps`
+3. for each, retrain a copy of the checkpoint (all parameters; AdamW with the checkpoint's moments and
+   parameter groups, i.e. continuing the run, at a fixed lr; `steps`
    steps of `batch` windows of `seq_len` tokens: equal tokens for every allocation; the
    windows of cluster k apportioned to w_k exactly, in a seeded order) on windows of each
    cluster's *training* documents, and measure the real utility = L_t(before) - L_t(after)
@@ -73,7 +74,39 @@ def mean_loss(model, windows: torch.Tensor, pad: int, mb: int = 32) -> float:
     return tot / n
 
 
-def retrain(base, state, pools, w, steps, batch, lr, pad, seed) -> torch.nn.Module:
+def checkpoint_optimizer(ckpt: str):
+    """(AdamW state dict, weight decay, betas) of a Lightning checkpoint of train.module.MoELM,
+    or None (a Hugging Face folder: retraining then starts a fresh AdamW)."""
+    path = Path(ckpt)
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    opts = state.get("optimizer_states") or []
+    hp = state.get("hyper_parameters", {})
+    if not opts:
+        return None
+    return opts[0], float(hp.get("weight_decay", 0.0)), tuple(hp.get("betas", (0.9, 0.95)))
+
+
+def make_optimizer(model, opt_state, lr: float):
+    """AdamW with train.module.MoELM's parameter groups, its moments restored from the
+    checkpoint (continuing the run), at a fixed lr; a fresh AdamW without a checkpoint state."""
+    if opt_state is None:
+        return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    sd, wd, betas = opt_state
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "embed_tokens" in name else decay).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas
+    )
+    opt.load_state_dict(copy.deepcopy(sd))
+    for g in opt.param_groups:
+        g["lr"] = lr
+    return opt
+
+
+def retrain(base, state, pools, w, steps, batch, lr, pad, seed, opt_state=None) -> torch.nn.Module:
     """A copy of `base` (weights `state`) trained `steps` AdamW steps on the mixture w."""
     from grip_loop.budget import apportion
 
@@ -89,7 +122,7 @@ def retrain(base, state, pools, w, steps, batch, lr, pad, seed) -> torch.nn.Modu
             pool = pools[k]
             rows.append(pool[torch.as_tensor(rng.integers(0, len(pool), int(n)))])
     data = torch.cat(rows)[torch.as_tensor(rng.permutation(total))]
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = make_optimizer(model, opt_state, lr)
     for s in range(steps):
         ids = data[s * batch : (s + 1) * batch]
         tgt = ids[:, 1:].clone()
@@ -130,6 +163,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8, help="windows per step")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--splits", type=int, default=4)
@@ -153,6 +187,8 @@ def main() -> None:
     model = load_causal_lm(a.ckpt)
     check_model_fits(model, m, data, a.ckpt)
     state = copy.deepcopy(model.state_dict())
+    opt_state = checkpoint_optimizer(a.ckpt)
+    torch.set_num_threads(a.threads)
     what, docs = target_documents(a.target, data, m, a.target_docs, 0)
     groups = target_groups(docs, a.splits, a.seq_len, eos, 1, int(model.config.vocab_size), 0, what)
     target = torch.cat(groups)
@@ -173,7 +209,9 @@ def main() -> None:
         real = []
         for i, c in enumerate(cands):
             t1 = time.perf_counter()
-            trained = retrain(model, state, pools, c.w, a.steps, a.batch, a.lr, eos, seed * 1000 + i)
+            trained = retrain(
+                model, state, pools, c.w, a.steps, a.batch, a.lr, eos, seed * 1000 + i, opt_state
+            )
             real.append(l0 - mean_loss(trained, target, eos))
             del trained
             print(
@@ -244,6 +282,7 @@ def main() -> None:
             "batch": a.batch,
             "seq_len": a.seq_len,
             "lr": a.lr,
+            "optimizer": "AdamW, moments from the checkpoint" if opt_state else "fresh AdamW",
             "dim": a.dim,
             "layers": a.layers,
             "splits": a.splits,

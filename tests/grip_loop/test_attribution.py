@@ -300,3 +300,56 @@ def test_empty_or_degenerate_inputs_raise_one_clear_error():
         A.sketch(model, {0: windows(4)}, windows(4), SketchConfig(layers=3))
     with pytest.raises(ValueError, match="splits: expected an int >= 2"):
         SketchConfig(splits=1)
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+@pytest.mark.slow
+def test_grip_attribute_report_and_bad_input(tmp_path, capsys):
+    """`grip attribute` on a synthetic prepared corpus with a tiny HF model folder: the JSON
+    report; an empty target, a target that is no prepared folder and a model whose vocabulary
+    does not fit the corpus each exit 2 with one line naming the problem, writing nothing."""
+    import json
+
+    from tests.prepared import make_prepared
+    from train.cli import main as grip
+
+    data, other, empty = tmp_path / "data", tmp_path / "other", tmp_path / "empty"
+    make_prepared(data, [10, 12, 9], n_probe=8, easy=(1,))
+    make_prepared(other, [8, 8], seed=1, n_probe=6)
+    make_prepared(empty, [0, 0], seed=2)
+    cfg = tiny_model(4).config
+    for name, vocab in (("model", 2048), ("small", 1024)):
+        cfg.vocab_size = vocab
+        torch.manual_seed(0)
+        Qwen3MoeForCausalLM(cfg).save_pretrained(tmp_path / name)
+    fast = ["--dim", "16", "--splits", "2", "--seq-len", "16", "--perturbations", "2", "--device", "cpu"]
+    out = tmp_path / "rep" / "a.json"
+    argv = ["attribute", "--ckpt", str(tmp_path / "model"), "--data", str(data), "--json", str(out)]
+    assert grip([*argv, "--target", str(other), *fast]) == 0
+    r = json.loads(out.read_text())
+    names = [c["name"] for c in r["candidates"]]
+    assert names == ["current", "static", "proportional", "uniform", "perturbed-0", "perturbed-1"]
+    assert r["current_source"].startswith("manifest") and r["recommend"] in names
+    assert r["best_lcb"] == max(r["candidates"], key=lambda c: c["lcb"])["name"]
+    for c in r["candidates"]:
+        assert abs(sum(c["token_shares"]) - 1) < 1e-9 and c["lcb"] <= c["utility"]
+    assert [c["name"] for c in r["clusters"]] == ["synthetic-0", "synthetic-1", "synthetic-2"]
+    assert len(r["redundant_pairs"]) == len(r["complementary_pairs"]) == 3
+    assert r["gamma"] > 0 and r["target_docs"] == 12  # the folder's probe documents
+    assert not list(out.parent.glob("*.tmp"))
+    capsys.readouterr()
+    for target, ckpt, msg in (
+        (str(empty), "model", "the target set has no documents"),
+        (str(tmp_path / "nowhere"), "model", "expected heldout, humaneval or a prepared folder"),
+        (str(other), "small", "vocabulary (1024) is smaller than the prepared tokenizer's (2048"),
+    ):
+        bad = tmp_path / "bad.json"
+        argv = ["attribute", "--ckpt", str(tmp_path / ckpt), "--data", str(data), "--json", str(bad)]
+        rc = grip([*argv, "--target", target, *fast])
+        err = [
+            ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and "Loading weights" not in ln
+        ]
+        assert rc == 2 and len(err) == 1 and err[0].startswith("grip attribute: error:") and msg in err[0]
+        assert not bad.exists()
