@@ -295,24 +295,32 @@ def sketch(
         if entry is None:
             continue
         jobs += [(c, i, g) for i, g in enumerate(as_groups(entry, f"cluster {c}"))]
+    # token counts first (cheap): bad input fails before any gradient is computed
+    counted = [int((_targets(g, config.pad_id) != IGNORE).sum()) if g.shape[0] else 0 for _, _, g in jobs]
+    t_tok = np.array(counted[:s])
+    if (t_tok == 0).any():
+        raise AttributionError(
+            f"target: {int((t_tok == 0).sum())} of its {s} document groups have no target tokens "
+            f"(it needs at least {s} documents with >= 2 tokens)"
+        )
+    ids = {c for c, _, _ in jobs[s:]}
+    full = {c for c in ids if all(n for (cc, _, _), n in zip(jobs, counted, strict=True) if cc == c)}
+    if not full:
+        raise AttributionError(
+            f"no cluster has documents in all {s} groups (each cluster needs >= {s} probe documents)"
+        )
     p_total = sum(n for _, n in names_sizes)
-    stacked = torch.zeros(len(jobs), p_total)  # one flat gradient per group (zero when empty)
+    stacked = torch.zeros(len(jobs), p_total)  # one flat gradient per group (zero when skipped)
     tokens = []
-    for j, (_, _, g) in enumerate(jobs):
+    for j, (c, _, g) in enumerate(jobs):
         n = 0
-        if g.shape[0]:
+        if counted[j] and (c is None or c in full):
             stacked[j], n = group_gradient(
                 model, params, g, pad_id=config.pad_id, micro_batch=config.micro_batch
             )
         tokens.append(n)
         if progress is not None:
             progress(j + 1, len(jobs))
-    t_tok = np.array(tokens[:s])
-    if (t_tok == 0).any():
-        raise AttributionError(
-            f"target: {int((t_tok == 0).sum())} of its {s} document groups have no target tokens "
-            f"(it needs at least {s} documents with >= 2 tokens)"
-        )
     z = project(stacked, names_sizes, config.dim, config.seed).numpy()
     target = z[:s]
     clusters = np.full((k_total, s, config.dim), np.nan)
@@ -343,10 +351,6 @@ def sketch(
     if zeros:
         raise AttributionError(
             f"clusters {zeros}: their loss gradient is zero (degenerate sketch); check their probe documents"
-        )
-    if not present.any():
-        raise AttributionError(
-            f"no cluster has documents in all {s} groups (each cluster needs >= {s} probe documents)"
         )
     return Sketches(
         clusters=clusters,
