@@ -8,7 +8,7 @@ From one checkpoint and a prepared corpus:
    uniform allocation: nothing here is fitted to the retrainings);
 2. draw M allocations per seed (token shares ~ Dirichlet(1) over the K clusters);
 3. for each, retrain a copy of the checkpoint (all parameters; AdamW with the checkpoint's moments and
-   parameter groups, i.e. continuing the run, at a fixed lr; `steps`
+   parameter groups, i.e. continuing the run, at the lr its schedule ended with; `steps`
    steps of `batch` windows of `seq_len` tokens: equal tokens for every allocation; the
    windows of cluster k apportioned to w_k exactly, in a seeded order) on windows of each
    cluster's *training* documents, and measure the real utility = L_t(before) - L_t(after)
@@ -162,7 +162,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=16, help="AdamW steps per retraining")
     p.add_argument("--batch", type=int, default=8, help="windows per step")
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="default: the checkpoint's last lr (where its schedule ended); 1e-3 without one",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--layers", type=int, default=1)
@@ -188,6 +193,8 @@ def main() -> None:
     check_model_fits(model, m, data, a.ckpt)
     state = copy.deepcopy(model.state_dict())
     opt_state = checkpoint_optimizer(a.ckpt)
+    if a.lr is None:
+        a.lr = float(opt_state[0]["param_groups"][0]["lr"]) if opt_state else 1e-3
     torch.set_num_threads(a.threads)
     what, docs = target_documents(a.target, data, m, a.target_docs, 0)
     groups = target_groups(docs, a.splits, a.seq_len, eos, 1, int(model.config.vocab_size), 0, what)
