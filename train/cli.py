@@ -28,6 +28,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "train.cmd_probe",
         "one Rapid Adaptation Probe refresh of a checkpoint on a prepared corpus: table and JSON",
     ),
+    "attribute": (
+        "train.cmd_attribute",
+        "GRASP attribution: predicted utility (with LCB) of cluster budgets for a target set",
+    ),
     "testbed": (
         "train.cmd_testbed",
         "write the controlled learnability testbed (a JSONL corpus with a known cluster ranking)",
