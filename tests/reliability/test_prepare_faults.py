@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from grip_loop import workdir
 from grip_loop.prepare import load_config, prepare
@@ -179,8 +180,11 @@ def test_two_concurrent_cli_runs_one_finishes_the_other_is_refused(corpus, tmp_p
     args = ["--corpus", str(corpus), "--out", str(out), "--config", str(TINY), "--no-progress"]
     args += ["--k", "3", "--orders", "grip"]
     fake = [sys.executable, "-m", "tests.reliability._fake_encoder", "--sleep", "0.5", "--"]
-    extra = tmp_path / "cfg.yaml"  # same settings as _cfg
-    extra.write_text(TINY.read_text() + "\nvocab_size: 512\nencoder: {block_size: 8}\n")
+    extra = tmp_path / "cfg.yaml"  # same settings as _cfg: TINY's sections with _cfg's fields merged in
+    settings = yaml.safe_load(TINY.read_text())
+    settings["vocab_size"] = 512
+    settings["encoder"] = {**settings.get("encoder", {}), "block_size": 8}
+    extra.write_text(yaml.safe_dump(settings))
     args[args.index(str(TINY))] = str(extra)
     a = subprocess.Popen([*fake, *args], env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
