@@ -2,7 +2,7 @@
 # The six sampler rows of the paper's Table 1 Panel B at small scale (tiny MoE, CPU), on one of
 # two corpora:
 #   ./launch/ablation.sh [flags]           the quick start's code corpus (runs/quickstart/data; prepared
-#                                          here if missing), rows configs/ablation -> runs/ablation
+#                                          here, or its finished stages reused), rows configs/ablation -> runs/ablation
 #   ./launch/ablation.sh testbed [flags]   the controlled learnability testbed (grip testbed: clusters of
 #                                          known learnability; built and prepared here if missing), rows
 #                                          configs/ablation-testbed -> runs/ablation-testbed
@@ -16,13 +16,12 @@ export WANDB_MODE=${WANDB_MODE:-offline} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM
 if [ "${1:-}" = "testbed" ]; then
   shift
   [ -f runs/testbed/truth.json ] || grip testbed --out runs/testbed
-  [ -f runs/testbed/data/manifest.json ] || grip prepare --corpus runs/testbed/corpus.jsonl \
-    --out runs/testbed/data --config configs/prepare/testbed.yaml
+  # always run: finished stages are cached, and a folder prepared by an older grip-loop is redone
+  grip prepare --corpus runs/testbed/corpus.jsonl --out runs/testbed/data --config configs/prepare/testbed.yaml
   exec grip ablate --rows configs/ablation-testbed --out "${OUT:-runs/ablation-testbed}" \
     --max-tokens-per-lang 10000000 "$@"
 fi
-if [ ! -f runs/quickstart/data/manifest.json ]; then
-  [ -d runs/quickstart/corpus ] || grip corpus --out runs/quickstart/corpus --max-files "${MAX_FILES:-2000}"
-  grip prepare --corpus runs/quickstart/corpus --out runs/quickstart/data --config configs/prepare/quickstart.yaml
-fi
+[ -d runs/quickstart/corpus ] || grip corpus --out runs/quickstart/corpus --max-files "${MAX_FILES:-2000}"
+# always run: finished stages are cached, and a folder prepared by an older grip-loop is redone
+grip prepare --corpus runs/quickstart/corpus --out runs/quickstart/data --config configs/prepare/quickstart.yaml
 exec grip ablate --rows configs/ablation --out "${OUT:-runs/ablation}" --max-tokens-per-lang 10000000 "$@"
