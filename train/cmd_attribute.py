@@ -30,10 +30,12 @@ import os
 import sys
 from pathlib import Path
 
+from train.helpfmt import RawDefaultsFormatter
+
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
-        prog="grip attribute", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="grip attribute", description=__doc__, formatter_class=RawDefaultsFormatter
     )
     p.add_argument("--ckpt", required=True, help="Lightning checkpoint file or Hugging Face model folder")
     p.add_argument("--data", required=True, help="prepared corpus (the folder with manifest.json)")

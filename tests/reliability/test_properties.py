@@ -107,7 +107,8 @@ def test_baseline_budget_is_finite_sums_to_b_and_grows_with_quality(sizes, data,
     j = int(np.argmax(n))
     q2 = q.copy()
     q2[j] += 0.5
-    assert baseline_budget(sizes, sigma, q2, b, tau=tau, temperature=t)[j] >= n[j] * (1 - 1e-12)
+    # the same absolute slack as the sum above: a subnormal b (5e-324) underflows to 0 either way
+    assert baseline_budget(sizes, sigma, q2, b, tau=tau, temperature=t)[j] >= n[j] * (1 - 1e-12) - 1e-6
 
 
 delta_value = st.one_of(
