@@ -73,7 +73,7 @@ def test_ci_runs_the_readme_test_command(tmp_path):
         "pip install -q torch==2.13.0",
         "pip install -q -e .[dev]",
         "ruff check .",
-        "pytest -q",
+        "pytest -q -n 2 --dist loadfile",
     ]
 
 

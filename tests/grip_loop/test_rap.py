@@ -441,8 +441,10 @@ def test_vmap_equals_sequential(depth):
     seq = rapid_adaptation_probe(model, batches, dataclasses.replace(cfg, vmap=False))
     vm = rapid_adaptation_probe(model, batches, dataclasses.replace(cfg, vmap=True, vmap_on_cpu=True))
     np.testing.assert_allclose(vm.loss_init, seq.loss_init, rtol=1e-5)
-    np.testing.assert_allclose(vm.loss_final, seq.loss_final, rtol=1e-5)
-    np.testing.assert_allclose(vm.loss_base, seq.loss_base, rtol=1e-5)
+    # after the adaptation steps: float32 sums in another order (batched vs one cluster, 1 vs N
+    # intra-op threads) drift by ~1e-5 relative through AdamW's normalised updates
+    np.testing.assert_allclose(vm.loss_final, seq.loss_final, rtol=1e-4)
+    np.testing.assert_allclose(vm.loss_base, seq.loss_base, rtol=1e-4)
     np.testing.assert_allclose(vm.delta_abs, seq.delta_abs, rtol=1e-3, atol=1e-5)
 
 
