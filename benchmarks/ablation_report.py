@@ -4,7 +4,7 @@ moved its budgets from row 2, and the probe's reliability per refresh.
     python benchmarks/ablation_report.py --runs runs/ablation-testbed --truth runs/testbed/truth.json
     python benchmarks/ablation_report.py --runs runs/ablation
 
-Reads every `<row>/seed-S/eval/eval.json` (or `<row>/eval/eval.json`) and
+Reads every `<row>/seed-S/eval/eval.json` (and the older layout's `<row>/eval/eval.json`) and
 `<row>/.../csv/grip_history.jsonl`. With `--truth` (the testbed's truth.json) clusters are grouped
 into the clean (real code: the Eq. 7 gate is open) and corrupted groups (token-weighted held-out
 loss of each group) and every seed's difference between each row and row 1 (random) on the clean
@@ -29,15 +29,23 @@ from common import ROOT  # noqa: E402
 sys.path.insert(0, str(ROOT))
 
 
+def _seed(run: Path) -> int:
+    """The seed a run was trained with: its config.yaml's seed_everything (the folder name of the
+    older single-seed layout, `<row>`, says nothing)."""
+    try:
+        return int(yaml.safe_load((run / "config.yaml").read_text())["seed_everything"])
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        return int(run.name.split("-")[1]) if run.name.startswith("seed-") else 0
+
+
 def runs_of(folder: Path) -> list[tuple[str, int, Path]]:
+    """(row, seed, folder) of every evaluated run: `<row>/seed-S/` and the older `<row>/`."""
     out = []
     for row in sorted(p for p in folder.iterdir() if p.is_dir()):
-        seeds = sorted(row.glob("seed-*"))
-        for s in seeds or [row]:
-            seed = int(s.name.split("-")[1]) if s.name.startswith("seed-") else 0
+        for s in [*sorted(row.glob("seed-*")), row]:
             if (s / "eval" / "eval.json").is_file():
-                out.append((row.name, seed, s))
-    return out
+                out.append((row.name, _seed(s), s))
+    return sorted(out, key=lambda r: (r[0], r[1]))
 
 
 def group_loss(ev: dict, names: list[str]) -> float:

@@ -34,10 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import emit, parser  # noqa: E402
+from common import ROOT, emit, parser  # noqa: E402
 
-TESTBED_CKPT = "/work/main/runs/ablation-testbed/6-grip/seed-0/checkpoints/last.ckpt"
-TESTBED_DATA = "/work/main/runs/testbed/data"
+# made by `./launch/ablation.sh testbed` (which prepares runs/testbed/data first)
+TESTBED_CKPT = str(ROOT / "runs/ablation-testbed/6-grip/seed-0/checkpoints/last.ckpt")
+TESTBED_DATA = str(ROOT / "runs/testbed/data")
 
 
 def training_windows(m, data: Path, k: int, seq_len: int, eos: int, limit: int, seed: int) -> torch.Tensor:

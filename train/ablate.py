@@ -1,15 +1,17 @@
 """`grip ablate`: train and evaluate every sampler row, then tabulate and plot.
 
 Each row is a training YAML (configs/ablation/*.yaml: identical except for GripCallback.mode).
-For every (row, seed) the runner writes `DIR/<row>[/seed-S]/config.yaml`: the row's config
+For every (row, seed) the runner writes `DIR/<row>/seed-S/config.yaml`: the row's config
 with every run folder redirected there (trainer.default_root_dir, each logger's save_dir,
 ModelCheckpoint.dirpath), the seed set (seed_everything, the dataset's seed, the model's init
 seed) and `--set` overrides applied. It then trains it in a fresh process
 (`python -m train.main fit --config ...`, or under torchrun with `nproc > 1`), so rows cannot
 share state, and evaluates the last checkpoint with `train.eval.evaluate`.
 
-A (row, seed) with an `eval.json` already present is skipped: re-running resumes an
-interrupted ablation. Cost: a row's training is restarted from scratch if it was interrupted
+A (row, seed) whose training finished (`train_done.json`) is not retrained, and one with an
+`eval.json` is not re-evaluated: re-running resumes an interrupted ablation. A finished run is
+reused only if its `config.yaml` is the one this invocation would write (same seed, `--set`
+overrides and row file); otherwise `grip ablate` stops naming the folder (`run_folder`). Cost: a row's training is restarted from scratch if it was interrupted
 (no mid-row resume).
 
 Outputs: `results.csv` (one line per run), `results.md` (per-run table and, with several
@@ -202,6 +204,40 @@ def _train(config: Path, nproc: int, log: Path) -> None:
         raise RuntimeError(f"training failed ({' '.join(cmd)}), see {log}:\n{tail}")
 
 
+def _normalised(rc: dict) -> dict:
+    return yaml.safe_load(yaml.safe_dump(rc, sort_keys=False))
+
+
+def run_folder(out: Path, row: str, seed: int, base: dict, overrides: list[str]) -> tuple[Path, dict]:
+    """(run folder, its config) of (row, seed): `OUT/<row>/seed-S`.
+
+    A finished run (train_done.json) is reused only when its config.yaml is the config this call
+    would write: a finished run made with another seed, other `--set` overrides or another row
+    file is a ValueError naming the folder and what differs, never silently reported as this one.
+    A folder of the older single-seed layout, `OUT/<row>`, is reused when its config matches
+    (same seed and settings) and ignored otherwise."""
+    folder, legacy = out / row / f"seed-{seed}", out / row
+    for cand, name in ((folder, f"{row}-seed-{seed}"), (legacy, row)):
+        rc = row_config(base, cand, seed, overrides, name)
+        if not (cand / "train_done.json").is_file():
+            continue
+        try:
+            saved = yaml.safe_load((cand / "config.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            saved = None
+        if saved == _normalised(rc):
+            return cand, rc
+        if cand == folder:
+            diff = sorted(
+                k for k in set(rc) | set(saved or {}) if (saved or {}).get(k) != _normalised(rc).get(k)
+            )
+            raise ValueError(
+                f"{cand}: a finished run made with other settings (config.yaml differs in {diff or 'its content'}); "
+                "use another --out, or delete that folder to retrain it"
+            )
+    return folder, row_config(base, folder, seed, overrides, f"{row}-seed-{seed}")
+
+
 def run(cfg: AblateConfig) -> list[dict]:
     """Train + evaluate every (row, seed); write results.{csv,md,png}; return the result rows."""
     out = Path(cfg.out)
@@ -213,13 +249,13 @@ def run(cfg: AblateConfig) -> list[dict]:
     for i, f in enumerate(files):
         base = yaml.safe_load(f.read_text())
         for seed in cfg.seeds:
-            name = f.stem if len(cfg.seeds) == 1 else f"{f.stem}/seed-{seed}"
-            run_dir = out / name
-            run_dir.mkdir(parents=True, exist_ok=True)
-            rc = row_config(base, run_dir, seed, cfg.overrides, name.replace("/", "-"))
+            run_dir, rc = run_folder(out, f.stem, seed, base, cfg.overrides)
+            name = str(run_dir.relative_to(out))
             config = run_dir / "config.yaml"
-            config.write_text(yaml.safe_dump(rc, sort_keys=False))
             done = run_dir / "train_done.json"
+            if not done.is_file():  # a finished run's config.yaml is its record: never rewritten
+                run_dir.mkdir(parents=True, exist_ok=True)
+                config.write_text(yaml.safe_dump(rc, sort_keys=False))
             print(f"== [{i + 1}/{len(files)}] {name} (mode {mode_of(rc)}, seed {seed})", flush=True)
             if not done.is_file():
                 t0 = time.perf_counter()

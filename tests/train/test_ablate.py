@@ -82,22 +82,23 @@ def test_ablate_two_rows_end_to_end(stdlib_prepared, tmp_path):
     results = run(cfg)
     assert [r["row"] for r in results] == ["1-random", "4-loss-replay"]
     for row in ("1-random", "4-loss-replay"):
-        assert (out / row / "checkpoints" / "last.ckpt").is_file()
-        assert (out / row / "csv" / "grip_history.jsonl").is_file()
-        assert list((out / row / "wandb").glob("offline-run-*"))
+        assert (out / row / "seed-0" / "checkpoints" / "last.ckpt").is_file()
+        assert (out / row / "seed-0" / "csv" / "grip_history.jsonl").is_file()
+        assert list((out / row / "seed-0" / "wandb").glob("offline-run-*"))
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [r["mode"] for r in rows] == ["random", "loss-replay"]
     for r, res in zip(rows, results, strict=True):
-        ev = json.loads((out / res["row"] / "eval" / "eval.json").read_text())
+        ev = json.loads((out / res["row"] / "seed-0" / "eval" / "eval.json").read_text())
         assert np.isclose(float(r["heldout_overall"]), ev["heldout_overall"]["loss"])
         assert int(r["tokens"]) == 4 * 4 * 64 and float(r["wall_s"]) > 0
     assert int(rows[0]["refreshes"]) == 0  # random never probes
     assert int(rows[1]["refreshes"]) == 3 and int(rows[1]["probes"]) == 3  # at start, steps 2 and 4
     # how far from row 2's static budget, and the probe's reliability per refresh
     hist = [
-        json.loads(x) for x in (out / "4-loss-replay" / "csv" / "grip_history.jsonl").read_text().splitlines()
+        json.loads(x)
+        for x in (out / "4-loss-replay" / "seed-0" / "csv" / "grip_history.jsonl").read_text().splitlines()
     ]
-    static = static_shares(yaml.safe_load((out / "4-loss-replay" / "config.yaml").read_text()))
+    static = static_shares(yaml.safe_load((out / "4-loss-replay" / "seed-0" / "config.yaml").read_text()))
     moved = [0.5 * np.abs(np.asarray(h["n"]) / sum(h["n"]) - static).sum() for h in hist]
     assert float(rows[1]["moved_final"]) == pytest.approx(moved[-1])
     assert float(rows[1]["moved_mean"]) == pytest.approx(np.mean(moved))
@@ -109,9 +110,9 @@ def test_ablate_two_rows_end_to_end(stdlib_prepared, tmp_path):
     md = (out / "results.md").read_text()
     assert "| 4-loss-replay | loss-replay |" in md and (out / "results.png").stat().st_size > 1000
     # re-running resumes: nothing is retrained (train_done.json and eval.json are reused)
-    stamp = (out / "1-random" / "eval" / "eval.json").stat().st_mtime
+    stamp = (out / "1-random" / "seed-0" / "eval" / "eval.json").stat().st_mtime
     assert run(cfg) == results
-    assert (out / "1-random" / "eval" / "eval.json").stat().st_mtime == stamp
+    assert (out / "1-random" / "seed-0" / "eval" / "eval.json").stat().st_mtime == stamp
 
 
 def test_set_values_in_exponent_notation_are_floats(tmp_path):
@@ -127,3 +128,38 @@ def test_set_values_in_exponent_notation_are_floats(tmp_path):
     base = yaml.safe_load((ROOT / "configs/ablation/6-grip.yaml").read_text())
     rc = row_config(base, tmp_path / "r", 0, ["model.lr=3e-4"], "r")
     assert rc["model"]["lr"] == 3e-4 and isinstance(rc["model"]["lr"], float)
+
+
+def _finished(folder, rc):
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(rc, sort_keys=False))
+    (folder / "train_done.json").write_text('{"wall_s": 1.0}')
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_finished_run_is_reused_only_for_its_own_seed_and_settings(tmp_path, seed):
+    """The bug this guards: a single-seed ablation wrote DIR/<row>; `--seeds 1` later mapped to the
+    same folder, skipped it as finished and reported seed 0's losses as seed 1's."""
+    from train.ablate import run_folder
+
+    base = yaml.safe_load((ROOT / "configs/ablation/6-grip.yaml").read_text())
+    out = tmp_path / "abl"
+    # nothing yet: OUT/<row>/seed-S, with the seed applied
+    folder, rc = run_folder(out, "6-grip", seed, base, [])
+    assert folder == out / "6-grip" / f"seed-{seed}" and rc["seed_everything"] == seed
+    # a legacy single-seed folder of another seed is ignored; of this seed (same settings) reused
+    other = (seed + 1) % 3
+    _finished(out / "6-grip", row_config(base, out / "6-grip", other, [], "6-grip"))
+    assert run_folder(out, "6-grip", seed, base, [])[0] == folder
+    assert run_folder(out, "6-grip", other, base, [])[0] == out / "6-grip"
+    # ... but not with other overrides
+    assert run_folder(out, "6-grip", other, base, ["model.lr=1e-3"])[0] == out / "6-grip" / f"seed-{other}"
+    # a finished seed folder is reused with the same settings, refused with others
+    _finished(folder, rc)
+    assert run_folder(out, "6-grip", seed, base, []) == (folder, rc)
+    with pytest.raises(ValueError, match=rf"seed-{seed}: a finished run made with other settings.*model"):
+        run_folder(out, "6-grip", seed, base, ["model.lr=1e-3"])
+    # a damaged record is not trusted either
+    (folder / "config.yaml").write_text(": not yaml :\n  - [")
+    with pytest.raises(ValueError, match="other settings"):
+        run_folder(out, "6-grip", seed, base, [])
