@@ -97,14 +97,16 @@ def _waterfill(w: np.ndarray, total: int, lo: np.ndarray, hi: np.ndarray) -> np.
         return t
     if not np.isfinite(hi).any() and not lo.any():
         return total * w / w.sum()  # the unbounded case, exact without search
-    w = w / w[pos].max()  # scale-free
     if total == 0:
         return lo.copy()  # sum(lo) <= total forces lo == 0
     # Bisection on x = log(lam), so that weight ratios beyond the float range (1e-311 next
     # to 1.0: hypothesis found it) neither overflow lam nor stall the search: exp() of a
-    # huge exponent is inf and clips to the upper bound.
+    # huge exponent is inf and clips to the upper bound. The weights are scaled in log space:
+    # w / max(w) would underflow a subnormal weight (5e-324 next to 1e3) to 0, its entry could
+    # then never rise and the bracket search below would climb forever.
     with np.errstate(divide="ignore", over="ignore"):
-        logw = np.log(w)
+        logw = np.log(w) - np.log(w[pos].max())  # scale-free; finite for every positive weight
+        w = np.exp(logw)
 
         def filled(x: float) -> np.ndarray:
             return np.clip(np.exp(x + logw), lo, hi)

@@ -87,6 +87,19 @@ def test_apportion_bounded_is_within_one_of_waterfill_and_exact(seed):
     assert np.array_equal(n, gl.apportion(w, total, lower=lo, upper=hi))
 
 
+@pytest.mark.timeout(30)
+def test_a_subnormal_weight_next_to_large_ones_terminates_and_fills_the_total():
+    """Hypothesis found it in CI: sigma_k = 5e-324 made Eq. 4's mass subnormal; scaled by the
+    largest weight it underflowed to 0, its entry could never rise to fill the last unit, and the
+    bracket search climbed forever."""
+    sizes = [546, 10000, 110, 278, 1329, 170]
+    n = gl.probe_allocation(sizes, [1.41, 1.41, 0.99999, 1e-14, 0.54, 5e-324], sum(sizes) - 1)
+    assert int(n.sum()) == sum(sizes) - 1 and np.all(n <= sizes) and np.all(n >= 1)
+    assert n.tolist() == [546, 10000, 110, 278, 1329, 169]  # the smallest weight gives the unit up
+    n = gl.apportion([5e-324, 1e3], 10, upper=[5, 6])
+    assert n.tolist() == [4, 6]
+
+
 def test_apportion_infeasible_and_bad_bounds():
     with pytest.raises(ValueError, match="exceeds the sum of the upper bounds"):
         gl.apportion([1, 1], 10, upper=[3, 3])
