@@ -124,3 +124,16 @@ def broadcast(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank (`[obj]` in a plain process)."""
+    if rank_world()[1] <= 1:
+        return [obj]
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -53,20 +53,18 @@ from pathlib import Path
 
 import numpy as np
 
-from grip_loop import distributed, docstore, workdir
+from grip_loop import distributed, docstore, prepare_write, workdir
 from grip_loop.embed import embed_corpus
 from grip_loop.judge import JudgeInput, cluster_quality
-from grip_loop.manifest import SCHEMA_VERSION, ClusterInfo, Manifest, ShardInfo
+from grip_loop.manifest import SCHEMA_VERSION, ClusterInfo, Manifest
 from grip_loop.naming import describe_clusters, influence_scores
 from grip_loop.prepare_cluster import (
-    _check_shard_space,
     _cluster,
     _knn_stats,
     _pathology,
     _without_faiss_size_warning,
     cluster_orders,
     clusters_from_field,
-    heldout_prefixes,
     heldout_split,
     probe_sizes,
     sigma_streamed,
@@ -76,6 +74,7 @@ from grip_loop.prepare_cluster import (
 from grip_loop.prepare_common import _CACHED, _atomic_npy, _key, _seed, _Timer
 from grip_loop.prepare_config import ClusterConfig, PrepareConfig, load_config
 from grip_loop.prepare_ingest import _ingest, _tokenize
+from grip_loop.prepare_write import heldout_prefixes
 from grip_loop.selection import selection_order
 
 __all__ = ["ClusterConfig", "PrepareConfig", "load_config", "prepare"]
@@ -143,9 +142,7 @@ def _run(cfg: PrepareConfig, out: Path, rank: int, world: int) -> Manifest | Non
 
 
 def _stages(cfg, out, work, rank, world, ingest, store, tokens, timer) -> Manifest | None:
-    from tqdm import tqdm
-
-    from grip_loop.shards import ShardWriter, token_dtype_for
+    from grip_loop.shards import token_dtype_for
 
     fp = ingest["fingerprint"]
     t0 = time.perf_counter()
@@ -156,30 +153,41 @@ def _stages(cfg, out, work, rank, world, ingest, store, tokens, timer) -> Manife
     emb_key = _key("embed", fp, asdict(cfg.encoder) | {"device": None})
     emb = embed_corpus(store.texts, cfg.encoder, work, emb_key, progress=cfg.progress)
     timer.record("embed", t0, len(store))
+    dtype = token_dtype_for(tok_info["vocab_size"])
+    args = (cfg, out, work, store, emb, emb_key, ingest, tok_info, tokens, timer, dtype)
+    state = _on_rank0(rank, lambda: _rank0_stages(*args))  # cluster, geometry, judge, the write plan
+    t0 = time.perf_counter() - (state["t_plan"] if rank == 0 else 0.0)  # the plan is part of the stage
+    written = prepare_write.write(out, work, store, tokens, dtype, rank, world, cfg.progress)
     if rank != 0:
         return None
-    return _finish(
-        cfg,
-        out,
-        work,
-        store,
-        emb,
-        emb_key,
-        ingest,
-        tok_info,
-        tokens,
-        timer,
-        ShardWriter,
-        token_dtype_for,
-        tqdm,
-    )
+    n_write = state["n_write"]
+    timer.record("write", t0, n_write, skipped=n_write > 0 and written == 0)
+    return _manifest(cfg, out, work, store, state, emb.shape[1], ingest, tok_info, dtype, timer)
 
 
-def _finish(
-    cfg, out, work, store, emb, emb_key, ingest, tok_info, tokens, timer, ShardWriter, token_dtype_for, tqdm
-):
+def _on_rank0(rank: int, fn):
+    """`fn()` on rank 0 while the other ranks wait; its result on rank 0 (None elsewhere). When it
+    fails, rank 0 raises its error and every other rank stops too, naming it."""
+    result, why = None, None
+    if rank == 0:
+        try:
+            result = fn()
+        except Exception as exc:
+            why = f"{type(exc).__name__}: {exc}"
+            distributed.broadcast(why)
+            raise
+    why = distributed.broadcast(why)
+    if why is not None:
+        raise RuntimeError(f"rank 0 failed ({why}); see its error above")
+    return result
+
+
+def _rank0_stages(cfg, out, work, store, emb, emb_key, ingest, tok_info, tokens, timer, dtype) -> dict:
+    """Rank 0: the cluster, geometry and judge stages, then the plan of the write stage (its
+    streams of documents, `prepare_write.plan`). Returns what the manifest needs."""
+    from tqdm import tqdm
+
     n = len(store)
-    dim = emb.shape[1]
     lengths = tokens.lengths()
     # the language (or --cluster-by value) of every document: one shared string object each
     strata = np.asarray(ingest["strata"], dtype=object)[store.column(4)]
@@ -274,82 +282,94 @@ def _finish(
     quality, dims = cluster_quality(per_cluster)
     timer.record("judge", t0, len(flat))
 
-    # Write: the old manifest goes first, so a crash below never leaves one that looks complete.
     t0 = time.perf_counter()
-    (out / "manifest.json").unlink(missing_ok=True)
-    for d in ("shards", "probe", "heldout"):
-        shutil.rmtree(out / d, ignore_errors=True)
-    dtype = token_dtype_for(tok_info["vocab_size"])
-    _check_shard_space(
-        out, store.column(1), lengths, np.dtype(dtype).itemsize, members, probes, held, len(cfg.orders)
-    )
-
-    def write(writer, i: int, k: int, pos: int) -> None:
-        doc = store.meta(i)
-        meta = {
-            "doc_id": doc["id"],
-            "length": int(lengths[i]),
-            "lang": doc["lang"],
-            "path": doc["path"],
-            "cluster": int(k),
-            "position": int(pos),
-        }
-        writer.write(f"{i:09d}", tokens.tokens(i), store.text(i), meta)
-
-    clusters = []
-    bar = tqdm(
-        total=int(train.sum()) * len(cfg.orders), desc="write shards", unit="doc", disable=not cfg.progress
-    )
+    streams = []
     for k in range(n_clusters):
-        m = members[k]
-        shard_lists = {}
         for name in cfg.orders:
-            rel = Path("shards") / name / f"cluster-{k:05d}"
-            with ShardWriter(out / rel, token_dtype=dtype, max_docs=cfg.shard_max_docs) as w:
-                for pos, j in enumerate(orders[k][name]):
-                    write(w, int(m[j]), k, pos)
-                infos = w.close()
-            shard_lists[name] = [s.under(rel) for s in infos]
-            bar.update(len(m))
-        with ShardWriter(out / "probe", token_dtype=dtype, prefix=f"cluster-{k:05d}", max_docs=1 << 30) as w:
-            for pos, i in enumerate(probes[k]):
-                write(w, int(i), k, pos)
-            probe_infos = [s.under("probe") for s in w.close()]
-        first = orders[k][cfg.orders[0]][: cfg.n_examples]
-        probe_ids = [store.meta(int(i))["id"] for i in probes[k]]
+            streams.append(
+                (
+                    f"shards/{name}/cluster-{k:05d}",
+                    "shard",
+                    members[k][orders[k][name]],
+                    k,
+                    cfg.shard_max_docs,
+                )
+            )
+        streams.append(("probe", f"cluster-{k:05d}", probes[k], k, 1 << 30))
+    held_lang = [store.meta(int(i))["lang"] for i in held]
+    held_langs: dict[str, int] = {}
+    for lang, prefix in heldout_prefixes(sorted(set(held_lang))).items():
+        mine = np.array([int(i) for i, li in zip(held, held_lang, strict=True) if li == lang], np.int64)
+        held_langs[lang] = len(mine)
+        streams.append(("heldout", prefix, mine, labels[mine], cfg.shard_max_docs))
+    lower = lengths * np.dtype(dtype).itemsize + 3 * 512 + store.column(1)  # tokens, text, tar headers
+    upper = lower + 3 * store.column(3) + prepare_write._META_FIXED_BYTES  # + the meta JSON, escaped
+    prepare_write.plan(
+        out,
+        work,
+        streams=streams,
+        lower=lower,
+        upper=upper,
+        key_parts=[ingest["fingerprint"], tok_info["key"], tok_info["sha256"], dtype],
+    )
+    return dict(
+        n_clusters=n_clusters,
+        names=names,
+        members=members,
+        orders=orders,
+        probes=probes,
+        sizes=sizes,
+        lengths=lengths,
+        sigma=sigma,
+        quality=quality,
+        dims=dims,
+        described=described,
+        held=held,
+        held_langs=held_langs,
+        train=train,
+        n_probe=n_probe,
+        judge=judge,
+        pathology=pathology,
+        knn_info=knn_info,
+        cluster_stats=cluster_stats,
+        n_write=int(train.sum()) * len(cfg.orders) + len(held),
+        t_plan=time.perf_counter() - t0,
+    )
+
+
+def _manifest(cfg, out, work, store, st, dim, ingest, tok_info, dtype, timer) -> Manifest:
+    """Rank 0, after every rank wrote its units: the manifest, with the shards read from the
+    units' records on disk (`prepare_write.shard_lists`, in the order the plan laid them out)."""
+    lists = iter(prepare_write.shard_lists(work))
+    lengths, train, held = st["lengths"], st["train"], st["held"]
+    clusters = []
+    for k in range(st["n_clusters"]):
+        m, order = st["members"][k], st["orders"][k]
+        shard_lists = {name: next(lists) for name in cfg.orders}
+        probe_infos = next(lists)
+        probe_ids = [store.meta(int(i))["id"] for i in st["probes"][k]]
+        described = st["described"][k]
         clusters.append(
             ClusterInfo(
                 id=k,
-                name=names[k],
-                n_docs=int(sizes[k]),
+                name=st["names"][k],
+                n_docs=int(st["sizes"][k]),
                 n_tokens=int(lengths[m].sum()),
                 mean_length=float(lengths[m].mean()) if len(m) else 0.0,
-                sigma=float(sigma[k]),
-                quality=float(quality[k]),
-                quality_scores=dims[k],
+                sigma=float(st["sigma"][k]),
+                quality=float(st["quality"][k]),
+                quality_scores=st["dims"][k],
                 probe_ids=probe_ids,
                 eval_ids=split_probe(probe_ids)[1],
                 probe_shards=probe_infos,
                 shards=shard_lists,
-                examples=[store.meta(int(m[j]))["path"] for j in first],
-                languages=described[k]["languages"],
-                top_terms=described[k]["top_terms"],
-                influential=[store.meta(int(i))["path"] for i in described[k]["influential"]],
+                examples=[store.meta(int(m[j]))["path"] for j in order[cfg.orders[0]][: cfg.n_examples]],
+                languages=described["languages"],
+                top_terms=described["top_terms"],
+                influential=[store.meta(int(i))["path"] for i in described["influential"]],
             )
         )
-    heldout_infos: list[ShardInfo] = []
-    held_langs: dict[str, int] = {}
-    held_lang = [store.meta(int(i))["lang"] for i in held]
-    prefixes = heldout_prefixes(sorted(set(held_lang)))
-    for lang, prefix in prefixes.items():
-        mine = [int(i) for i, li in zip(held, held_lang, strict=True) if li == lang]
-        held_langs[lang] = len(mine)
-        with ShardWriter(out / "heldout", token_dtype=dtype, prefix=prefix, max_docs=cfg.shard_max_docs) as w:
-            for pos, i in enumerate(mine):
-                write(w, i, int(labels[i]), pos)
-            heldout_infos += [s.under("heldout") for s in w.close()]
-    bar.close()
-    timer.record("write", t0, int(train.sum()) * len(cfg.orders) + len(held))
+    heldout_infos = [s for infos in lists for s in infos]
     manifest = Manifest(
         schema_version=SCHEMA_VERSION,
         corpus_fingerprint=ingest["fingerprint"],
@@ -365,7 +385,7 @@ def _finish(
             "max_chunks": cfg.encoder.max_chunks,
             "pooling": "mean",
         },
-        k=n_clusters,
+        k=st["n_clusters"],
         seed=cfg.seed,
         orders=list(cfg.orders),
         clusters=clusters,
@@ -376,16 +396,16 @@ def _finish(
             "n_tokens": int(lengths[train].sum()),
             "mean_length": float(lengths[train].mean()),
             "heldout_docs": len(held),
-            "heldout_langs": held_langs,
+            "heldout_langs": st["held_langs"],
             "read": ingest["read_stats"],
-            "probe_docs": int(n_probe.sum()),
+            "probe_docs": int(st["n_probe"].sum()),
             "probe_eval_docs": sum(len(c.eval_ids) for c in clusters),
             "probe_eval_in_training": cfg.probe_eval_in_training,
-            "judge": getattr(judge, "stats", {"kind": cfg.judge.kind}),
-            "length_knn": pathology,
-            "knn": _knn_stats(cfg, knn_info),
+            "judge": getattr(st["judge"], "stats", {"kind": cfg.judge.kind}),
+            "length_knn": st["pathology"],
+            "knn": _knn_stats(cfg, st["knn_info"]),
             "centroids": "centroids.npy",
-            "clustering": cluster_stats,
+            "clustering": st["cluster_stats"],
             "gis": "stats/gis.npy",
             "timings": timer.stages,
         },

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 
-from grip_loop import workdir
 from grip_loop.budget import apportion
 from grip_loop.prepare_common import (
     _atomic_json,
@@ -87,22 +86,6 @@ def heldout_split(langs: list[str], fraction: float, seed: int) -> np.ndarray:
             )
             picked.append(rng.choice(idx, size=n, replace=False))
     return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
-
-
-def heldout_prefixes(langs: list[str]) -> dict[str, str]:
-    """A file-name prefix per language, in the given order: its letters and digits ("_" for the
-    rest), at most 40 characters, and distinct ("c++" and "c--" are "c__" and "c___2"): two
-    languages never write to one shard file, and a long language name fits in a file name."""
-    out: dict[str, str] = {}
-    used: set[str] = set()
-    for lang in langs:
-        base = "".join(ch if ch.isalnum() else "_" for ch in lang)[:40] or "_"
-        prefix, n = base, 2
-        while prefix in used:
-            prefix, n = f"{base}_{n}", n + 1
-        used.add(prefix)
-        out[lang] = prefix
-    return out
 
 
 def clusters_from_field(values, emb: np.ndarray, train: np.ndarray, block: int = 65536):
@@ -278,16 +261,6 @@ def _knn_stats(cfg: PrepareConfig, infos: list[dict | None]) -> dict:
         out["min_recall"] = min(i["recall"] for i in approx)
         out["approx"] = approx
     return out
-
-
-def _check_shard_space(out, text_bytes, lengths, itemsize, members, probes, held, n_orders) -> None:
-    """Fail before the first shard when the disk cannot hold them all. The estimate is a lower
-    bound (token bytes + UTF-8 text + three 512-byte tar headers per document and copy), so
-    a run it refuses could not have finished."""
-    per_doc = lengths * itemsize + 3 * 512 + text_bytes
-    need = n_orders * sum(int(per_doc[m].sum()) for m in members)
-    need += sum(int(per_doc[p].sum()) for p in probes) + int(per_doc[held].sum())
-    workdir.require_space(out, need, "the shards (a lower bound)")
 
 
 def _pathology(cfg: PrepareConfig, out: Path, emb: np.ndarray, lengths: np.ndarray) -> str:

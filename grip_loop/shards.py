@@ -42,6 +42,9 @@ from grip_loop.manifest import Manifest, ManifestError, ShardInfo, check_shard_s
 from grip_loop.workdir import DiskSpaceError, atomic_npy, disk_full
 
 TOKEN_DTYPES = ("uint16", "uint32")
+#: A shard rolls over at this many bytes (tokens, text, metadata and tar headers) if its
+#: document count has not made it roll over first.
+MAX_SHARD_BYTES = 256 << 20
 
 
 def token_dtype_for(vocab_size: int) -> str:
@@ -105,6 +108,7 @@ class ShardWriter:
 
     Use as a context manager; `close()` returns one `ShardInfo` per finished shard, with
     `path` relative to `directory` (callers re-base it onto the prepared output root).
+    `first`: the number NNNNNN of the first shard (a writer that continues another's stream).
     """
 
     def __init__(
@@ -114,7 +118,8 @@ class ShardWriter:
         token_dtype: str = "uint16",
         prefix: str = "shard",
         max_docs: int = 10_000,
-        max_bytes: int = 256 << 20,
+        max_bytes: int = MAX_SHARD_BYTES,
+        first: int = 0,
     ) -> None:
         if token_dtype not in TOKEN_DTYPES:
             raise ValueError(f"token_dtype: must be one of {TOKEN_DTYPES}, got {token_dtype!r}")
@@ -123,7 +128,7 @@ class ShardWriter:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.dtype = np.dtype(token_dtype).newbyteorder("<")
-        self.prefix, self.max_docs, self.max_bytes = prefix, max_docs, max_bytes
+        self.prefix, self.max_docs, self.max_bytes, self.first = prefix, max_docs, max_bytes, first
         self.finished: list[ShardInfo] = []
         self._tar: tarfile.TarFile | None = None
         self._tmp: Path | None = None
@@ -131,7 +136,7 @@ class ShardWriter:
         self._rows: list[tuple[int, int]] = []
 
     def _open(self) -> None:
-        name = f"{self.prefix}-{len(self.finished):06d}.tar"
+        name = f"{self.prefix}-{self.first + len(self.finished):06d}.tar"
         self._tmp = self.directory / (name + ".tmp")
         self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
         self._docs = self._tokens = self._bytes = 0

@@ -413,10 +413,10 @@ def test_shards_that_cannot_fit_fail_before_the_first_one_with_the_numbers(
     from train.cmd_prepare import main
 
     out = tmp_path / "out"
-    prepare(_cfg(corpus, out))  # every stage done; only the shards are written again below
-    _free(monkeypatch, 50_000)  # the shards need ~200 KB of text, tokens and tar headers
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(TINY.read_text() + "\nvocab_size: 512\nencoder: {block_size: 8}\n")
+    prepare(_cfg(corpus, out))  # every stage done; the shards are written again below, since
+    _free(monkeypatch, 50_000)  # another shard size is a new write plan: they need ~200 KB of
+    cfg = tmp_path / "cfg.yaml"  # text, tokens and tar headers
+    cfg.write_text(TINY.read_text() + "\nvocab_size: 512\nencoder: {block_size: 8}\nshard_max_docs: 7\n")
     capsys.readouterr()
     rc = main(
         ["--corpus", str(corpus), "--out", str(out), "--config", str(cfg), "--k", "3", "--orders", "grip"]
