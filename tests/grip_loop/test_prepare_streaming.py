@@ -149,7 +149,7 @@ def test_a_failed_write_unit_is_named_and_a_rerun_redoes_only_the_unfinished_uni
 
     corpus = synthetic_corpus(tmp_path / "c.jsonl", 120)
     out = tmp_path / "out"
-    real, calls = ShardWriter.write, {"n": 0}
+    real, calls = ShardWriter.write_encoded, {"n": 0}
 
     def write(self, *a, **kw):
         calls["n"] += 1
@@ -157,7 +157,7 @@ def test_a_failed_write_unit_is_named_and_a_rerun_redoes_only_the_unfinished_uni
             raise OSError("a disk error")
         return real(self, *a, **kw)
 
-    monkeypatch.setattr(ShardWriter, "write", write)
+    monkeypatch.setattr(ShardWriter, "write_encoded", write)
     with pytest.raises(OSError, match="a disk error"):
         prepare(_cfg(corpus, out))
     err = capsys.readouterr().err

@@ -432,20 +432,25 @@ def test_a_full_disk_while_writing_a_shard_is_a_clear_error_and_leaves_no_tempor
     """The shard estimate is a lower bound: a disk can still fill up while the shards are
     written. That ends in a DiskSpaceError naming the folder and the shard, and the partial
     shard is removed."""
-    import tarfile
-
+    from grip_loop import shards
     from grip_loop.shards import ShardWriter
 
-    calls = {"n": 0}
-    real = tarfile.TarFile.addfile
+    class FillsUp:
+        """A shard file whose 5th write finds the disk full."""
 
-    def addfile(self, *a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, *a, **kw)
+        def __init__(self, fh) -> None:
+            self.fh, self.n = fh, 0
 
-    monkeypatch.setattr(tarfile.TarFile, "addfile", addfile)
+        def write(self, data):
+            self.n += 1
+            if self.n == 5:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.fh.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+    monkeypatch.setattr(shards, "open", lambda *a, **kw: FillsUp(open(*a, **kw)), raising=False)
     with pytest.raises(DiskSpaceError) as e, ShardWriter(tmp_path / "shards") as w:
         for i in range(3):
             w.write(f"{i:09d}", np.arange(5), "x = 1\n", {"i": i})
