@@ -114,7 +114,7 @@ def prepare(cfg: PrepareConfig, *, restart: bool = False) -> Manifest | None:
 
 
 def _run(cfg: PrepareConfig, out: Path, rank: int, world: int) -> Manifest | None:
-    timer = _Timer()
+    timer = _Timer(log=cfg.progress and rank == 0)
     _CACHED.clear()
     work = out / "work"
     if rank == 0:

@@ -57,8 +57,12 @@ def _cached(stage: str, record: Path) -> None:
 
 
 class _Timer:
-    def __init__(self) -> None:
+    """Each stage's seconds and docs/s (`manifest.stats.timings`); with `log`, one line per stage
+    as it ends (rank 0 of a run with progress on: the progress of a long run between its bars)."""
+
+    def __init__(self, log: bool = False) -> None:
         self.stages: dict[str, dict] = {}
+        self.log = log
 
     def record(self, name: str, t0: float, n: int, skipped: bool = False) -> None:
         skipped = skipped or name in _CACHED
@@ -70,6 +74,9 @@ class _Timer:
         }
         if skipped:
             self.stages[name]["resumed"] = True
+        if self.log:
+            rate = "cached" if skipped else f"{n / s:,.0f} docs/s" if s > 0 else "-"
+            print(f"grip prepare: {name} done: {n:,} docs in {s:.1f} s ({rate})", flush=True)
 
 
 def _sha_matches(path: Path, want) -> bool:

@@ -127,6 +127,8 @@ def _tokenize(
     """Train (or load) the tokenizer on rank 0, then encode the document parts, part p on rank
     p mod world; each part is skipped when its record, key and checksums check out. Returns the
     tokenizer's record (`work/tokens.json`)."""
+    from tqdm import tqdm
+
     from grip_loop import tokenizer as tk
     from grip_loop.shards import token_dtype_for
 
@@ -192,7 +194,15 @@ def _tokenize(
     tok_dir.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype_for(info["vocab_size"])
     tok = None
-    for p in range(rank, len(store.names), world):
+    mine = range(rank, len(store.names), world)
+    bar = tqdm(
+        total=sum(int(store.starts[p + 1] - store.starts[p]) for p in mine),
+        desc="tokenize" if world == 1 else f"tokenize (rank 0's {len(mine)} of {len(store.names)} parts)",
+        unit="doc",
+        disable=not cfg.progress or rank != 0,
+        mininterval=5.0,
+    )
+    for p in mine:
         name = store.names[p]
         part_key = _key("tokens", info["key"], info["sha256"], store.names[p], len(store.idx(p)))
         rec_path = tok_dir / f"{name}.json"
@@ -202,6 +212,7 @@ def _tokenize(
             sums = rec.get("sha256") if isinstance(rec.get("sha256"), dict) else {}
             bad = next((f for s, f in files.items() if not _sha_matches(f, sums.get(s))), None)
             if bad is None:
+                bar.update(len(store.idx(p)))
                 continue
             _note(
                 bad,
@@ -216,5 +227,7 @@ def _tokenize(
         _atomic_npy(files["ids.npy"], flat)
         _atomic_npy(files["offsets.npy"], offsets)
         _atomic_json(rec_path, {"key": part_key, "sha256": {s: _file_sha256(f) for s, f in files.items()}})
+        bar.update(len(ids))
+    bar.close()
     distributed.barrier()
     return info
