@@ -53,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
-from grip_loop import distributed, docstore, prepare_write, workdir
+from grip_loop import distributed, docstore, prepare_geometry, prepare_write, workdir
 from grip_loop.embed import embed_corpus
 from grip_loop.judge import JudgeInput, cluster_quality
 from grip_loop.manifest import SCHEMA_VERSION, ClusterInfo, Manifest
@@ -63,7 +63,6 @@ from grip_loop.prepare_cluster import (
     _knn_stats,
     _pathology,
     _without_faiss_size_warning,
-    cluster_orders,
     clusters_from_field,
     heldout_split,
     probe_sizes,
@@ -154,8 +153,13 @@ def _stages(cfg, out, work, rank, world, ingest, store, tokens, timer) -> Manife
     emb = embed_corpus(store.texts, cfg.encoder, work, emb_key, progress=cfg.progress)
     timer.record("embed", t0, len(store))
     dtype = token_dtype_for(tok_info["vocab_size"])
-    args = (cfg, out, work, store, emb, emb_key, ingest, tok_info, tokens, timer, dtype)
-    state = _on_rank0(rank, lambda: _rank0_stages(*args))  # cluster, geometry, judge, the write plan
+    lengths = tokens.lengths()
+    args = (cfg, out, work, store, emb, emb_key, ingest, tok_info, lengths, timer)
+    state = _on_rank0(rank, lambda: _rank0_clusters(*args))  # clusters, sigma_k, probes
+    prepare_geometry.compute(cfg, work, emb, lengths, rank, world)  # each cluster's orders
+    state = _on_rank0(
+        rank, lambda: _rank0_stages(cfg, out, work, store, emb, ingest, tok_info, timer, dtype, state)
+    )
     t0 = time.perf_counter() - (state["t_plan"] if rank == 0 else 0.0)  # the plan is part of the stage
     written = prepare_write.write(out, work, store, tokens, dtype, rank, world, cfg.progress)
     if rank != 0:
@@ -182,13 +186,10 @@ def _on_rank0(rank: int, fn):
     return result
 
 
-def _rank0_stages(cfg, out, work, store, emb, emb_key, ingest, tok_info, tokens, timer, dtype) -> dict:
-    """Rank 0: the cluster, geometry and judge stages, then the plan of the write stage (its
-    streams of documents, `prepare_write.plan`). Returns what the manifest needs."""
-    from tqdm import tqdm
-
+def _rank0_clusters(cfg, out, work, store, emb, emb_key, ingest, tok_info, lengths, timer) -> dict:
+    """Rank 0: the held-out slice, the cluster stage, sigma_k and each cluster's probe and
+    training documents (`prepare_geometry.plan`). Returns them."""
     n = len(store)
-    lengths = tokens.lengths()
     # the language (or --cluster-by value) of every document: one shared string object each
     strata = np.asarray(ingest["strata"], dtype=object)[store.column(4)]
 
@@ -237,8 +238,8 @@ def _rank0_stages(cfg, out, work, store, emb, emb_key, ingest, tok_info, tokens,
     bounds = np.searchsorted(np.where(train, labels, n_clusters)[order_by_label], np.arange(n_clusters + 1))
     members = [order_by_label[bounds[k] : bounds[k + 1]] for k in range(n_clusters)]
     del order_by_label
-    orders, probes, knn_info = [], [], []
-    for k in tqdm(range(n_clusters), desc="density+order", unit="cluster", disable=not cfg.progress):
+    probes = []
+    for k in range(n_clusters):
         m = members[k]
         # a uniform draw, kept in draw order: any prefix is a uniform sample, and the probe's
         # adaptation / evaluation roles alternate along it (split_probe)
@@ -246,26 +247,38 @@ def _rank0_stages(cfg, out, work, store, emb, emb_key, ingest, tok_info, tokens,
         probes.append(m[pick])
         if not cfg.probe_eval_in_training:  # the probe measures documents training never sees
             held_out = np.asarray(split_probe(m[pick].tolist())[1], np.int64)
-            m = members[k] = m[~np.isin(m, held_out)]
+            members[k] = m[~np.isin(m, held_out)]
             train[held_out] = False
-        info: dict = {}
-        orders.append(
-            cluster_orders(
-                np.asarray(emb[m]),
-                lengths[m],
-                cfg.orders,
-                beta=cfg.beta,
-                knn_k=cfg.knn_k,
-                seed=_seed(cfg.seed, k, 0),
-                approx_above=cfg.knn_approx_above,
-                target_recall=cfg.knn_target_recall,
-                info=info,
-            )
-        )
-        knn_info.append({"cluster": k, **info} if info.get("approx") else None)
     sizes = np.array([len(m) for m in members], dtype=np.int64)
+    knn_cfg = [cfg.orders, cfg.beta, cfg.knn_k, cfg.knn_approx_above, cfg.knn_target_recall, cfg.seed]
+    prepare_geometry.plan(work, members, [emb_key, tok_info["key"], *knn_cfg])
+    return dict(
+        n_clusters=n_clusters,
+        names=names,
+        members=members,
+        probes=probes,
+        sizes=sizes,
+        lengths=lengths,
+        sigma=sigma,
+        described=described,
+        held=held,
+        labels=labels,
+        train=train,
+        n_probe=n_probe,
+        cluster_stats=cluster_stats,
+        t_geometry=t0,
+    )
+
+
+def _rank0_stages(cfg, out, work, store, emb, ingest, tok_info, timer, dtype, st) -> dict:
+    """Rank 0, after every rank computed its clusters' orders: the rest of the geometry stage,
+    the judge stage, then the plan of the write stage (its streams of documents,
+    `prepare_write.plan`). Returns what the manifest needs."""
+    n, n_clusters, lengths, probes = len(store), st["n_clusters"], st["lengths"], st["probes"]
+    members, held, labels, train = st["members"], st["held"], st["labels"], st["train"]
+    orders, knn_info = prepare_geometry.load(cfg, work, n_clusters)
     pathology = _pathology(cfg, out, emb, lengths)
-    timer.record("geometry", t0, n)
+    timer.record("geometry", st["t_geometry"], n)
 
     t0 = time.perf_counter()
     judge = cfg.judge.build(cache_dir=work)
@@ -312,26 +325,14 @@ def _rank0_stages(cfg, out, work, store, emb, emb_key, ingest, tok_info, tokens,
         upper=upper,
         key_parts=[ingest["fingerprint"], tok_info["key"], tok_info["sha256"], dtype],
     )
-    return dict(
-        n_clusters=n_clusters,
-        names=names,
-        members=members,
+    return st | dict(
         orders=orders,
-        probes=probes,
-        sizes=sizes,
-        lengths=lengths,
-        sigma=sigma,
         quality=quality,
         dims=dims,
-        described=described,
-        held=held,
         held_langs=held_langs,
-        train=train,
-        n_probe=n_probe,
         judge=judge,
         pathology=pathology,
         knn_info=knn_info,
-        cluster_stats=cluster_stats,
         n_write=int(train.sum()) * len(cfg.orders) + len(held),
         t_plan=time.perf_counter() - t0,
     )

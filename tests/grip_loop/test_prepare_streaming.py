@@ -123,7 +123,10 @@ def test_torchrun_two_processes_write_the_same_bytes_as_one(tmp_path):
     assert _files(outs[1]) == _files(outs[2])
     e1, e2 = (np.load(o / "work" / "embeddings.npy") for o in outs.values())
     assert np.array_equal(e1, e2)
-    # both ranks wrote units; clusters of more than shard_max_docs were cut into shard units
+    # both ranks computed clusters' orders and wrote units; clusters of more than
+    # shard_max_docs documents were cut into shard units
+    geometry = [json.loads(p.read_text()) for p in (outs[2] / "work" / "geometry").glob("cluster-*.json")]
+    assert {g["rank"] for g in geometry} == {0, 1}
     records = {
         p.name: p for p in sorted((outs[2] / "work" / "write").glob("*.json")) if p.name != "plan.json"
     }
