@@ -212,12 +212,11 @@ class DocStore:
         if len(ids) and not (0 <= int(ids.min()) and int(ids.max()) < len(self)):
             raise IndexError(f"documents {int(ids.min())}..{int(ids.max())} of {len(self)}")
         parts = np.searchsorted(self.starts, ids, side="right") - 1
-        rows: dict[int, list] = {}
-        for p, j in zip(parts.tolist(), (ids - self.starts[parts]).tolist(), strict=True):
-            idx = rows.get(p)
-            if idx is None:
-                idx = rows[p] = np.asarray(self.idx(p)[:, :4]).tolist()  # one part's index, once
-            to, tn, mo, mn = idx[j]
+        rows = np.empty((len(ids), 4), np.int64)  # the index rows of these documents, part by part
+        for p in np.unique(parts).tolist():
+            sel = parts == p
+            rows[sel] = self.idx(p)[ids[sel] - self.starts[p], :4]
+        for p, (to, tn, mo, mn) in zip(parts.tolist(), rows.tolist(), strict=True):
             yield self._read(p, "txt", to, tn), json.loads(self._read(p, "meta.jsonl", mo, mn))
 
     def part_texts(self, p: int) -> list[str]:
@@ -295,15 +294,18 @@ class TokenStore:
         ids = np.asarray(ids, np.int64)
         want = np.dtype(dtype).newbyteorder("<")
         parts = np.searchsorted(self.starts, ids, side="right") - 1
-        views: dict[int, tuple] = {}
-        for p, j in zip(parts.tolist(), (ids - self.starts[parts]).tolist(), strict=True):
-            v = views.get(p)
-            if v is None:
-                flat, off = self._part(p)
-                flat = np.asarray(flat)  # a plain view of the map: slicing it makes no memmap objects
-                v = views[p] = (flat, off.tolist(), flat.dtype == want)
-            flat, off, same = v
-            chunk = flat[off[j] : off[j + 1]]
+        lo, hi = np.empty(len(ids), np.int64), np.empty(len(ids), np.int64)
+        for p in np.unique(parts).tolist():
+            sel = parts == p
+            off = self._part(p)[1]
+            lo[sel], hi[sel] = off[ids[sel] - self.starts[p]], off[ids[sel] - self.starts[p] + 1]
+        views: dict[int, np.ndarray] = {}
+        for p, a, b in zip(parts.tolist(), lo.tolist(), hi.tolist(), strict=True):
+            flat = views.get(p)
+            if flat is None:  # a plain view of the map: slicing it makes no memmap objects
+                flat = views[p] = np.asarray(self._part(p)[0])
+            same = flat.dtype == want
+            chunk = flat[a:b]
             if not same and chunk.size and int(chunk.max()) > np.iinfo(want).max:
                 raise ValueError(f"tokens: ids out of range for {want.name} (document {ids[0]}...)")
             yield chunk.tobytes() if same else chunk.astype(want).tobytes()

@@ -73,6 +73,7 @@ _ZEROS = bytes(_RECORD)
 _MODE_UID_GID = b"0000444\x00" + b"0000000\x00" * 2
 _MTIME = b"00000000000\x00"
 _TAIL = tarfile.REGTYPE + bytes(100) + tarfile.POSIX_MAGIC + bytes(32 + 32 + 8 + 8 + 155 + 12)
+_TAIL_SUM = sum(_TAIL) + 8 * 32  # the checksum counts its own field as 8 spaces
 
 
 def _header(name: str, size: int) -> bytes:
@@ -85,7 +86,7 @@ def _header(name: str, size: int) -> bytes:
         info.size, info.mode = size, 0o444
         return info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
     head = raw.ljust(100, b"\x00") + _MODE_UID_GID + b"%011o\x00" % size + _MTIME
-    chksum = sum(head) + sum(_TAIL) + 8 * 32  # the checksum field counts as 8 spaces
+    chksum = sum(head) + _TAIL_SUM
     return head + b"%06o\x00 " % chksum + _TAIL
 
 
@@ -174,15 +175,6 @@ class ShardWriter:
         self._sha.update(data)
         self._offset += len(data)
 
-    def _member(self, name: str, payload: bytes) -> int:
-        """Append one member as tarfile would; returns the byte offset of its data."""
-        self._put(_header(name, len(payload)))
-        at = self._offset
-        self._put(payload)
-        if len(payload) % _BLOCK:
-            self._put(_ZEROS[: _BLOCK - len(payload) % _BLOCK])
-        return at
-
     def _finish(self) -> None:
         if self._fh is None:
             return
@@ -224,10 +216,14 @@ class ShardWriter:
             raise ValueError(f"ids: {len(ids)} bytes is not a whole number of {self.dtype.name} tokens")
         if self._fh is None:
             self._open()
+        # the document's three members as tarfile appends them (header, data, zeros up to a
+        # whole block), in one write
+        pieces = []
+        for ext, payload in (("ids", ids), ("txt", txt), ("json", js)):
+            pieces += (_header(f"{key}.{ext}", len(payload)), payload, _ZEROS[: -len(payload) % _BLOCK])
+        self._rows.append((self._offset + _BLOCK, len(ids)))  # the .ids data follows its header
         with self._disk_full_is_clear():
-            self._rows.append((self._member(f"{key}.ids", ids), len(ids)))
-            self._member(f"{key}.txt", txt)
-            self._member(f"{key}.json", js)
+            self._put(b"".join(pieces))
         self._docs += 1
         self._tokens += len(ids) // self.dtype.itemsize
         self._bytes += len(ids) + len(txt) + len(js) + 3 * 512

@@ -436,14 +436,14 @@ def test_a_full_disk_while_writing_a_shard_is_a_clear_error_and_leaves_no_tempor
     from grip_loop.shards import ShardWriter
 
     class FillsUp:
-        """A shard file whose 5th write finds the disk full."""
+        """A shard file whose 2nd write (the 2nd document) finds the disk full."""
 
         def __init__(self, fh) -> None:
             self.fh, self.n = fh, 0
 
         def write(self, data):
             self.n += 1
-            if self.n == 5:
+            if self.n == 2:
                 raise OSError(errno.ENOSPC, "No space left on device")
             return self.fh.write(data)
 
