@@ -189,7 +189,7 @@ def test_resume_after_interruption(stdlib_prepared, stdlib_corpus, tmp_path, mon
     from grip_loop.shards import ShardWriter
 
     out = tmp_path / "resumed"
-    real_embed, real_write = Encoder.embed, ShardWriter.write
+    real_embed, real_write = Encoder.embed, ShardWriter.write_encoded
     calls = {"embed": 0, "write": 0}
 
     def embed_then_die(self, texts):
@@ -205,7 +205,7 @@ def test_resume_after_interruption(stdlib_prepared, stdlib_corpus, tmp_path, mon
         return real_write(self, *a, **kw)
 
     monkeypatch.setattr(Encoder, "embed", embed_then_die)
-    monkeypatch.setattr(ShardWriter, "write", write_then_die)
+    monkeypatch.setattr(ShardWriter, "write_encoded", write_then_die)  # every document passes through it
     with pytest.raises(KeyboardInterrupt, match="embed"):
         prepare(_cfg(stdlib_corpus, out))
     assert not (out / "manifest.json").exists()
