@@ -18,9 +18,14 @@ and redoes a stage whose inputs changed; a resume checks each stage file against
 5. geometry  sigma_k (Eq. 3), Neyman probe (Eq. 4, with a per-cluster floor), kNN density (Eq. 9;
              approximate above `knn_approx_above` members, recall logged),
              P_select (Eq. 10) and the Efraimidis–Spirakis order of each requested order
+             (orders: per cluster, resumable, spread over the ranks: `grip_loop.prepare_geometry`)
 6. judge     four rubric scores of every probe document -> Q_k on [0, 1]
 7. write     shards/<order>/cluster-KKKKK/shard-*.tar in order, probe/cluster-KKKKK-*.tar, and
-             manifest.json last (the old manifest is removed before any shard is rewritten)
+             manifest.json last (the old manifest is removed before any shard is rewritten;
+             per unit, resumable, spread over the ranks: `grip_loop.prepare_write`)
+
+Under torchrun, stages 2, 3 and the orders of 5 and 7 run on every rank; the rest runs on rank
+0 while the others wait (`_on_rank0`: if rank 0 fails, every rank stops).
 
 Randomness: one seed. Cluster k's orders share the same uniform draws (common random
 numbers: "grip", "diversity" and "random" differ only by their weights, which is what an
