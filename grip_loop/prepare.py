@@ -58,7 +58,7 @@ from pathlib import Path
 
 import numpy as np
 
-from grip_loop import distributed, docstore, prepare_geometry, prepare_write, workdir
+from grip_loop import distributed, docstore, prepare_cluster, prepare_geometry, prepare_write, workdir
 from grip_loop.embed import embed_corpus
 from grip_loop.judge import JudgeInput, cluster_quality
 from grip_loop.manifest import SCHEMA_VERSION, ClusterInfo, Manifest
@@ -159,8 +159,10 @@ def _stages(cfg, out, work, rank, world, ingest, store, tokens, timer) -> Manife
     timer.record("embed", t0, len(store))
     dtype = token_dtype_for(tok_info["vocab_size"])
     lengths = tokens.lengths()
-    args = (cfg, out, work, store, emb, emb_key, ingest, tok_info, lengths, timer)
-    state = _on_rank0(rank, lambda: _rank0_clusters(*args))  # clusters, sigma_k, probes
+    fit = _on_rank0(rank, lambda: _rank0_fit(cfg, out, work, store, emb, emb_key, ingest))  # the clusters
+    prepare_cluster.assign_blocks(work, emb, rank, world)  # k-means: every rank labels its blocks
+    args = (cfg, out, work, store, emb, tok_info, lengths, timer, fit)
+    state = _on_rank0(rank, lambda: _rank0_clusters(*args))  # names, sigma_k, probes
     prepare_geometry.compute(cfg, work, emb, lengths, rank, world)  # each cluster's orders
     state = _on_rank0(
         rank, lambda: _rank0_stages(cfg, out, work, store, emb, ingest, tok_info, timer, dtype, state)
@@ -191,9 +193,9 @@ def _on_rank0(rank: int, fn):
     return result
 
 
-def _rank0_clusters(cfg, out, work, store, emb, emb_key, ingest, tok_info, lengths, timer) -> dict:
-    """Rank 0: the held-out slice, the cluster stage, sigma_k and each cluster's probe and
-    training documents (`prepare_geometry.plan`). Returns them."""
+def _rank0_fit(cfg, out, work, store, emb, emb_key, ingest) -> dict:
+    """Rank 0: the held-out slice and the clusters (labels too, but for a k-means assignment
+    still to do: `prepare_cluster.assign_blocks`)."""
     n = len(store)
     # the language (or --cluster-by value) of every document: one shared string object each
     strata = np.asarray(ingest["strata"], dtype=object)[store.column(4)]
@@ -216,7 +218,32 @@ def _rank0_clusters(cfg, out, work, store, emb, emb_key, ingest, tok_info, lengt
             )
         with _without_faiss_size_warning():  # small_corpus_notes said it in one line, with the fix
             centroids, labels, cluster_stats = _cluster(cfg, out, work, emb, emb_key, train)
-        n_clusters = cfg.k
+        n_clusters, names = cfg.k, None
+    return dict(
+        held=held,
+        train=train,
+        centroids=centroids,
+        labels=labels,
+        names=names,
+        n_clusters=n_clusters,
+        cluster_stats=cluster_stats,
+        t_cluster=t0,
+        emb_key=emb_key,
+    )
+
+
+def _rank0_clusters(cfg, out, work, store, emb, tok_info, lengths, timer, fit) -> dict:
+    """Rank 0, after the assignment: the clusters' names and GIS, sigma_k and each cluster's
+    probe and training documents (`prepare_geometry.plan`). Returns them."""
+    n, n_clusters, t0 = len(store), fit["n_clusters"], fit["t_cluster"]
+    held, train, centroids, labels, names = (
+        fit[k] for k in ("held", "train", "centroids", "labels", "names")
+    )
+    cluster_stats = fit["cluster_stats"]
+    if labels is None:
+        centroids, labels, cluster_stats = prepare_cluster.finish_labels(
+            cfg, out, work, train, centroids, cluster_stats
+        )
     # Geometric Influence Scores of the training documents, and from them each cluster's
     # influential documents, terms, languages and (k-means / GEM) name (grip_loop.naming)
     gis = influence_scores(emb, np.where(train, labels, -1), n_clusters)
@@ -256,7 +283,7 @@ def _rank0_clusters(cfg, out, work, store, emb, emb_key, ingest, tok_info, lengt
             train[held_out] = False
     sizes = np.array([len(m) for m in members], dtype=np.int64)
     knn_cfg = [cfg.orders, cfg.beta, cfg.knn_k, cfg.knn_approx_above, cfg.knn_target_recall, cfg.seed]
-    prepare_geometry.plan(work, members, [emb_key, tok_info["key"], *knn_cfg])
+    prepare_geometry.plan(work, members, [fit["emb_key"], tok_info["key"], *knn_cfg])
     return dict(
         n_clusters=n_clusters,
         names=names,

@@ -3,12 +3,15 @@ value), sigma_k (Eq. 3), the probe's size (Eq. 4) and each cluster's orders (Eq.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
+from grip_loop import distributed, workdir
 from grip_loop.budget import apportion
 from grip_loop.prepare_common import (
     _atomic_json,
@@ -124,13 +127,19 @@ def sigma_streamed(emb, labels: np.ndarray, train: np.ndarray, centroids: np.nda
     return sigma
 
 
+ASSIGN_BLOCK = 65536
+
+
 def _cluster(
     cfg: PrepareConfig, out: Path, work: Path, emb: np.ndarray, emb_key: str, train: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, dict]:
+) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """(centroids, labels, stats): centroids fitted on the training documents only; labels of
     every document (held-out ones get their nearest centroid, or the GEM student's label, for
-    reporting); stats for `manifest.stats.clustering`."""
-    from grip_loop.cluster import assign, fit_gem, normalised_entropy, spherical_kmeans
+    reporting); stats for `manifest.stats.clustering`. Rank 0. With k-means, labels is None
+    when the assignment is still to do: `assign_blocks` on every rank, then `finish_labels`."""
+    from grip_loop.cluster import fit_gem, normalised_entropy, spherical_kmeans
+
+    shutil.rmtree(work / "assign", ignore_errors=True)  # what an unfinished assignment left
 
     meta = work / "labels.json"
     parts = ["cluster", emb_key, cfg.k, cfg.seed, cfg.kmeans_niter, cfg.kmeans_sample]
@@ -185,13 +194,54 @@ def _cluster(
         centroids, _ = spherical_kmeans(
             np.asarray(emb[rows]), cfg.k, seed=cfg.seed, niter=cfg.kmeans_niter, sample_size=None
         )
-        labels = assign(emb, centroids)
-        stats = {"method": "kmeans"}
+        adir = work / "assign"  # every rank assigns its blocks of rows (assign_blocks)
+        adir.mkdir(parents=True)
+        _atomic_npy(adir / "centroids.npy", centroids)
+        _atomic_json(adir / "plan.json", {"key": key, "n": len(emb), "block": ASSIGN_BLOCK})
+        return centroids, None, {"method": "kmeans", "key": key}
+    return _save_labels(cfg, out, work, train, centroids, labels, stats, key)
+
+
+def assign_blocks(work: Path, emb, rank: int, world: int) -> None:
+    """Every rank: the nearest centroid of the rows of blocks b = rank (mod world) of
+    `ASSIGN_BLOCK` rows, into `work/assign/block-BBBBB.npy`, when rank 0's k-means fit left a
+    plan (nothing otherwise). A block's labels do not depend on the rank that computes it."""
+    from grip_loop.cluster import assign
+
+    adir = work / "assign"
+    plan, _ = workdir.read_json(adir / "plan.json")
+    if plan is not None:
+        centroids = np.load(adir / "centroids.npy")
+        n, block = plan["n"], plan["block"]
+        for b in range(rank, -(-n // block), world):
+            lo = b * block
+            _atomic_npy(adir / f"block-{b:05d}.npy", assign(emb[lo : lo + block], centroids, block=block))
+    distributed.barrier()
+
+
+def finish_labels(cfg, out: Path, work: Path, train: np.ndarray, centroids, stats: dict):
+    """Rank 0, after `assign_blocks`: every block's labels, saved with the stage's record."""
+    adir = work / "assign"
+    plan = json.loads((adir / "plan.json").read_text())
+    n_blocks = -(-plan["n"] // plan["block"])
+    labels = np.concatenate(
+        [np.load(adir / f"block-{b:05d}.npy") for b in range(n_blocks)] or [np.zeros(0, np.int64)]
+    )
+    stats = {k: v for k, v in stats.items() if k != "key"}
+    result = _save_labels(cfg, out, work, train, centroids, labels, stats, plan["key"])
+    shutil.rmtree(adir, ignore_errors=True)
+    return result
+
+
+def _save_labels(cfg, out, work, train, centroids, labels, stats, key):
+    from grip_loop.cluster import normalised_entropy
+
+    files = {"centroids": out / "centroids.npy", "labels": work / "labels.npy"}
     stats["size_entropy"] = round(normalised_entropy(np.bincount(labels[train], minlength=cfg.k)), 6)
     _atomic_npy(files["centroids"], centroids)
     _atomic_npy(files["labels"], labels)
     record = {"key": key, "sha256": {name: _file_sha256(path) for name, path in files.items()}}
-    _atomic_json(meta, record | {"stats": stats})
+    _atomic_json(work / "labels.json", record | {"stats": stats})
     return centroids, labels, stats
 
 

@@ -175,3 +175,28 @@ def test_a_failed_write_unit_is_named_and_a_rerun_redoes_only_the_unfinished_uni
     total += sum(s.n_docs for s in m.heldout)
     assert 0 < calls["n"] + 10**9 < total  # the finished units were not written again
     assert not list(out.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kmeans_assignment_by_block_over_ranks_equals_one_assign(tmp_path, seed):
+    """The assignment's blocks, split over 3 (simulated) ranks in any order, give the labels of
+    one `assign` over every row."""
+    from grip_loop import workdir
+    from grip_loop.cluster import assign
+    from grip_loop.prepare_cluster import assign_blocks
+
+    rng = np.random.default_rng(seed)
+    emb = rng.standard_normal((1000, 16)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    centroids = emb[rng.choice(1000, 7, replace=False)]
+    adir = tmp_path / "assign"
+    adir.mkdir()
+    np.save(adir / "centroids.npy", centroids)
+    workdir.atomic_json(adir / "plan.json", {"key": "k", "n": len(emb), "block": 96})
+    for rank in (2, 0, 1):
+        assign_blocks(tmp_path, emb, rank, 3)
+    blocks = sorted(adir.glob("block-*.npy"))
+    assert len(blocks) == 11
+    labels = np.concatenate([np.load(b) for b in blocks])
+    assert np.array_equal(labels, assign(emb, centroids))
+    assert len(np.unique(labels)) > 1
