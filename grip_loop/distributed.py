@@ -1,8 +1,8 @@
 """torch.distributed for the offline stages: rank/world from torchrun's environment, barriers.
 
 `grip prepare` is launched either as one process or as `torchrun --nproc_per_node N grip
-prepare ...`. Tokenize (by document part), embed (by block), the orders of each cluster (by
-cluster) and shard writing (by unit) are data-parallel; the other stages run on rank 0 while
+prepare ...`. Tokenize (by document part), embed (by block), the k-means assignment (by block),
+the orders of each cluster (by cluster) and shard writing (by unit) are data-parallel; the other stages run on rank 0 while
 the rest wait. gloo on CPU, nccl when CUDA exists.
 The barrier timeout is long (default 6 h) because rank 0 may train a tokenizer or run
 k-means on a large corpus while the others wait.

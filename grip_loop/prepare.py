@@ -24,8 +24,9 @@ and redoes a stage whose inputs changed; a resume checks each stage file against
              manifest.json last (the old manifest is removed before any shard is rewritten;
              per unit, resumable, spread over the ranks: `grip_loop.prepare_write`)
 
-Under torchrun, stages 2, 3 and the orders of 5 and 7 run on every rank; the rest runs on rank
-0 while the others wait (`_on_rank0`: if rank 0 fails, every rank stops).
+Under torchrun, stages 2, 3, the k-means assignment of 4, the orders of 5 and 7 run on every
+rank; the rest runs on rank 0 while the others wait (`_on_rank0`: if rank 0 fails, every rank
+stops).
 
 Randomness: one seed. Cluster k's orders share the same uniform draws (common random
 numbers: "grip", "diversity" and "random" differ only by their weights, which is what an
