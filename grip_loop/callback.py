@@ -79,8 +79,7 @@ from grip_loop.dataset import GripIterableDataset
 from grip_loop.loop import GripLoop, load_proxy
 from grip_loop.loop_report import ledger_wandb_table
 from grip_loop.manifest import ManifestError
-from grip_loop.modes import BudgetConfig
-from grip_loop.rap import RAPConfig, estimate_train_flops, rapid_adaptation_probe
+from grip_loop.rap import estimate_train_flops, rapid_adaptation_probe
 
 __all__ = ["GripCallback", "ledger_wandb_table", "load_proxy"]
 
@@ -112,31 +111,7 @@ class GripCallback(GripLoop, L.Callback):
             prepared tokenizer's. With a proxy the first probe runs before the first step.
     """
 
-    def __init__(
-        self,
-        mode: str = "grip",
-        budget: BudgetConfig | None = None,
-        rap: RAPConfig | None = None,
-        refresh_every_n_steps: int = 50,
-        max_probe_overhead: float | None = 0.005,
-        first_refresh_after_steps: int = 100,
-        probe_seq_len: int = 128,
-        probe_docs: int = 32,
-        probe_windows_per_doc: int = 1,
-        proxy: str | None = None,
-    ) -> None:
-        super().__init__(
-            mode=mode,
-            budget=budget,
-            rap=rap,
-            refresh_every_n_steps=refresh_every_n_steps,
-            max_probe_overhead=max_probe_overhead,
-            first_refresh_after_steps=first_refresh_after_steps,
-            probe_seq_len=probe_seq_len,
-            probe_docs=probe_docs,
-            probe_windows_per_doc=probe_windows_per_doc,
-            proxy=proxy,
-        )
+    # The constructor (the arguments above) is GripLoop's; LightningCLI reads its signature.
 
     # ------------------------------------------------------------------ wiring
     def _find_dataset(self, trainer) -> GripIterableDataset:
