@@ -251,7 +251,10 @@ class GripCallback(GripLoop, L.Callback):
 
                 lg.experiment.log(loop_report.wandb_refresh_payload(wandb, self.names, e, rows))
         if trainer.is_global_zero:
-            self.write_files(self.log_dir(trainer), e, rows)
+            if self._files_open:
+                self.write_files(self.log_dir(trainer), e, rows)
+            else:  # setup's initial publish: open_files writes it (the folder waits for on_train_start)
+                self._pending.append((e, rows))
 
     def log_dir(self, trainer) -> Path:
         # `trainer.log_dir` is a collective (it broadcasts rank 0's path), so it is resolved

@@ -388,9 +388,6 @@ class GripLoop:
             self.plot(d / loop_report.BUDGET_PNG)
 
     def write_files(self, d: Path, e: dict, rows: list[dict] | None) -> None:
-        if not self._files_open:  # setup's initial publish: written once the run is known fresh
-            self._pending.append((e, rows))
-            return
         loop_report.append_refresh(d, e, rows, self.refreshes)
         if e.get("ledger") is not None:
             self.write_ledger(d, e["step"], "refresh", e["ledger"])
