@@ -219,7 +219,7 @@ def measure(tool, root, weights, *, seq_len, batch, workers, warmup, seconds, se
     ds, settings = make_dataset(tool, root, weights, seq_len, batch, seed)
     kw = {"num_workers": workers, "batch_size": batch}
     if settings.get("collate_fn") == "collate_blocks":
-        from grip_loop.dataset import collate_blocks
+        from grip_loop.collate import collate_blocks
 
         kw["collate_fn"] = collate_blocks
     if workers:

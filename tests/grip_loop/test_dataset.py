@@ -286,9 +286,8 @@ def test_no_replay_blocks_match_a_naive_reference(prepared, seed):
 
 
 def test_reader_keeps_at_most_max_open_files(prepared):
-    from grip_loop.dataset import ClusterReader
     from grip_loop.manifest import load_manifest
-    from grip_loop.shards import iter_shard
+    from grip_loop.shards import ClusterReader, iter_shard
 
     c = load_manifest(prepared).clusters[3]  # 60 documents in shards of 7: 9 shards
     reader = ClusterReader(prepared, c.shards["grip"], "uint16", max_open=2)
@@ -319,7 +318,7 @@ def _random_blocks(rng, n, t, k=5):
 def test_collate_blocks_equals_default_collate_in_one_storage(seed):
     from torch.utils.data import default_collate
 
-    from grip_loop.dataset import collate_blocks
+    from grip_loop.collate import collate_blocks
 
     rng = np.random.default_rng(seed)
     blocks = _random_blocks(rng, int(rng.integers(1, 9)), int(rng.integers(1, 300)))
@@ -337,7 +336,7 @@ def test_collate_blocks_equals_default_collate_in_one_storage(seed):
 def test_collate_blocks_falls_back_to_default_collate():
     from torch.utils.data import default_collate
 
-    from grip_loop.dataset import collate_blocks
+    from grip_loop.collate import collate_blocks
 
     mixed = [{"a": torch.zeros(3, dtype=torch.int64), "b": torch.ones(2)} for _ in range(4)]
     got, ref = collate_blocks(mixed, pack=True), default_collate(mixed)
@@ -354,7 +353,7 @@ def test_collate_blocks_falls_back_to_default_collate():
 
 
 def test_collate_blocks_through_two_workers_matches_default_collate(prepared):
-    from grip_loop.dataset import collate_blocks
+    from grip_loop.collate import collate_blocks
 
     def batches(collate):
         ds = GripIterableDataset(prepared, seq_len=16, seed=3)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from grip_loop.dataset import GripIterableDataset, collate_blocks
+from grip_loop.collate import collate_blocks
+from grip_loop.dataset import GripIterableDataset
 from grip_loop.ledger import Ledger, format_ledger, positions_read
 from tests.prepared import make_prepared
 
