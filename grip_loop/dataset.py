@@ -19,8 +19,9 @@ rank: g = rank * num_workers + worker_id, G = world_size * num_workers):
 4. Documents (+ EOS) are concatenated and cut into blocks of seq_len tokens. A block
    carries no `labels`: they are the input ids (the Hugging Face convention, the model
    shifts), so the consumer uses `input_ids` (train/module.py does) instead of receiving a
-   copy. A block carries the cluster of each token, its majority cluster and the budget
-   version it was drawn under.
+   copy. A block carries `cluster_spans`, one (cluster, tokens) row per document piece in
+   it, in order (`grip_loop.collate.token_clusters` expands them to the cluster of every
+   token), its majority cluster and the budget version it was drawn under.
 
 Budget updates: `publish(budgets)` writes a shared-memory table (version + n_k) that every
 worker reads before it starts a block, so a worker switches within one block of the
@@ -36,11 +37,9 @@ a pure function of the seed and the steps at which budgets were published; with 
 worker's switch point depends on when it saw the table (recorded per block, and exact on
 resume once the checkpoint is more than the prefetch depth past the update).
 
-Reading: each shard's member offsets come from its index file `<shard>.idx.npy` (written by
-`grip prepare`, memory-mapped: every worker of a rank shares it through the page cache, so no
-per-document memory is private to a worker); a shard without one (an older or foreign writer)
-has its headers scanned once instead (16 bytes a document in the worker). A document is then
-one `os.pread` of its token ids.
+Reading: `grip_loop.shards.ClusterReader`, one `os.pread` a document through each shard's
+memory-mapped index (shared by the workers of a rank through the page cache). The state of a
+partition and its checkpoint form: `grip_loop.partition.PartitionState`.
 """
 
 from __future__ import annotations
@@ -52,6 +51,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
+from grip_loop.collate import SPANS
 from grip_loop.distributed import World
 from grip_loop.manifest import (
     Manifest,
@@ -337,7 +337,7 @@ class GripIterableDataset(IterableDataset):
     def _block(self, p: PartitionState) -> dict[str, torch.Tensor]:
         need, eos = self.seq_len, self.eos_id
         ids = np.empty(need, dtype=np.int64)
-        tok_cluster = np.empty(need, dtype=np.int64)
+        spans: list[tuple[int, int]] = []  # (cluster, tokens) of each document piece, in order
         counts: dict[int, int] = {}
         have = 0
         while have < need:
@@ -355,7 +355,7 @@ class GripIterableDataset(IterableDataset):
                 ids[have + take - 1] = eos
             else:
                 ids[have : have + take] = toks[off:end]
-            tok_cluster[have : have + take] = k
+            spans.append((k, take))
             counts[k] = counts.get(k, 0) + take
             have += take
             p.carry = (k, pos, end) if end < n_doc else None
@@ -364,7 +364,7 @@ class GripIterableDataset(IterableDataset):
         majority = min(counts, key=lambda c: (-counts[c], c))
         return {
             "input_ids": torch.from_numpy(ids),
-            "token_cluster_ids": torch.from_numpy(tok_cluster),
+            SPANS: torch.from_numpy(np.array(spans, dtype=np.int64)),
             "cluster_ids": torch.from_numpy(np.array(majority, dtype=np.int64)),
             "weights_version": torch.from_numpy(np.array(p.version, dtype=np.int64)),
         }

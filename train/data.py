@@ -6,6 +6,8 @@ Batch contract (every dataset feeding `MoELM` yields these per block; the loader
                 (Hugging Face convention: the model shifts, label[t] is predicted from tokens < t);
                 -100 = ignored
     cluster_ids ()   int64, optional: the cluster of the block (-1 = unknown)
+    cluster_spans (S, 2) int64, optional (GRIP blocks): (cluster, tokens) of each document piece,
+                in order; GripCallback's accounting reads them (`grip_loop.collate`)
 The loader stacks blocks with `grip_loop.collate.collate_blocks`: `default_collate`'s batch with
 every field in one storage, so a worker sends one shared-memory buffer per batch, not one per field.
 
