@@ -11,6 +11,8 @@ a batch's spans to its longest with (0, 0) rows: zero tokens, which attribute no
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch.utils.data import default_collate, get_worker_info
@@ -34,18 +36,26 @@ def cluster_token_counts(spans: torch.Tensor, k: int) -> np.ndarray:
     return np.bincount(flat[:, 0], weights=flat[:, 1], minlength=k).astype(np.int64)
 
 
-def _pad_spans(samples: list) -> list:
-    """`samples` with their spans padded to the longest with (0, 0) rows (a copy where needed)."""
-    rows = max(s[SPANS].shape[0] for s in samples)
-    out = []
-    for s in samples:
-        sp = s[SPANS]
-        if sp.shape[0] != rows:
-            padded = sp.new_zeros((rows, 2))
-            padded[: sp.shape[0]] = sp
-            s = {**s, SPANS: padded}
-        out.append(s)
+def _fill_spans(out: torch.Tensor, spans: list) -> torch.Tensor:
+    """Write each block's spans into `out` [B, S, 2], padded with (0, 0) rows."""
+    lens = [sp.shape[0] for sp in spans]
+    if all(n == out.shape[1] for n in lens):
+        return _stack(spans, out=out)
+    v, flat, at = out.numpy(), torch.cat(spans).numpy(), 0
+    v[...] = 0
+    for i, n in enumerate(lens):
+        v[i, :n] = flat[at : at + n]
+        at += n
     return out
+
+
+def _stack(values: list, out: torch.Tensor | None = None) -> torch.Tensor:
+    """torch.stack of same-shaped tensors (into `out`); 1-D ones through `cat` into its flat
+    storage, several times faster than `stack(out=)`."""
+    if out is not None and values[0].ndim == 1:
+        torch.cat(values, out=out.view(-1))
+        return out
+    return torch.stack(values, out=out)
 
 
 def collate_blocks(samples: list, *, pack: bool | None = None) -> dict[str, torch.Tensor] | object:
@@ -67,34 +77,42 @@ def collate_blocks(samples: list, *, pack: bool | None = None) -> dict[str, torc
     if pack is None:
         pack = in_worker
     first = samples[0] if samples else None
-    if isinstance(first, dict) and all(
-        isinstance(s, dict) and isinstance(s.get(SPANS), torch.Tensor) for s in samples
+    if (
+        not isinstance(first, dict)
+        or not first
+        or any(not isinstance(s, dict) or list(s) != list(first) for s in samples)
     ):
-        if any(s[SPANS].shape != first[SPANS].shape for s in samples):
-            samples = _pad_spans(samples)
-            first = samples[0]
-    if not pack or not isinstance(first, dict) or not first:
         return default_collate(samples)
-    keys = list(first)
-    head = first[keys[0]]
-    dtype = head.dtype if isinstance(head, torch.Tensor) else None
-    for s in samples:
-        if not isinstance(s, dict) or list(s) != keys:
-            return default_collate(samples)
-        for k in keys:
-            v = s[k]
-            if not isinstance(v, torch.Tensor) or v.dtype != dtype or v.shape != first[k].shape:
-                return default_collate(samples)
+    values = {k: [s[k] for s in samples] for k in first}
+    if not all(isinstance(v, torch.Tensor) for vals in values.values() for v in vals):
+        return default_collate(samples)
+    spans = values.pop(SPANS, None)
+    if spans is not None and not all(sp.ndim == 2 and sp.shape[1] == 2 for sp in spans):
+        return default_collate(samples)  # not GRIP spans: default_collate decides
     b = len(samples)
-    sizes = [b * first[k].numel() for k in keys]
+    shapes = {k: vals[0].shape for k, vals in values.items()}
+    if spans is not None:
+        shapes[SPANS] = torch.Size((max(sp.shape[0] for sp in spans), 2))
+    same = all(v.shape == shapes[k] for k, vals in values.items() for v in vals)
+    if not pack or not same:
+        out = {k: _stack(values[k]) if same else default_collate(values[k]) for k in values}
+        if spans is not None:
+            out[SPANS] = _fill_spans(torch.empty((b, *shapes[SPANS]), dtype=spans[0].dtype), spans)
+        return {k: out[k] for k in first}
+    dtype = first[next(iter(first))].dtype
+    if any(v.dtype != dtype for vals in values.values() for v in vals) or (
+        spans is not None and any(sp.dtype != dtype for sp in spans)
+    ):
+        return default_collate(samples)
+    sizes = {k: b * math.prod(shapes[k]) for k in first}
     if in_worker:  # as default_collate does in a worker: allocated shared, no copy when it is sent
-        buf = head.new(head._typed_storage()._new_shared(sum(sizes), device=head.device))
+        head = first[next(iter(first))]
+        buf = head.new(head._typed_storage()._new_shared(sum(sizes.values()), device=head.device))
     else:
-        buf = torch.empty(sum(sizes), dtype=dtype)
+        buf = torch.empty(sum(sizes.values()), dtype=dtype)
     out, off = {}, 0
-    for k, n in zip(keys, sizes, strict=True):
-        view = buf[off : off + n].view(b, *first[k].shape)
-        torch.stack([s[k] for s in samples], out=view)
-        out[k] = view
-        off += n
+    for k in first:
+        view = buf[off : off + sizes[k]].view(b, *shapes[k])
+        out[k] = _fill_spans(view, spans) if k == SPANS else _stack(values[k], out=view)
+        off += sizes[k]
     return out

@@ -338,6 +338,7 @@ class GripIterableDataset(IterableDataset):
         need, eos = self.seq_len, self.eos_id
         ids = np.empty(need, dtype=np.int64)
         spans: list[tuple[int, int]] = []  # (cluster, tokens) of each document piece, in order
+        docs: list[tuple[int, int]] = []  # (cluster, position) of each piece
         counts: dict[int, int] = {}
         have = 0
         while have < need:
@@ -346,7 +347,7 @@ class GripIterableDataset(IterableDataset):
             else:
                 k, pos = self._next_draw(p)
                 off = 0
-            toks = self._reader(k).tokens(pos)  # the document is toks + EOS
+            toks = self._reader(k).tokens(pos, check=False)  # the document is toks + EOS
             n_doc = len(toks) + 1
             take = min(n_doc - off, need - have)
             end = off + take
@@ -356,9 +357,13 @@ class GripIterableDataset(IterableDataset):
             else:
                 ids[have : have + take] = toks[off:end]
             spans.append((k, take))
+            docs.append((k, pos))
             counts[k] = counts.get(k, 0) + take
             have += take
             p.carry = (k, pos, end) if end < n_doc else None
+        if int(ids.max()) >= self.vocab_size:  # one check a block; the read again names the document
+            for k, pos in docs:
+                self._reader(k).tokens(pos, check=True)
         p.blocks += 1
         # majority cluster; ties go to the smallest id (as bincount().argmax() would)
         majority = min(counts, key=lambda c: (-counts[c], c))
