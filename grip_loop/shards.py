@@ -326,8 +326,8 @@ class ClusterReader:
                         f"{self.paths[i]}: holds {len(idx)} documents but the manifest says "
                         f"{self.counts[i]}; re-run `grip prepare`"
                     )
-                # a plain ndarray view of the map (still shared): np.memmap's Python-level
-                # indexing cost a quarter of the sampler's time
+                # a plain ndarray view of the map (still shared): np.memmap indexes through
+                # Python-level __getitem__ / __array_finalize__ on every read
                 self._index[i] = idx.view(np.ndarray)
             first, end = int(self.starts[i]), int(self.starts[i + 1])
             self._last = (first, end, i)
