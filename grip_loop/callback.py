@@ -78,6 +78,7 @@ import torch
 
 from grip_loop import ledger as ledger_mod
 from grip_loop.budget import stream_passes
+from grip_loop.collate import SPANS, cluster_token_counts, token_clusters
 from grip_loop.dataset import GripIterableDataset
 from grip_loop.ledger import Ledger
 from grip_loop.manifest import ManifestError
@@ -301,16 +302,16 @@ class GripCallback(L.Callback):
 
     # ------------------------------------------------------------------ the loop
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if isinstance(batch, dict) and "token_cluster_ids" in batch:
-            tc = batch["token_cluster_ids"].reshape(-1).to("cpu")
-            counts = torch.bincount(tc, minlength=len(self.sizes)).numpy()
+        if isinstance(batch, dict) and SPANS in batch:
+            # tokens per cluster from the (cluster, tokens) spans: only they come to the host
+            counts = cluster_token_counts(batch[SPANS], len(self.sizes))
             self.consumed += counts
             # budgets count documents; the plan in tokens weights them by mean length (+ EOS)
             plan = self.dataset.weights() * (self.mean_len + 1.0)
             self.planned += plan / plan.sum() * counts.sum()
             if self.ledger is not None:
                 self.ledger.observe(
-                    batch["token_cluster_ids"],
+                    token_clusters(batch),  # expanded where the batch is: the ledger needs each EOS's cluster
                     batch["input_ids"],
                     batch["weights_version"],
                     self.dataset.eos_id,
