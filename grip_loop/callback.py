@@ -75,6 +75,7 @@ import numpy as np
 
 from grip_loop import ledger as ledger_mod
 from grip_loop import loop_report
+from grip_loop.collate import SPANS
 from grip_loop.dataset import GripIterableDataset
 from grip_loop.loop import GripLoop, load_proxy
 from grip_loop.loop_report import ledger_wandb_table
@@ -145,7 +146,7 @@ class GripCallback(GripLoop, L.Callback):
 
     # ------------------------------------------------------------------ the loop
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if isinstance(batch, dict) and "token_cluster_ids" in batch:
+        if isinstance(batch, dict) and SPANS in batch:
             v = self.account(batch, trainer.global_step)
             if v is not None and trainer.is_global_zero:
                 log.info("grip: budget version %d in effect from step %d", v, trainer.global_step - 1)

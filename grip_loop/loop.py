@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from grip_loop import loop_report
+from grip_loop.collate import SPANS, cluster_token_counts, token_clusters
 from grip_loop.dataset import GripIterableDataset
 from grip_loop.history import HISTORY
 from grip_loop.ledger import Ledger
@@ -190,17 +191,18 @@ class GripLoop:
 
     # ------------------------------------------------------------------ accounting
     def account(self, batch: dict, step: int) -> int | None:
-        """Count a batch's tokens per cluster (consumed, planned, the ledger) and note the
-        effective step of its budget version; returns that version when it is new, else None."""
-        tc = batch["token_cluster_ids"].reshape(-1).to("cpu")
-        counts = torch.bincount(tc, minlength=len(self.sizes)).numpy()
+        """Count a batch's tokens per cluster, from its `cluster_spans` (consumed, planned, the
+        ledger), and note the effective step of its budget version; returns that version when it
+        is new, else None."""
+        # tokens per cluster from the (cluster, tokens) spans: only they come to the host
+        counts = cluster_token_counts(batch[SPANS], len(self.sizes))
         self.consumed += counts
         # budgets count documents; the plan in tokens weights them by mean length (+ EOS)
         plan = self.dataset.weights() * (self.mean_len + 1.0)
         self.planned += plan / plan.sum() * counts.sum()
         if self.ledger is not None:
             self.ledger.observe(
-                batch["token_cluster_ids"],
+                token_clusters(batch),  # expanded where the batch is: the ledger needs each EOS's cluster
                 batch["input_ids"],
                 batch["weights_version"],
                 self.dataset.eos_id,
