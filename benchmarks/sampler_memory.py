@@ -66,11 +66,11 @@ def run_workers(root: Path, blocks: int, workers: int, scan: bool) -> dict:
     import numpy as np
     from torch.utils.data import DataLoader
 
-    import grip_loop.dataset as gd
+    import grip_loop.shards as gs
     from grip_loop.dataset import GripIterableDataset
 
     if scan:  # as before the index files: every worker scans the tar headers into its memory
-        gd.load_index = lambda path, n: None
+        gs.load_index = lambda path, n: None
     ds = GripIterableDataset(root, None, seq_len=512, seed=0)
     loader = DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=1, persistent_workers=True)
     it = iter(loader)
@@ -92,6 +92,36 @@ def run_workers(root: Path, blocks: int, workers: int, scan: bool) -> dict:
     }
 
 
+def corpora(args):
+    """(K, N, corpus root, blocks to draw) for every K x N of the run: the same synthetic corpora
+    (documents of 4-12 tokens) and enough blocks of 512 tokens to read every shard."""
+    from corpus import build_corpus
+
+    if args.quick:
+        args.docs, args.clusters = [200, 1000], [4]
+    for k in args.clusters:
+        for n in args.docs:
+            per = max(1, n // k)
+            root = build_corpus(
+                DATA / f"memory-{n}-{k}",
+                k,
+                per,
+                min_len=4,
+                max_len=12,
+                shard_docs=max(1, min(5000, per // 2)),
+            )
+            yield k, n, root, n * 10 // 512 + 64  # blocks: ~ docs x 9 tokens / 512, plus slack
+
+
+def measure(root: Path, blocks: int, *flags: str) -> dict:
+    """Run `--one ROOT BLOCKS [flags]` in a fresh interpreter; its JSON line."""
+    cmd = [sys.executable, __file__, "--one", str(root), str(blocks), *flags]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{root.name} {' '.join(flags)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None) -> int:
     p = parser(__doc__.split("\n")[0])
     p.add_argument("--one", nargs=2, metavar=("ROOT", "BLOCKS"), help="internal: measure one corpus")
@@ -111,40 +141,23 @@ def main(argv=None) -> int:
         return 0
     if args.workers:
         return _main_workers(args)
-    if args.quick:
-        args.docs, args.clusters = [200, 1000], [4]
-    from corpus import build_corpus
-
     rows = []
-    for k in args.clusters:
-        for n in args.docs:
-            per = max(1, n // k)
-            shard_docs = max(1, min(5000, per // 2))
-            root = build_corpus(
-                DATA / f"memory-{n}-{k}", k, per, min_len=4, max_len=12, shard_docs=shard_docs
-            )
-            # blocks so that every shard is read: ~ docs x 9 tokens / 512, plus slack
-            blocks = n * 10 // 512 + 64
-            out = subprocess.run(
-                [sys.executable, __file__, "--one", str(root), str(blocks)], capture_output=True, text=True
-            )
-            if out.returncode != 0:
-                raise RuntimeError(f"N={n} K={k} failed:\n{out.stderr[-3000:]}")
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            rows.append(
-                {
-                    "N": r["docs"],
-                    "K": k,
-                    "rss_before_mb": r["rss_before_mb"],
-                    "rss_after_mb": r["rss_after_mb"],
-                    "growth_mb": r["rss_after_mb"] - r["rss_before_mb"],
-                    "growth_bytes_per_doc": (r["rss_after_mb"] - r["rss_before_mb"]) * 2**20 / r["docs"],
-                    "index_bytes_per_doc": r["index_bytes"] / r["docs"],
-                    "shards_touched": f"{r['shards_touched']}/{r['shards_total']}",
-                    "peak_rss_mb": r["peak_rss_mb"],
-                }
-            )
-            print(f"  N={n} K={k}: +{rows[-1]['growth_mb']:.1f} MiB", file=sys.stderr, flush=True)
+    for k, n, root, blocks in corpora(args):
+        r = measure(root, blocks)
+        rows.append(
+            {
+                "N": r["docs"],
+                "K": k,
+                "rss_before_mb": r["rss_before_mb"],
+                "rss_after_mb": r["rss_after_mb"],
+                "growth_mb": r["rss_after_mb"] - r["rss_before_mb"],
+                "growth_bytes_per_doc": (r["rss_after_mb"] - r["rss_before_mb"]) * 2**20 / r["docs"],
+                "index_bytes_per_doc": r["index_bytes"] / r["docs"],
+                "shards_touched": f"{r['shards_touched']}/{r['shards_total']}",
+                "peak_rss_mb": r["peak_rss_mb"],
+            }
+        )
+        print(f"  N={n} K={k}: +{rows[-1]['growth_mb']:.1f} MiB", file=sys.stderr, flush=True)
     emit(
         "sampler_memory",
         rows,
@@ -164,51 +177,22 @@ def main(argv=None) -> int:
 
 
 def _main_workers(args) -> int:
-    from corpus import build_corpus
-
-    if args.quick:
-        args.docs, args.clusters = [200, 1000], [4]
     rows = []
-    for k in args.clusters:
-        for n in args.docs:
-            per = max(1, n // k)
-            root = build_corpus(
-                DATA / f"memory-{n}-{k}",
-                k,
-                per,
-                min_len=4,
-                max_len=12,
-                shard_docs=max(1, min(5000, per // 2)),
+    for k, n, root, blocks in corpora(args):
+        for mode in ("index", "scan"):
+            r = measure(root, blocks, "--workers", str(args.workers), *(["--scan"] if mode == "scan" else []))
+            rows.append(
+                {
+                    "N": r["docs"],
+                    "K": k,
+                    "workers": args.workers,
+                    "index": mode,
+                    "anon_bytes_per_doc_per_worker": max(r["anon_growth_per_worker"]) / r["docs"],
+                    "file_bytes_per_doc_per_worker": max(r["file_growth_per_worker"]) / r["docs"],
+                    "anon_after_mb": max(r["anon_after_mb"]),
+                }
             )
-            blocks = n * 10 // 512 + 64
-            for mode in ("index", "scan"):
-                cmd = [
-                    sys.executable,
-                    __file__,
-                    "--one",
-                    str(root),
-                    str(blocks),
-                    "--workers",
-                    str(args.workers),
-                ]
-                out = subprocess.run(
-                    cmd + (["--scan"] if mode == "scan" else []), capture_output=True, text=True
-                )
-                if out.returncode != 0:
-                    raise RuntimeError(f"N={n} K={k} {mode} failed:\n{out.stderr[-3000:]}")
-                r = json.loads(out.stdout.strip().splitlines()[-1])
-                rows.append(
-                    {
-                        "N": r["docs"],
-                        "K": k,
-                        "workers": args.workers,
-                        "index": mode,
-                        "anon_bytes_per_doc_per_worker": max(r["anon_growth_per_worker"]) / r["docs"],
-                        "file_bytes_per_doc_per_worker": max(r["file_growth_per_worker"]) / r["docs"],
-                        "anon_after_mb": max(r["anon_after_mb"]),
-                    }
-                )
-                print(f"  N={n} K={k} {mode}: {rows[-1]}", file=sys.stderr, flush=True)
+            print(f"  N={n} K={k} {mode}: {rows[-1]}", file=sys.stderr, flush=True)
     emit(
         "sampler_memory_workers",
         rows,

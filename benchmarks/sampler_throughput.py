@@ -6,7 +6,7 @@ torch DataLoader (`batch_size`, `num_workers` 0/1/2). Tokens/s = blocks x seq_le
 docs/s = EOS tokens delivered per second (EOS never occurs inside a synthetic document).
 
 * `grip`: GripIterableDataset on the per-cluster shards, budgets proportional to the weights
-  (it packs itself and also emits labels, cluster ids and the weights version per block),
+  (it packs itself and also emits the cluster spans, majority cluster and weights version per block),
   batched with `collate_blocks` as the training loader does.
 * `webdataset`: plain `wds.WebDataset` over every shard in order, no weights: the raw-read limit.
 * `torchdata.nodes`: MultiNodeWeightedSampler over one webdataset reader per cluster.
@@ -19,6 +19,7 @@ a tool whose package is missing is skipped and listed under `skipped` in the JSO
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 import types
@@ -38,9 +39,10 @@ from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
 sys.modules.setdefault("streaming.vision", types.ModuleType("streaming.vision"))
 
 TOOLS = ("grip", "webdataset", "torchdata.nodes", "streaming", "litdata")
-# Not in the default run, for attributions: GRIP batched by torch's default_collate (one
-# shared-memory storage per field instead of one per batch: what `collate_blocks` buys), and GRIP
-# reduced to `input_ids` in the worker (what shipping the per-token cluster ids costs).
+# Not in the default run, for attributions: GRIP batched by torch's default_collate (after
+# `collate_blocks` pads the spans: one shared-memory storage per field instead of one per batch:
+# what packing buys), and GRIP
+# reduced to `input_ids` in the worker (what shipping the cluster attribution costs).
 VARIANTS = ("grip-default-collate", "grip-ids-only")
 
 
@@ -161,7 +163,7 @@ def make_dataset(tool: str, root: Path, weights: np.ndarray, seq_len: int, batch
         ds = GripIterableDataset(root, budgets, seq_len=seq_len, seed=seed)
         if tool == "grip-ids-only":
             return IdsOnly(ds), {"fields": "input_ids"}
-        collate = "collate_blocks" if tool == "grip" else "default_collate"
+        collate = "collate_blocks" if tool == "grip" else "collate_blocks(pack=False)"
         return ds, {"collate_fn": collate}
     if tool == "webdataset":
         urls = [u for urls in per_cluster for u in urls]
@@ -218,10 +220,11 @@ def available(tool: str) -> str | None:
 def measure(tool, root, weights, *, seq_len, batch, workers, warmup, seconds, seed=0) -> dict:
     ds, settings = make_dataset(tool, root, weights, seq_len, batch, seed)
     kw = {"num_workers": workers, "batch_size": batch}
-    if settings.get("collate_fn") == "collate_blocks":
-        from grip_loop.dataset import collate_blocks
+    if settings.get("collate_fn", "").startswith("collate_blocks"):
+        from grip_loop.collate import collate_blocks
 
-        kw["collate_fn"] = collate_blocks
+        pack = False if settings["collate_fn"].endswith("(pack=False)") else None
+        kw["collate_fn"] = functools.partial(collate_blocks, pack=pack)
     if workers:
         # fork for everyone (Linux default; litdata may switch the global default to spawn)
         kw.update(prefetch_factor=4, multiprocessing_context="fork")

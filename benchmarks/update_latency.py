@@ -30,12 +30,13 @@ from corpus import build_corpus  # noqa: E402
 def one_run(root: Path, *, workers: int, prefetch: int, batch: int, seq_len: int, warmup: int, settle: float):
     from torchdata.stateful_dataloader import StatefulDataLoader
 
+    from grip_loop.collate import collate_blocks
     from grip_loop.dataset import GripIterableDataset
     from grip_loop.manifest import load_manifest
 
     sizes = np.array(load_manifest(root).sizes)
     ds = GripIterableDataset(root, sizes, seq_len=seq_len, seed=0)
-    kw = {"batch_size": batch, "num_workers": workers}
+    kw = {"batch_size": batch, "num_workers": workers, "collate_fn": collate_blocks}
     if workers:
         kw["prefetch_factor"] = prefetch
     loader = StatefulDataLoader(ds, **kw)

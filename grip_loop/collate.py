@@ -1,10 +1,61 @@
 """Batching GRIP blocks: `collate_blocks`, the DataLoader `collate_fn` that hands a worker's batch
-to the main process in one shared-memory storage (docs/benchmarks.md)."""
+to the main process in one shared-memory storage (docs/benchmarks.md), and `token_clusters`, which
+expands a block's (or batch's) `cluster_spans` into the cluster of every token where a consumer
+needs it.
+
+Cluster attribution travels compactly: a block carries `cluster_spans`, one (cluster, tokens) row
+per document piece in the block, in order (a few rows a block, where per-token cluster ids were
+as many bytes as the token ids). Blocks hold different numbers of pieces, so `collate_blocks` pads
+a batch's spans to its longest with (0, 0) rows: zero tokens, which attribute nothing.
+"""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 from torch.utils.data import default_collate, get_worker_info
+
+#: the block field of (cluster, tokens) rows; ragged across blocks, padded by `collate_blocks`
+SPANS = "cluster_spans"
+
+
+def token_clusters(batch) -> torch.Tensor:
+    """The cluster of every token, shaped like `batch["input_ids"]` ([T] for a block, [B, T] for a
+    batch), on the device of the spans: the expansion of `batch["cluster_spans"]`."""
+    ids, spans = batch["input_ids"], batch[SPANS]
+    flat = spans.reshape(-1, 2)
+    out = torch.repeat_interleave(flat[:, 0], flat[:, 1], output_size=ids.numel())
+    return out.reshape(ids.shape)
+
+
+def cluster_token_counts(spans: torch.Tensor, k: int) -> np.ndarray:
+    """Tokens per cluster (int64, K entries) of the spans of a block or a batch, on the host."""
+    flat = spans.reshape(-1, 2).cpu().numpy()
+    return np.bincount(flat[:, 0], weights=flat[:, 1], minlength=k).astype(np.int64)
+
+
+def _fill_spans(out: torch.Tensor, spans: list) -> torch.Tensor:
+    """Write each block's spans into `out` [B, S, 2], padded with (0, 0) rows."""
+    lens = [sp.shape[0] for sp in spans]
+    if all(n == out.shape[1] for n in lens):
+        return _stack(spans, out=out)
+    v, flat, at = out.numpy(), torch.cat(spans).numpy(), 0
+    v[...] = 0
+    for i, n in enumerate(lens):
+        v[i, :n] = flat[at : at + n]
+        at += n
+    return out
+
+
+def _stack(values: list, out: torch.Tensor | None = None) -> torch.Tensor:
+    """torch.stack of same-shaped tensors (into `out`); 1-D ones through `cat` into its flat
+    storage, several times faster than `stack(out=)`."""
+    if out is not None and values[0].ndim == 1:
+        torch.cat(values, out=out.view(-1))
+        return out
+    return torch.stack(values, out=out)
 
 
 def collate_blocks(samples: list, *, pack: bool | None = None) -> dict[str, torch.Tensor] | object:
@@ -12,39 +63,56 @@ def collate_blocks(samples: list, *, pack: bool | None = None) -> dict[str, torc
     ONE storage.
 
     The batch holds the same keys, values, shapes and dtypes as `default_collate` produces (for
-    GRIP blocks `input_ids` [B, T], `token_cluster_ids` [B, T], `cluster_ids` [B],
-    `weights_version` [B]), each contiguous. In a DataLoader worker (or with `pack=True`) they
-    are views into a single buffer, field after field: a worker hands a batch to the main
-    process through shared memory one storage at a time, and that hand-over, not the reading,
-    bounds a worker's throughput (one storage instead of one per field measured 1.6-1.9x the
-    tokens/s with 1-2 workers, docs/benchmarks.md). In the main process (`pack=None`, no
-    workers) nothing is handed over and plain `default_collate` is faster. Samples that are
-    not dicts of same-shaped, same-dtype tensors always go to `default_collate`.
+    GRIP blocks `input_ids` [B, T], `cluster_spans` [B, S, 2] with S the most pieces of a block
+    in the batch, (0, 0) rows padding the others, `cluster_ids` [B], `weights_version` [B]),
+    each contiguous. In a DataLoader worker (or with `pack=True`) they are views into a single
+    shared-memory buffer, field after field: a worker hands a batch to the main process
+    through shared memory one storage at a time, and that hand-over, not the reading, bounds a
+    worker's throughput (one storage instead of one per field measured 1.6-1.9x the tokens/s
+    with 1-2 workers, docs/benchmarks.md). In the main process (`pack=None`, no workers)
+    nothing is handed over and plain `default_collate` is faster. Samples that are not dicts of
+    same-shaped, same-dtype tensors (spans aside) always go to `default_collate`.
     """
     in_worker = get_worker_info() is not None
     if pack is None:
         pack = in_worker
     first = samples[0] if samples else None
-    if not pack or not isinstance(first, dict) or not first:
+    if (
+        not isinstance(first, dict)
+        or not first
+        or any(not isinstance(s, dict) or list(s) != list(first) for s in samples)
+    ):
         return default_collate(samples)
-    keys = list(first)
-    dtype = first[keys[0]].dtype if isinstance(first[keys[0]], torch.Tensor) else None
-    for s in samples:
-        if not isinstance(s, dict) or list(s) != keys:
-            return default_collate(samples)
-        for k in keys:
-            v = s[k]
-            if not isinstance(v, torch.Tensor) or v.dtype != dtype or v.shape != first[k].shape:
-                return default_collate(samples)
+    values = {k: [s[k] for s in samples] for k in first}
+    if not all(isinstance(v, torch.Tensor) for vals in values.values() for v in vals):
+        return default_collate(samples)
+    spans = values.pop(SPANS, None)
+    if spans is not None and not all(sp.ndim == 2 and sp.shape[1] == 2 for sp in spans):
+        return default_collate(samples)  # not GRIP spans: default_collate decides
     b = len(samples)
-    sizes = [b * first[k].numel() for k in keys]
-    buf = torch.empty(sum(sizes), dtype=dtype)
-    if in_worker:
-        buf.share_memory_()  # as default_collate does in a worker: no copy when it is sent
+    shapes = {k: vals[0].shape for k, vals in values.items()}
+    if spans is not None:
+        shapes[SPANS] = torch.Size((max(sp.shape[0] for sp in spans), 2))
+    same = all(v.shape == shapes[k] for k, vals in values.items() for v in vals)
+    if not pack or not same:
+        out = {k: _stack(values[k]) if same else default_collate(values[k]) for k in values}
+        if spans is not None:
+            out[SPANS] = _fill_spans(torch.empty((b, *shapes[SPANS]), dtype=spans[0].dtype), spans)
+        return {k: out[k] for k in first}
+    dtype = first[next(iter(first))].dtype
+    if any(v.dtype != dtype for vals in values.values() for v in vals) or (
+        spans is not None and any(sp.dtype != dtype for sp in spans)
+    ):
+        return default_collate(samples)
+    sizes = {k: b * math.prod(shapes[k]) for k in first}
+    if in_worker:  # as default_collate does in a worker: allocated shared, no copy when it is sent
+        head = first[next(iter(first))]
+        buf = head.new(head._typed_storage()._new_shared(sum(sizes.values()), device=head.device))
+    else:
+        buf = torch.empty(sum(sizes.values()), dtype=dtype)
     out, off = {}, 0
-    for k, n in zip(keys, sizes, strict=True):
-        view = buf[off : off + n].view(b, *first[k].shape)
-        torch.stack([s[k] for s in samples], out=view)
-        out[k] = view
-        off += n
+    for k in first:
+        view = buf[off : off + sizes[k]].view(b, *shapes[k])
+        out[k] = _fill_spans(view, spans) if k == SPANS else _stack(values[k], out=view)
+        off += sizes[k]
     return out

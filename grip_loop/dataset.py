@@ -19,8 +19,9 @@ rank: g = rank * num_workers + worker_id, G = world_size * num_workers):
 4. Documents (+ EOS) are concatenated and cut into blocks of seq_len tokens. A block
    carries no `labels`: they are the input ids (the Hugging Face convention, the model
    shifts), so the consumer uses `input_ids` (train/module.py does) instead of receiving a
-   copy. A block carries the cluster of each token, its majority cluster and the budget
-   version it was drawn under.
+   copy. A block carries `cluster_spans`, one (cluster, tokens) row per document piece in
+   it, in order (`grip_loop.collate.token_clusters` expands them to the cluster of every
+   token), its majority cluster and the budget version it was drawn under.
 
 Budget updates: `publish(budgets)` writes a shared-memory table (version + n_k) that every
 worker reads before it starts a block, so a worker switches within one block of the
@@ -36,46 +37,32 @@ a pure function of the seed and the steps at which budgets were published; with 
 worker's switch point depends on when it saw the table (recorded per block, and exact on
 resume once the checkpoint is more than the prefetch depth past the update).
 
-Reading: each shard's member offsets come from its index file `<shard>.idx.npy` (written by
-`grip prepare`, memory-mapped: every worker of a rank shares it through the page cache, so no
-per-document memory is private to a worker); a shard without one (an older or foreign writer)
-has its headers scanned once instead (16 bytes a document in the worker). A document is then
-one `os.pread` of its token ids.
+Reading: `grip_loop.shards.ClusterReader`, one `os.pread` a document through each shard's
+memory-mapped index (shared by the workers of a rank through the page cache). The state of a
+partition and its checkpoint form: `grip_loop.partition.PartitionState`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from grip_loop.collate import collate_blocks  # noqa: F401  (re-exported)
+from grip_loop.collate import SPANS
 from grip_loop.distributed import World
 from grip_loop.manifest import (
     Manifest,
-    ManifestError,
-    ShardInfo,
-    check_shard_sha256,
+    check_tokenizer,
     load_manifest,
     prepared_fingerprint,
-    token_range_error,
     warn_if_unchecksummed,
 )
-from grip_loop.schedule import partition_budgets, pass_clusters
-from grip_loop.shards import (  # noqa: F401  (FULL_VERIFY_*: re-exported; tests patch them in grip_loop.shards)
-    FULL_VERIFY_MAX_BYTES,
-    FULL_VERIFY_MAX_DOCS,
-    VERIFY_LEVELS,
-    load_index,
-    shard_index,
-    verify_prepared,
-)
+from grip_loop.partition import PartitionState
+from grip_loop.schedule import pass_clusters
+from grip_loop.shards import VERIFY_LEVELS, ClusterReader, verify_prepared
 
 STATE_VERSION = 1
 
@@ -90,146 +77,6 @@ class CorpusChangedError(ValueError):
 
 #: set to 1 to resume a checkpoint on another prepared corpus (as `allow_corpus_change=True`)
 ALLOW_CORPUS_CHANGE_ENV = "GRIP_ALLOW_CORPUS_CHANGE"
-
-
-def check_tokenizer(manifest: Manifest, root: Path, expected: str) -> None:
-    """ManifestError unless the prepared tokenizer is `expected` (a tokenizer.json path or its sha256)."""
-    from grip_loop.tokenizer import file_sha256
-
-    want = expected.lower() if _is_sha256(expected) else file_sha256(expected)
-    have = manifest.tokenizer.get("sha256")
-    if have != want:
-        raise ManifestError(
-            f"{root / 'manifest.json'}: prepared with tokenizer sha256 {have}, but the model expects "
-            f"{want} ({expected}); re-run `grip prepare --out {root}` with `tokenizer_path: {expected}`, "
-            "or train with the prepared tokenizer"
-        )
-
-
-def _is_sha256(s: str) -> bool:
-    return len(s) == 64 and all(c in "0123456789abcdefABCDEF" for c in s)
-
-
-class ClusterReader:
-    """Random access to the documents of one cluster's stream (one selection order)."""
-
-    def __init__(
-        self,
-        root: Path,
-        shards,
-        token_dtype: str,
-        max_open: int = 16,
-        verify_sha256=(),
-        vocab_size: int | None = None,
-    ) -> None:
-        self.root = root
-        self.vocab_size = vocab_size  # token ids must be < this (None: unchecked)
-        self.shards: list[ShardInfo] = list(shards)
-        self.verify_sha256 = set(verify_sha256)  # shards whose sha256 is checked at first read
-        self.paths = [root / s.path for s in shards]
-        self.counts = np.array([s.n_docs for s in shards], dtype=np.int64)
-        self.starts = np.concatenate([[0], np.cumsum(self.counts)])
-        self.dtype = np.dtype(token_dtype).newbyteorder("<")
-        self._index: dict[int, np.ndarray] = {}
-        self._fds: OrderedDict[int, int] = OrderedDict()
-        self.max_open = max_open
-        self._last = (0, 0, -1)  # (first, end, shard) of the last shard read: positions are mostly sequential
-
-    def __len__(self) -> int:
-        return int(self.starts[-1])
-
-    def _fd(self, i: int) -> int:
-        fd = self._fds.pop(i, None)
-        if fd is None:
-            if len(self._fds) >= self.max_open:
-                os.close(self._fds.popitem(last=False)[1])
-            fd = os.open(self.paths[i], os.O_RDONLY)
-        self._fds[i] = fd
-        return fd
-
-    def _shard_of(self, position: int) -> tuple[int, int]:
-        first, end, i = self._last
-        if not first <= position < end:
-            i = int(np.searchsorted(self.starts, position, side="right") - 1)
-            if i not in self._index:
-                if i in self.verify_sha256:
-                    check_shard_sha256(self.root, self.shards[i])
-                idx = load_index(self.paths[i], int(self.counts[i]))  # memory-mapped, shared
-                if idx is None:  # no index file: scan the headers into this process's memory
-                    idx = shard_index(self.paths[i])
-                if len(idx) != self.counts[i]:
-                    raise ManifestError(
-                        f"{self.paths[i]}: holds {len(idx)} documents but the manifest says "
-                        f"{self.counts[i]}; re-run `grip prepare`"
-                    )
-                self._index[i] = idx
-            first, end = int(self.starts[i]), int(self.starts[i + 1])
-            self._last = (first, end, i)
-        return i, position - first
-
-    def tokens(self, position: int) -> np.ndarray:
-        """The token ids of document `position` (one positioned read, no EOS)."""
-        i, j = self._shard_of(position)
-        off, size = (int(v) for v in self._index[i][j])
-        buf = os.pread(self._fd(i), size, off)
-        if len(buf) != size:
-            raise ManifestError(f"{self.paths[i]}: truncated; re-run `grip prepare`")
-        toks = np.frombuffer(buf, dtype=self.dtype)
-        if self.vocab_size is not None and toks.size and int(toks.max()) >= self.vocab_size:
-            raise token_range_error(
-                self.paths[i], f"document {j} of the shard", int(toks.max()), self.vocab_size, self.root
-            )
-        return toks
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self.close()
-
-    def __getstate__(self):  # open files do not cross process boundaries
-        return {**self.__dict__, "_fds": OrderedDict()}
-
-
-@dataclass
-class _Partition:
-    """Everything that changes while one partition iterates (its `state_dict`)."""
-
-    g: int
-    num_partitions: int
-    version: int
-    budgets: np.ndarray
-    pass_index: int = 0
-    slot: int = 0
-    drawn: np.ndarray = None  # per-cluster draw counter: the cursor, kept across passes and switches
-    carry: tuple[int, int, int] | None = None  # (cluster, position, token offset) of a partly used doc
-    blocks: int = 0
-    taken: np.ndarray = None  # replay=False: per-cluster draws over the whole run (never reset)
-    history: list = field(default_factory=list)  # (version, first block under it, budgets)
-    # Switches replayed from a checkpoint (see `merge_inflight_state`): until block
-    # `pinned_until` the recorded switches, not the live table, decide the budgets.
-    pinned: list = field(default_factory=list)
-    pinned_until: int = 0
-
-    # Derived from `budgets` (never saved): recomputed when `budgets` is another object.
-    _derived_of: np.ndarray | None = field(default=None, repr=False, compare=False)
-    _derived: tuple | None = field(default=None, repr=False, compare=False)
-
-    def derived(self) -> tuple[tuple[int, int], np.ndarray, int, list[int]]:
-        """((g, G) used for positions, shares, sum of shares, budgets as ints), cached per
-        budgets object. (g, G): with fewer budgeted documents than partitions, the spare
-        partitions replay those of partition g mod sum(n) instead of starving (a rank with
-        nothing to read would hang DDP). shares: `partition_budgets` of that slot."""
-        if self._derived_of is not self.budgets:
-            total = int(self.budgets.sum())
-            slot = (self.g, self.num_partitions) if total >= self.num_partitions else (self.g % total, total)
-            shares = partition_budgets(self.budgets, *slot)
-            self._derived = (slot, shares, int(shares.sum()), self.budgets.tolist())
-            self._derived_of = self.budgets
-        return self._derived
 
 
 class GripIterableDataset(IterableDataset):
@@ -320,7 +167,7 @@ class GripIterableDataset(IterableDataset):
         self._table_np: np.ndarray | None = None
         self._size_list = self.sizes.tolist()
         self._readers: list[ClusterReader] | None = None
-        self._part: _Partition | None = None
+        self._part: PartitionState | None = None
         self.set_order(order)
         self._pending_state: dict | None = None
         self._chunk_tag: tuple | None = None
@@ -387,19 +234,12 @@ class GripIterableDataset(IterableDataset):
         w = World.current() if self.world is None else self.world.in_worker()
         return w.partition, w.num_partitions
 
-    def _new_partition(self) -> _Partition:
+    def _new_partition(self) -> PartitionState:
         g, big_g = self._partition_id()
         v, n = self._read_table()
-        return _Partition(
-            g=g,
-            num_partitions=big_g,
-            version=v,
-            budgets=n,
-            drawn=np.zeros(self.k, np.int64),
-            taken=np.zeros(self.k, np.int64),
-        )
+        return PartitionState(g=g, num_partitions=big_g, version=v, budgets=n)
 
-    def _key(self, p: _Partition) -> int:
+    def _key(self, p: PartitionState) -> int:
         # SeedSequence-style entropy from every coordinate that defines a pass
         return int(
             np.random.SeedSequence(
@@ -407,14 +247,14 @@ class GripIterableDataset(IterableDataset):
             ).generate_state(1, dtype=np.uint64)[0]
         )
 
-    def _next_draw(self, p: _Partition) -> tuple[int, int]:
+    def _next_draw(self, p: PartitionState) -> tuple[int, int]:
         """(cluster, document position) of the partition's next draw; advances its cursors."""
-        (g, big_g), shares, total, budgets = p.derived()
+        g, big_g, shares, total, budgets = p.derived()
         if p.slot >= total:
             p.pass_index, p.slot = p.pass_index + 1, 0
         k = self._cluster_at(p, total, shares)
         if not self.replay:
-            # The partition's own residue class g mod G (not derived()'s remap), so partitions
+            # The partition's own residue class g mod G (not the `Shares` slot), so partitions
             # never share a document; cursors survive passes and budget switches.
             position = p.g + p.num_partitions * int(p.taken[k])
             if position >= self.sizes[k]:
@@ -443,7 +283,7 @@ class GripIterableDataset(IterableDataset):
 
     _CHUNK = 4096
 
-    def _cluster_at(self, p: _Partition, total: int, shares: np.ndarray) -> int:
+    def _cluster_at(self, p: PartitionState, total: int, shares: np.ndarray) -> int:
         # Clusters are computed 4096 slots at a time and cached (as Python ints); the cache
         # is derived from (version, pass, chunk), never saved.
         tag = (p.version, p.pass_index, p.slot // self._CHUNK)
@@ -454,17 +294,17 @@ class GripIterableDataset(IterableDataset):
             self._chunk_tag = tag
         return self._chunk[p.slot % self._CHUNK]
 
-    def _maybe_switch(self, p: _Partition) -> None:
+    def _maybe_switch(self, p: PartitionState) -> None:
         if p.blocks < p.pinned_until:
             for v, block, n in p.pinned:
                 if block == p.blocks:
-                    self._switch(p, v, np.asarray(n, dtype=np.int64))
+                    p.switch(v, np.asarray(n, dtype=np.int64))
             return
         if int(self._table_view()[0]) == p.version:  # the common case: nothing published
             return
         v, n = self._read_table()
         if v != p.version:
-            self._switch(p, v, n)
+            p.switch(v, n)
 
     def _table_view(self) -> np.ndarray:
         """A numpy view of the shared table (made in the process that reads it: not pickled)."""
@@ -474,12 +314,6 @@ class GripIterableDataset(IterableDataset):
 
     def __getstate__(self):
         return {**self.__dict__, "_table_np": None}
-
-    @staticmethod
-    def _switch(p: _Partition, version: int, budgets: np.ndarray) -> None:
-        p.version, p.budgets = int(version), budgets
-        p.pass_index, p.slot = 0, 0
-        p.history.append((int(version), p.blocks, budgets.tolist()))
 
     # ------------------------------------------------------------------ iteration
     def _reader(self, k: int) -> ClusterReader:
@@ -500,10 +334,11 @@ class GripIterableDataset(IterableDataset):
                 j += len(shards)
         return self._readers[k]
 
-    def _block(self, p: _Partition) -> dict[str, torch.Tensor]:
+    def _block(self, p: PartitionState) -> dict[str, torch.Tensor]:
         need, eos = self.seq_len, self.eos_id
         ids = np.empty(need, dtype=np.int64)
-        tok_cluster = np.empty(need, dtype=np.int64)
+        spans: list[tuple[int, int]] = []  # (cluster, tokens) of each document piece, in order
+        docs: list[tuple[int, int]] = []  # (cluster, position) of each piece
         counts: dict[int, int] = {}
         have = 0
         while have < need:
@@ -512,7 +347,7 @@ class GripIterableDataset(IterableDataset):
             else:
                 k, pos = self._next_draw(p)
                 off = 0
-            toks = self._reader(k).tokens(pos)  # the document is toks + EOS
+            toks = self._reader(k).tokens(pos, check=False)  # the document is toks + EOS
             n_doc = len(toks) + 1
             take = min(n_doc - off, need - have)
             end = off + take
@@ -521,16 +356,20 @@ class GripIterableDataset(IterableDataset):
                 ids[have + take - 1] = eos
             else:
                 ids[have : have + take] = toks[off:end]
-            tok_cluster[have : have + take] = k
+            spans.append((k, take))
+            docs.append((k, pos))
             counts[k] = counts.get(k, 0) + take
             have += take
             p.carry = (k, pos, end) if end < n_doc else None
+        if int(ids.max()) >= self.vocab_size:  # one check a block; the read again names the document
+            for k, pos in docs:
+                self._reader(k).tokens(pos, check=True)
         p.blocks += 1
         # majority cluster; ties go to the smallest id (as bincount().argmax() would)
         majority = min(counts, key=lambda c: (-counts[c], c))
         return {
             "input_ids": torch.from_numpy(ids),
-            "token_cluster_ids": torch.from_numpy(tok_cluster),
+            SPANS: torch.from_numpy(np.array(spans, dtype=np.int64)),
             "cluster_ids": torch.from_numpy(np.array(majority, dtype=np.int64)),
             "weights_version": torch.from_numpy(np.array(p.version, dtype=np.int64)),
         }
@@ -539,7 +378,7 @@ class GripIterableDataset(IterableDataset):
         if self._part is None:
             self._part = self._new_partition()
             if self._pending_state is not None:
-                self._restore(self._part, self._pending_state)
+                self._part.restore(self._pending_state)
                 self._pending_state = None
         p = self._part
         while True:
@@ -593,18 +432,7 @@ class GripIterableDataset(IterableDataset):
             "started": True,
             "seed": self.seed,
             "order": self.order,
-            "partition": [p.g, p.num_partitions],
-            "version": p.version,
-            "budgets": p.budgets.tolist(),
-            "pass_index": p.pass_index,
-            "slot": p.slot,
-            "drawn": p.drawn.tolist(),
-            "carry": list(p.carry) if p.carry is not None else None,
-            "blocks": p.blocks,
-            "taken": p.taken.tolist(),
-            "history": [list(h) for h in p.history],
-            "pinned": [list(h) for h in p.pinned],
-            "pinned_until": p.pinned_until,
+            **p.state(),
             "table": self._table.tolist(),
         }
 
@@ -641,19 +469,3 @@ class GripIterableDataset(IterableDataset):
         # restoring it first); never move it backwards.
         if int(self._table[0]) < int(state["version"]):
             self.publish(state["budgets"], version=int(state["version"]))
-
-    def _restore(self, p: _Partition, s: dict) -> None:
-        if [p.g, p.num_partitions] != list(s["partition"]):
-            raise ValueError(
-                f"checkpoint partition {s['partition']} != this worker's [{p.g}, {p.num_partitions}]: "
-                "resume with the same world size and num_workers"
-            )
-        p.version, p.budgets = int(s["version"]), np.asarray(s["budgets"], dtype=np.int64)
-        p.pass_index, p.slot = int(s["pass_index"]), int(s["slot"])
-        p.drawn = np.asarray(s["drawn"], dtype=np.int64)
-        p.carry = tuple(s["carry"]) if s["carry"] is not None else None
-        p.blocks = int(s["blocks"])
-        p.taken = np.asarray(s.get("taken", np.zeros(self.k)), dtype=np.int64)
-        p.history = [tuple(h) for h in s["history"]]
-        p.pinned = [tuple(h) for h in s.get("pinned", [])]
-        p.pinned_until = int(s.get("pinned_until", 0))

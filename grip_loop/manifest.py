@@ -215,6 +215,18 @@ def _check_tokenizer_file(m: Manifest, directory: Path, path: Path, fix: str) ->
         )
 
 
+def check_tokenizer(manifest: Manifest, root: Path, expected: str) -> None:
+    """ManifestError unless the prepared tokenizer is `expected` (a tokenizer.json path or its sha256)."""
+    want = expected.lower() if _is_hex64(expected.lower()) else file_sha256(expected)
+    have = manifest.tokenizer.get("sha256")
+    if have != want:
+        raise ManifestError(
+            f"{root / MANIFEST_NAME}: prepared with tokenizer sha256 {have}, but the model expects "
+            f"{want} ({expected}); re-run `grip prepare --out {root}` with `tokenizer_path: {expected}`, "
+            "or train with the prepared tokenizer"
+        )
+
+
 def _check_schema(d: dict, path: Path, fix: str) -> None:
     """Types and ranges of every field, so a hand-edited or damaged manifest fails here with
     the field named, not later with a TypeError deep inside training."""

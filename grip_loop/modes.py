@@ -18,6 +18,7 @@ static data" in the paper's words, through the same function as the loss-driven 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -32,6 +33,9 @@ from grip_loop.budget import (
     replay_multiplier,
     stream_passes,
 )
+
+if TYPE_CHECKING:
+    from grip_loop.manifest import Manifest
 
 
 @dataclass(frozen=True)
@@ -227,3 +231,64 @@ def repetition_infeasible(guard: RepetitionGuard | None, where: str = "budget") 
         f"raise {where}.max_repetition, set it to null to silence this, lower trainer.max_steps, or prepare "
         "more data"
     )
+
+
+@dataclass(frozen=True, eq=False)
+class BudgetRule:
+    """A run's budget rule on a prepared corpus, set up once and called at every publication:
+    the training callback (`grip_loop.loop.GripLoop`) and `grip simulate` both use it (one copy
+    of the rule). `guard` is None when the repetition guard is off; `guard_off` says why when
+    max_repetition is set but no split can hold it (`repetition_infeasible`)."""
+
+    mode: Mode
+    cfg: BudgetConfig
+    sizes: np.ndarray  # N_k, documents per cluster
+    sigma: np.ndarray
+    quality: np.ndarray  # Q_k
+    mean_len: np.ndarray  # mean document length in tokens (without EOS)
+    b_total: int  # B
+    base: np.ndarray  # n_k^base (Eq. 5, or uniform), real-valued, sums to B
+    guard: RepetitionGuard | None
+    guard_off: str | None
+
+    @classmethod
+    def of(cls, mode: Mode, manifest: Manifest, cfg: BudgetConfig, run_tokens: float | None) -> BudgetRule:
+        sizes = np.array(manifest.sizes, dtype=np.int64)
+        sigma = np.array([c.sigma for c in manifest.clusters])
+        quality = np.array([c.quality for c in manifest.clusters])
+        mean_len = np.array([c.mean_length for c in manifest.clusters], dtype=np.float64)
+        base = base_budget(mode, sizes, sigma, quality, cfg)
+        guard = repetition_guard(cfg, sizes, mean_len, run_tokens)
+        off = repetition_infeasible(guard)
+        return cls(
+            mode=mode,
+            cfg=cfg,
+            sizes=sizes,
+            sigma=sigma,
+            quality=quality,
+            mean_len=mean_len,
+            b_total=int(cfg.b_total or sizes.sum()),
+            base=base,
+            guard=None if off is not None else guard,
+            guard_off=off,
+        )
+
+    def replay(self, *, delta=None, shrink: float = 1.0, prev_r=None) -> np.ndarray:
+        """r_k of one publication (`replay_step`)."""
+        return replay_step(self.mode, self.quality, self.cfg, delta=delta, shrink=shrink, prev_r=prev_r)
+
+    def allocate(self, r) -> Allocation:
+        """n_k of one publication (`allocation`: Eq. 8, floor, repetition guard)."""
+        return allocation(
+            self.base, r, self.b_total, sizes=self.sizes, floor=self.cfg.floor, guard=self.guard
+        )
+
+    def gate(self) -> np.ndarray:
+        """Which clusters the Eq. 7 quality gate lets replay (none in a mode without replay)."""
+        if self.mode.replay == "none":
+            return np.zeros(len(self.sizes), dtype=bool)
+        return self.quality > self.cfg.quality_threshold
+
+    def projected(self, n, run_tokens: float | None) -> np.ndarray | None:
+        """Passes over each cluster's stream that budgets `n` give over `run_tokens` (None: unknown)."""
+        return stream_passes(n, self.sizes, self.mean_len + 1.0, run_tokens) if run_tokens else None

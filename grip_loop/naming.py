@@ -100,32 +100,11 @@ def _language(langs: list[str]) -> tuple[str, dict[str, float]]:
 
 
 def cluster_names(
-    labels: np.ndarray,
-    k: int,
-    langs: Sequence[str],
-    paths: Sequence[str],
-    texts: Sequence[str],
-    *,
-    min_prefix_share: float = 0.3,
-    sample: int = 200,
-    seed: int = 0,
-    gis: np.ndarray | None = None,
+    labels: np.ndarray, k: int, langs: Sequence[str], paths: Sequence[str], texts: Sequence[str], **kw
 ) -> list[str]:
-    """One name per cluster id 0..k-1 (see the module docstring); `labels[i]` < 0 = unclustered."""
-    return [
-        c["name"]
-        for c in describe_clusters(
-            labels,
-            k,
-            langs,
-            paths,
-            texts,
-            min_prefix_share=min_prefix_share,
-            sample=sample,
-            seed=seed,
-            gis=gis,
-        )
-    ]
+    """One name per cluster id 0..k-1 (see the module docstring); `labels[i]` < 0 = unclustered.
+    Keyword arguments (`min_prefix_share`, `sample`, `seed`, `gis`) as `describe_clusters`."""
+    return [c["name"] for c in describe_clusters(labels, k, langs, paths, texts, **kw)]
 
 
 def describe_clusters(

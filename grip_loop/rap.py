@@ -93,7 +93,8 @@ Design choices and their cost
 Layout: `rap_config` (RAPConfig, ProbeBatch, RAPResult, spearman), `rap_windows` (the
 accepted inputs, normalised; the AdamW schedule), `rap_cost` (model unwrapping, full
 parameters, FLOP estimates, refresh interval), `rap_model` (the upper part, the trunk's
-features); this module runs the adaptation and is the entry point. Import from here: it
+features), `rap_table` (the per-cluster table, its reduction over ranks, the RAPResult made
+from it); this module runs the adaptation and is the entry point. Import from here: it
 re-exports the public API.
 """
 
@@ -123,6 +124,7 @@ from grip_loop.rap_cost import (  # noqa: F401  (re-exported: active_params, est
     refresh_interval,
 )
 from grip_loop.rap_model import _build_upper, _Features, _seed_for, _trunk, _Upper, _vmap_kernels, causal_mask
+from grip_loop.rap_table import _ROWS, _all_reduce_owned, _result
 from grip_loop.rap_windows import _as_dict, _calibration_tokens, _schedule, _thin
 
 __all__ = [
@@ -340,10 +342,8 @@ def _probe_group(upper, cfg, members, inputs, use_vmap, vocab, model_config, sch
 
 # ----------------------------------------------------------------------------- entry point
 
+
 # rows of the per-cluster table combined across ranks
-_ROWS = ("init0", "init1", "final0", "final1", "base0", "base1", "n0", "n1", "lr", "ceiling", "flops")
-
-
 def rapid_adaptation_probe(
     model: nn.Module,
     probe_batches: Mapping[int, torch.Tensor | ProbeBatch | None]
@@ -486,56 +486,3 @@ def _progress_bar(total: int, enabled: bool):
         mininterval=interval,
         maxinterval=max(interval, 10.0),
     )
-
-
-def _result(table: np.ndarray, cfg: RAPConfig, flagged: np.ndarray, seconds: float) -> RAPResult:
-    row = dict(zip(_ROWS, table, strict=True))
-    n = row["n0"] + row["n1"]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        loss_init = (row["init0"] + row["init1"]) / n
-        loss_final = (row["final0"] + row["final1"]) / n
-        if cfg.baseline == "init":
-            base = (row["init0"], row["init1"])
-        else:
-            base = (row["base0"], row["base1"])
-        loss_base = (base[0] + base[1]) / n
-        delta_abs = loss_base - loss_final
-        delta_rel = delta_abs / loss_base
-        halves = []
-        for h in (0, 1):
-            nh = row[f"n{h}"]
-            lb, lf = base[h] / nh, row[f"final{h}"] / nh
-            halves.append((lb - lf) / lb if cfg.metric == "relative" else lb - lf)
-    delta_half = np.array(halves)
-    return RAPResult(
-        delta=delta_rel if cfg.metric == "relative" else delta_abs,
-        delta_abs=delta_abs,
-        delta_rel=delta_rel,
-        loss_init=loss_init,
-        loss_final=loss_final,
-        loss_base=loss_base,
-        seconds=seconds,
-        flops=float(np.sum(row["flops"])),
-        delta_half=delta_half,
-        reliability=spearman(delta_half[0], delta_half[1]),
-        flagged=flagged,
-        lr=row["lr"],
-        ceiling=row["ceiling"],
-    )
-
-
-def _all_reduce_owned(table: np.ndarray, mine: list[int], device: torch.device) -> np.ndarray:
-    """Combine per-rank tables where each cluster has exactly one owner (NaN = no data anywhere);
-    the last row (FLOPs) is summed as is."""
-    dist = torch.distributed
-    k = table.shape[1]
-    owned = np.zeros(k)
-    owned[mine] = 1.0
-    body = np.where(owned > 0, table[:-1], 0.0)
-    packed = np.concatenate([body, table[-1:], owned[None]], axis=0)
-    dev = device if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.as_tensor(packed, dtype=torch.float64, device=dev)
-    dist.all_reduce(t)
-    out = t.cpu().numpy()
-    have = out[-1] > 0
-    return np.concatenate([np.where(have, out[:-2], np.nan), out[-2:-1]], axis=0)

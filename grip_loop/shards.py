@@ -13,9 +13,10 @@ These are plain tar files that `webdataset` (and `tar`) read as they are. Shards
 written to `<name>.tar.tmp` and renamed when complete, so an interrupted writer never
 leaves a file that looks like a finished shard.
 
-Reading side: `iter_shard` streams a shard, `shard_index` lists each document's byte range
-(for random access by `GripIterableDataset`), and `verify_prepared` checks every shard a
-manifest lists before training (levels "auto", "quick", "full", "none").
+Reading side: `iter_shard` streams a shard, `shard_index` lists each document's byte range,
+`ClusterReader` reads one document of a cluster's shards at random (one `os.pread`, for
+`GripIterableDataset`), and `verify_prepared` checks every shard a manifest lists before
+training (levels "auto", "quick", "full", "none").
 
 Index: next to each shard `<name>.tar` the writer puts `<name>.idx.npy` (written atomically
 before the shard is renamed into place), an int64 (n_docs, 2) array of the byte offset and
@@ -32,13 +33,20 @@ import hashlib
 import json
 import os
 import tarfile
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from grip_loop.manifest import Manifest, ManifestError, ShardInfo, check_shard_sha256
+from grip_loop.manifest import (
+    Manifest,
+    ManifestError,
+    ShardInfo,
+    check_shard_sha256,
+    token_range_error,
+)
 from grip_loop.workdir import DiskSpaceError, atomic_npy, disk_full
 
 TOKEN_DTYPES = ("uint16", "uint32")
@@ -309,6 +317,94 @@ def shard_index(path: str | os.PathLike) -> np.ndarray:
     except (tarfile.TarError, OSError) as exc:
         raise ManifestError(f"{path}: unreadable shard ({exc}); re-run `grip prepare`") from exc
     return np.asarray(rows, dtype=np.int64).reshape(-1, 2)
+
+
+class ClusterReader:
+    """Random access to the documents of one cluster's stream (one selection order)."""
+
+    def __init__(
+        self,
+        root: Path,
+        shards,
+        token_dtype: str,
+        max_open: int = 16,
+        verify_sha256=(),
+        vocab_size: int | None = None,
+    ) -> None:
+        self.root = root
+        self.vocab_size = vocab_size  # token ids must be < this (None: unchecked)
+        self.shards: list[ShardInfo] = list(shards)
+        self.verify_sha256 = set(verify_sha256)  # shards whose sha256 is checked at first read
+        self.paths = [root / s.path for s in shards]
+        self.counts = np.array([s.n_docs for s in shards], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)])
+        self.dtype = np.dtype(token_dtype).newbyteorder("<")
+        self._index: dict[int, np.ndarray] = {}
+        self._fds: OrderedDict[int, int] = OrderedDict()
+        self.max_open = max_open
+        self._last = (0, 0, -1)  # (first, end, shard) of the last shard read: positions are mostly sequential
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def _fd(self, i: int) -> int:
+        fd = self._fds.pop(i, None)
+        if fd is None:
+            if len(self._fds) >= self.max_open:
+                os.close(self._fds.popitem(last=False)[1])
+            fd = os.open(self.paths[i], os.O_RDONLY)
+        self._fds[i] = fd
+        return fd
+
+    def _shard_of(self, position: int) -> tuple[int, int]:
+        first, end, i = self._last
+        if not first <= position < end:
+            i = int(np.searchsorted(self.starts, position, side="right") - 1)
+            if i not in self._index:
+                if i in self.verify_sha256:
+                    check_shard_sha256(self.root, self.shards[i])
+                idx = load_index(self.paths[i], int(self.counts[i]))  # memory-mapped, shared
+                if idx is None:  # no index file: scan the headers into this process's memory
+                    idx = shard_index(self.paths[i])
+                if len(idx) != self.counts[i]:
+                    raise ManifestError(
+                        f"{self.paths[i]}: holds {len(idx)} documents but the manifest says "
+                        f"{self.counts[i]}; re-run `grip prepare`"
+                    )
+                # a plain ndarray view of the map (still shared): np.memmap indexes through
+                # Python-level __getitem__ / __array_finalize__ on every read
+                self._index[i] = idx.view(np.ndarray)
+            first, end = int(self.starts[i]), int(self.starts[i + 1])
+            self._last = (first, end, i)
+        return i, position - first
+
+    def tokens(self, position: int, check: bool = True) -> np.ndarray:
+        """The token ids of document `position` (one positioned read, no EOS). `check`: raise
+        naming the shard and document when an id is >= `vocab_size` (a caller that checks
+        whole blocks passes False, and calls again with True to name the culprit)."""
+        i, j = self._shard_of(position)
+        off, size = self._index[i][j].tolist()
+        buf = os.pread(self._fd(i), size, off)
+        if len(buf) != size:
+            raise ManifestError(f"{self.paths[i]}: truncated; re-run `grip prepare`")
+        toks = np.frombuffer(buf, dtype=self.dtype)
+        if check and self.vocab_size is not None and toks.size and int(toks.max()) >= self.vocab_size:
+            raise token_range_error(
+                self.paths[i], f"document {j} of the shard", int(toks.max()), self.vocab_size, self.root
+            )
+        return toks
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def __getstate__(self):  # open files do not cross process boundaries
+        return {**self.__dict__, "_fds": OrderedDict()}
 
 
 VERIFY_LEVELS = ("auto", "quick", "full", "none")

@@ -2,8 +2,8 @@
 in seconds, without training.
 
 The rule is not re-implemented: every publication calls the functions the training callback
-calls (`modes.base_budget`, `modes.replay_step` = Eq. 7 + EMA, `modes.allocation` = Eq. 8 +
-floor + repetition guard, `modes.repetition_guard`), and the reads are counted by the ledger's
+calls (`modes.BudgetRule`: `base_budget`, `replay_step` = Eq. 7 + EMA, `allocation` = Eq. 8 +
+floor + repetition guard, `repetition_guard`), and the reads are counted by the ledger's
 model (`ledger.Ledger`). Only the probe is replaced, by one of:
 
 * `RecordedProbe`: the Delta L_k and shrink a run recorded in its `grip_history.jsonl`. At the
@@ -28,18 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from grip_loop.budget import stream_passes
 from grip_loop.ledger import Ledger
 from grip_loop.manifest import Manifest, prepared_fingerprint
-from grip_loop.modes import (
-    BudgetConfig,
-    allocation,
-    base_budget,
-    get_mode,
-    repetition_guard,
-    repetition_infeasible,
-    replay_step,
-)
+from grip_loop.modes import BudgetConfig, BudgetRule, get_mode
 
 
 @dataclass
@@ -229,18 +220,11 @@ def simulate(manifest: Manifest, cfg: SimConfig, probe, *, exact_probe_index: bo
     `exact_probe_index`: refresh i (after the initial publication) uses the i-th recorded probe
     (a `RecordedProbe` replayed at its own steps)."""
     mode = get_mode(cfg.mode)
-    sizes = np.array(manifest.sizes, dtype=np.int64)
-    sigma = np.array([c.sigma for c in manifest.clusters])
-    quality = np.array([c.quality for c in manifest.clusters])
-    mean_len = np.array([c.mean_length for c in manifest.clusters], dtype=np.float64)
-    doc_tokens = mean_len + 1.0
-    b_total = int(cfg.budget.b_total or sizes.sum())
-    base = base_budget(mode, sizes, sigma, quality, cfg.budget)
     run_tokens = cfg.run_tokens or float(cfg.steps) * float(cfg.tokens_per_step)
-    guard = repetition_guard(cfg.budget, sizes, mean_len, run_tokens)
-    guard_off = repetition_infeasible(guard)
-    if guard_off is not None:  # as in training: the guard is off for this run, and it says so
-        guard = None
+    # as in training: an infeasible guard is off for this run, and it says so (rule.guard_off)
+    rule = BudgetRule.of(mode, manifest, cfg.budget, run_tokens)
+    sizes, b_total = rule.sizes, rule.b_total
+    doc_tokens = rule.mean_len + 1.0
     ledger = Ledger(sizes)
     stream_tokens = np.maximum(sizes * doc_tokens, 1e-300)
 
@@ -274,14 +258,12 @@ def simulate(manifest: Manifest, cfg: SimConfig, probe, *, exact_probe_index: bo
         if i > 0 and mode.replay == "loss":
             delta, shrink = probe(step, passes, index=(i - 1) if exact_probe_index else None)
         if delta is None:
-            r = replay_step(mode, quality, cfg.budget, prev_r=None if i == 0 else out.r[-1])
+            r = rule.replay(prev_r=None if i == 0 else out.r[-1])
             if i > 0:  # no probe yet: the neutral rule again (no EMA: the callback publishes nothing)
                 r = out.r[-1]
         else:
-            r = replay_step(
-                mode, quality, cfg.budget, delta=delta, shrink=shrink, prev_r=out.r[-1] if out.r else None
-            )
-        alloc = allocation(base, r, b_total, sizes=sizes, floor=cfg.budget.floor, guard=guard)
+            r = rule.replay(delta=delta, shrink=shrink, prev_r=out.r[-1] if out.r else None)
+        alloc = rule.allocate(r)
         prev = out.n[-1] if out.n else None
         version += 1
         budgets_by_version[version] = alloc.n
@@ -292,17 +274,16 @@ def simulate(manifest: Manifest, cfg: SimConfig, probe, *, exact_probe_index: bo
         out.capped.append(alloc.capped)
         out.drift.append(float(np.abs(alloc.n - prev).sum() / b_total) if prev is not None else 0.0)
         out.infeasible.append(bool(alloc.infeasible))
-    out.warning = guard_off
+    out.warning = rule.guard_off
     consume(cfg.steps)
     ledger.flush(budgets_by_version.__getitem__)
-    gate = quality > cfg.budget.quality_threshold if mode.replay != "none" else np.zeros(len(sizes), bool)
     out.ledger = ledger.record(
         n=out.n[-1],
         r=out.r[-1],
         delta=out.delta[-1],
-        gate=gate,
+        gate=rule.gate(),
         capped=out.capped[-1],
-        projected=stream_passes(out.n[-1], sizes, doc_tokens, run_tokens),
+        projected=rule.projected(out.n[-1], run_tokens),
         shrink=None,
     )
     return out

@@ -1,7 +1,8 @@
 """The helper side of `train.sandbox` (processes A, B, C, D of its docstring): builds the
 sandbox and runs the program in it. Started by `train.sandbox.run_python` as a script,
 `python -I -S _sandbox_helper.py CONFIG`, so it imports nothing but the standard library
-(isolated mode puts neither this folder nor site-packages on sys.path).
+and `_sandbox_abi.py` next to it (isolated mode puts neither this folder nor site-packages on
+sys.path: the helper adds this folder for that one import).
 """
 
 from __future__ import annotations
@@ -12,28 +13,14 @@ import signal
 import sys
 import time
 
-# ---------------------------------------------------------------- Linux constants (stable ABI)
-
-CLONE_NEWNS = 0x00020000
-CLONE_NEWUTS = 0x04000000
-CLONE_NEWIPC = 0x08000000
-CLONE_NEWUSER = 0x10000000
-CLONE_NEWPID = 0x20000000
-CLONE_NEWNET = 0x40000000
-NAMESPACES = (
-    ("mount_ns", CLONE_NEWNS),
-    ("pid_ns", CLONE_NEWPID),
-    ("net_ns", CLONE_NEWNET),
-    ("ipc_ns", CLONE_NEWIPC),
-    ("uts_ns", CLONE_NEWUTS),
-)
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
-MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
-MS_KEEP = 1 | 2 | 4 | 8 | 16 | 64 | 1024 | 2048 | 4096  # statvfs f_flag bits that are MS_* flags
-MNT_DETACH = 2
-PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP = 1, 4, 24
-PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 36, 38
-SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
+if __package__:  # imported as train._sandbox_helper (train.sandbox reads its constants)
+    from train import _sandbox_abi as abi
+else:  # run as a script, `python -I -S`: neither this folder nor site-packages is on sys.path
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    try:
+        import _sandbox_abi as abi
+    finally:
+        del sys.path[0]
 
 NOBODY = 65534
 REQUIRED = ("pid_ns", "net_ns", "mount_ns", "private_root", "proc", "unprivileged", "nproc")
@@ -49,49 +36,6 @@ RETRY_WITHOUT_USERNS = 75
 
 
 # ---------------------------------------------------------------- helper side (A, B, C, D)
-
-
-class _Libc:
-    def __init__(self) -> None:
-        import ctypes
-
-        self.ctypes = ctypes
-        self.libc = ctypes.CDLL(None, use_errno=True)
-        self.libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
-        self.libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-        self.libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
-        self.libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
-
-    def _check(self, ret: int, what: str) -> None:
-        if ret != 0:
-            e = self.ctypes.get_errno()
-            raise OSError(e, f"{what}: {os.strerror(e)}")
-
-    def unshare(self, flags: int) -> None:
-        self._check(self.libc.unshare(flags), f"unshare({flags:#x})")
-
-    def mount(
-        self, src: str | None, dst: str, fstype: str | None, flags: int, data: str | None = None
-    ) -> None:
-        enc = lambda s: None if s is None else s.encode()  # noqa: E731
-        self._check(self.libc.mount(enc(src), enc(dst), enc(fstype), flags, enc(data)), f"mount {dst}")
-
-    def umount2(self, path: str, flags: int) -> None:
-        self._check(self.libc.umount2(path.encode(), flags), f"umount {path}")
-
-    def prctl(self, option: int, arg: int = 0) -> None:
-        self._check(self.libc.prctl(option, arg, 0, 0, 0), f"prctl({option})")
-
-    def pivot_root(self, new: str, old: str) -> None:
-        import platform
-
-        nr = SYS_PIVOT_ROOT.get(platform.machine())
-        if nr is None:
-            raise OSError(0, f"pivot_root: syscall number unknown on {platform.machine()}")
-        self._check(self.libc.syscall(self.ctypes.c_long(nr), new.encode(), old.encode()), "pivot_root")
-
-    def sethostname(self, name: str) -> None:
-        self._check(self.libc.sethostname(name.encode(), len(name)), "sethostname")
 
 
 def _status(cfg: dict, **kv) -> None:
@@ -160,9 +104,9 @@ def _helper_main(cfg: dict) -> None:  # A
     libc = None
     if sys.platform == "linux":
         try:
-            libc = _Libc()
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)  # the evaluator died: clean up
-            libc.prctl(PR_SET_CHILD_SUBREAPER, 1)
+            libc = abi.Libc()
+            libc.prctl(abi.PR_SET_PDEATHSIG, signal.SIGTERM)  # the evaluator died: clean up
+            libc.prctl(abi.PR_SET_CHILD_SUBREAPER, 1)
         except OSError:
             libc = None
     if os.getppid() != cfg["parent"]:
@@ -258,14 +202,14 @@ def _write_id_maps(pid: int) -> None:
 
 
 def _stage_b(cfg, libc, use_userns, reason, sync_w, go_r, lifeline_r) -> None:
-    layers = {"user_ns": False} | {name: False for name, _ in NAMESPACES}
+    layers = {"user_ns": False} | {name: False for name, _ in abi.NAMESPACES}
     if libc is not None:
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        libc.prctl(abi.PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() == 1:
         os._exit(1)
     if use_userns:
         try:
-            libc.unshare(CLONE_NEWUSER)
+            libc.unshare(abi.CLONE_NEWUSER)
             os.write(sync_w, b"U")
             if os.read(go_r, 1) != b"K":
                 os._exit(RETRY_WITHOUT_USERNS)
@@ -274,7 +218,7 @@ def _stage_b(cfg, libc, use_userns, reason, sync_w, go_r, lifeline_r) -> None:
             os.write(sync_w, f"N:{e}".encode())
     os.close(sync_w)
     os.close(go_r)
-    for name, flag in NAMESPACES:
+    for name, flag in abi.NAMESPACES:
         if cfg["isolation"] == "off":
             reason[name] = "disabled"
         elif name in cfg["force_off"]:
@@ -309,8 +253,8 @@ def _stage_c(cfg, libc, layers, reason, lifeline_r) -> None:
     import select
 
     if libc is not None:
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        libc.prctl(PR_SET_DUMPABLE, 0)  # the program cannot ptrace or read /proc of its init
+        libc.prctl(abi.PR_SET_PDEATHSIG, signal.SIGKILL)
+        libc.prctl(abi.PR_SET_DUMPABLE, 0)  # the program cannot ptrace or read /proc of its init
     if select.select([lifeline_r], [], [], 0)[0]:  # A died before PDEATHSIG was armed
         os._exit(1)
     os.close(lifeline_r)
@@ -429,17 +373,17 @@ def _bind_ro(libc, src: str, dst: str, *, dev: bool = False) -> None:
     else:
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         open(dst, "a").close()
-    libc.mount(src, dst, None, MS_BIND | MS_REC)
+    libc.mount(src, dst, None, abi.MS_BIND | abi.MS_REC)
     targets = [dst]
-    if S.S_ISDIR(st.st_mode):  # submounts too (they came along with MS_REC)
+    if S.S_ISDIR(st.st_mode):  # submounts too (they came along with abi.MS_REC)
         with open("/proc/self/mountinfo") as fh:
             for line in fh:
                 mp = line.split()[4].encode().decode("unicode_escape")
                 if mp.startswith(dst.rstrip("/") + "/"):
                     targets.append(mp)
     for t in targets:
-        flags = os.statvfs(t).f_flag & MS_KEEP  # keep locked flags (nodev, noexec, atime) as they are
-        flags |= MS_REMOUNT | MS_BIND | MS_NOSUID | (0 if dev else MS_RDONLY | MS_NODEV)
+        flags = os.statvfs(t).f_flag & abi.MS_KEEP  # keep locked flags (nodev, noexec, atime) as they are
+        flags |= abi.MS_REMOUNT | abi.MS_BIND | abi.MS_NOSUID | (0 if dev else abi.MS_RDONLY | abi.MS_NODEV)
         try:
             libc.mount(None, t, None, flags)
         except OSError:
@@ -447,19 +391,19 @@ def _bind_ro(libc, src: str, dst: str, *, dev: bool = False) -> None:
                 raise
 
 
-def _private_root(cfg: dict, libc: _Libc, pid_ns: bool, reason: dict) -> str:
+def _private_root(cfg: dict, libc: abi.Libc, pid_ns: bool, reason: dict) -> str:
     """Build the new root on a tmpfs at cfg['root'] and pivot into it; return the work dir."""
     with open(os.path.join(cfg["workdir"], cfg["program_name"]), "rb") as fh:
         program = fh.read()
-    libc.mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount reaches the host
+    libc.mount(None, "/", None, abi.MS_REC | abi.MS_PRIVATE)  # nothing we mount reaches the host
     new = cfg["root"]
-    libc.mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+    libc.mount("tmpfs", new, "tmpfs", abi.MS_NOSUID | abi.MS_NODEV, "size=1m,mode=0755")
     try:
         size = f"size={cfg['tmpfs_mb']}m"
         # the private /tmp first: the interpreter or its venv may live under /tmp (a CI clone in
         # `mktemp -d`), and its read-only binds must land inside this tmpfs, not under it
         os.makedirs(new + "/tmp")
-        libc.mount("tmpfs", new + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"{size},mode=1777")
+        libc.mount("tmpfs", new + "/tmp", "tmpfs", abi.MS_NOSUID | abi.MS_NODEV, f"{size},mode=1777")
         for p in cfg["ro_paths"]:
             if os.path.lexists(p) and not os.path.lexists(new + p):
                 _bind_ro(libc, p, new + p)
@@ -471,7 +415,13 @@ def _private_root(cfg: dict, libc: _Libc, pid_ns: bool, reason: dict) -> str:
             os.symlink(t, f"{new}/dev/{n}")
         os.symlink("/proc/self/fd/2", f"{new}/dev/stderr")
         os.makedirs(new + "/dev/shm")
-        libc.mount("tmpfs", new + "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, f"{size},mode=1777")
+        libc.mount(
+            "tmpfs",
+            new + "/dev/shm",
+            "tmpfs",
+            abi.MS_NOSUID | abi.MS_NODEV | abi.MS_NOEXEC,
+            f"{size},mode=1777",
+        )
         work = "/tmp/" + os.path.basename(cfg["workdir"].rstrip("/"))
         os.makedirs(new + work)
         with open(f"{new}{work}/{cfg['program_name']}", "wb") as fh:
@@ -480,16 +430,22 @@ def _private_root(cfg: dict, libc: _Libc, pid_ns: bool, reason: dict) -> str:
         os.makedirs(new + "/proc")
         if pid_ns:
             try:
-                libc.mount("proc", new + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+                libc.mount("proc", new + "/proc", "proc", abi.MS_NOSUID | abi.MS_NODEV | abi.MS_NOEXEC)
             except OSError as e:
                 reason["proc"] = f"mounting a fresh /proc: {e}"
         else:
             reason["proc"] = "no PID namespace: /proc is left out (it would show the host's processes)"
-        libc.mount(None, new, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+        libc.mount(
+            None,
+            new,
+            None,
+            abi.MS_REMOUNT | abi.MS_RDONLY | abi.MS_NOSUID | abi.MS_NODEV,
+            "size=1m,mode=0755",
+        )
         os.chdir(new)
         try:
             libc.pivot_root(".", ".")
-            libc.umount2(".", MNT_DETACH)  # the old root is gone from this namespace
+            libc.umount2(".", abi.MNT_DETACH)  # the old root is gone from this namespace
         except OSError:
             libc.mount(new, "/", None, 8192)  # MS_MOVE, then chroot (the program has no CAP_SYS_CHROOT)
             os.chroot(".")
@@ -497,7 +453,7 @@ def _private_root(cfg: dict, libc: _Libc, pid_ns: bool, reason: dict) -> str:
     except BaseException:
         try:
             os.chdir("/")
-            libc.umount2(new, MNT_DETACH)
+            libc.umount2(new, abi.MNT_DETACH)
         except OSError:
             pass
         raise
@@ -529,12 +485,12 @@ def _stage_d(cfg, libc, workdir: str, drop: bool, nproc: int | None) -> None:
         if libc is not None:
             for cap in range(cfg["cap_last"] + 1):
                 try:
-                    libc.prctl(PR_CAPBSET_DROP, cap)
+                    libc.prctl(abi.PR_CAPBSET_DROP, cap)
                 except OSError:
                     pass
         os.setresuid(NOBODY, NOBODY, NOBODY)
     if libc is not None:
-        libc.prctl(PR_SET_NO_NEW_PRIVS, 1)
+        libc.prctl(abi.PR_SET_NO_NEW_PRIVS, 1)
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
     _status(cfg, identity={"uid": os.getuid(), "gid": os.getgid(), "no_new_privs": libc is not None})
     python = cfg["python"]

@@ -55,12 +55,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--mode", default="grip", help="sampler mode of the manifest fallback (default grip)")
     p.add_argument("--seed", type=int, default=0, help="projection, windows and perturbations seed")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:i]")
-    a = p.parse_args(argv)
-    try:
-        return run(a)
-    except (ValueError, FileNotFoundError) as exc:  # user-fixable: one clear line, no traceback
-        print(f"grip attribute: error: {exc}", file=sys.stderr)
-        return 2
+    # a user-fixable error (ValueError, FileNotFoundError) becomes one line and exit 2 in train.cli.main
+    return run(p.parse_args(argv))
 
 
 # ----------------------------------------------------------------------------- target documents

@@ -29,12 +29,8 @@ def main(argv: list[str]) -> int:
     )
     p.add_argument("--all", action="store_true", help="one table per refresh, not only the latest")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the records shown as JSON")
-    a = p.parse_args(argv)
-    try:
-        return run(a)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"grip ledger: error: {exc}", file=sys.stderr)
-        return 2
+    # a user-fixable error (ValueError, FileNotFoundError) becomes one line and exit 2 in train.cli.main
+    return run(p.parse_args(argv))
 
 
 def _names(hist: list[dict], k: int) -> list[str]:

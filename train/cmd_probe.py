@@ -65,12 +65,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--docs", type=int, default=32, help="documents per role and cluster (default: 32)")
     p.add_argument("--refresh-index", type=int, default=0, help="which refresh's theta_init to draw")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:i]")
-    a = p.parse_args(argv)
-    try:
-        return run(a)
-    except (ValueError, FileNotFoundError) as exc:  # user-fixable: one clear line, no traceback
-        print(f"grip probe: error: {exc}", file=sys.stderr)
-        return 2
+    # a user-fixable error (ValueError, FileNotFoundError) becomes one line and exit 2 in train.cli.main
+    return run(p.parse_args(argv))
 
 
 def run(a) -> int:

@@ -48,12 +48,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--first-after", type=int, default=None, help="no probe before this step")
     p.add_argument("--sweep", default=None, metavar="PARAM=v1,v2,...", help="one simulation per value")
     p.add_argument("--out", default="grip_simulate", help="output folder (default: grip_simulate)")
-    a = p.parse_args(argv)
-    try:
-        return run(a)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"grip simulate: error: {exc}", file=sys.stderr)
-        return 2
+    # a user-fixable error (ValueError, FileNotFoundError) becomes one line and exit 2 in train.cli.main
+    return run(p.parse_args(argv))
 
 
 def _budget_sets(items: list[str]) -> dict:

@@ -6,7 +6,9 @@ Batch contract (every dataset feeding `MoELM` yields these per block; the loader
                 (Hugging Face convention: the model shifts, label[t] is predicted from tokens < t);
                 -100 = ignored
     cluster_ids ()   int64, optional: the cluster of the block (-1 = unknown)
-The loader stacks blocks with `grip_loop.dataset.collate_blocks`: `default_collate`'s batch with
+    cluster_spans (S, 2) int64, optional (GRIP blocks): (cluster, tokens) of each document piece,
+                in order; GripCallback's accounting reads them (`grip_loop.collate`)
+The loader stacks blocks with `grip_loop.collate.collate_blocks`: `default_collate`'s batch with
 every field in one storage, so a worker sends one shared-memory buffer per batch, not one per field.
 
 Resumability: the DataModule builds a `torchdata` StatefulDataLoader, whose state (including each
@@ -35,7 +37,7 @@ import torch
 from torch.utils.data import IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from grip_loop.dataset import collate_blocks
+from grip_loop.collate import collate_blocks
 from grip_loop.distributed import World
 
 

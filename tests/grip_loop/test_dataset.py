@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from grip_loop.collate import collate_blocks, token_clusters
 from grip_loop.dataset import GripIterableDataset
 from grip_loop.distributed import World
 from grip_loop.schedule import partition_budgets, permute
@@ -25,7 +26,8 @@ def prepared(tmp_path):
 
 
 def take(ds, n):
-    return list(itertools.islice(iter(ds), n))
+    """The first n blocks, each with `token_cluster_ids`: its `cluster_spans` expanded."""
+    return [{**b, "token_cluster_ids": token_clusters(b)} for b in itertools.islice(iter(ds), n)]
 
 
 def docs_of(ds, n_docs, step=16):
@@ -84,12 +86,13 @@ def test_deterministic_for_a_seed(prepared):
 
 
 def test_block_fields(prepared):
-    b = take(GripIterableDataset(prepared, seq_len=24), 3)[1]
-    assert list(b) == ["input_ids", "token_cluster_ids", "cluster_ids", "weights_version"]
-    assert b["input_ids"].shape == b["token_cluster_ids"].shape == (24,)
+    b = list(itertools.islice(iter(GripIterableDataset(prepared, seq_len=24)), 3))[1]
+    assert list(b) == ["input_ids", "cluster_spans", "cluster_ids", "weights_version"]
+    assert b["input_ids"].shape == (24,) and b["cluster_spans"].shape[1] == 2
+    assert int(b["cluster_spans"][:, 1].sum()) == 24 and bool((b["cluster_spans"][:, 1] > 0).all())
     assert all(v.dtype == torch.int64 for v in b.values())
     assert "labels" not in b  # labels = input_ids (HF convention: the model shifts); no copy
-    assert b["cluster_ids"].item() == torch.bincount(b["token_cluster_ids"]).argmax().item()
+    assert b["cluster_ids"].item() == torch.bincount(token_clusters(b)).argmax().item()
 
 
 def test_two_ranks_two_workers_no_duplicates_no_gaps(prepared):
@@ -122,7 +125,7 @@ def test_budget_update_reaches_the_next_block_without_workers(prepared):
     after = [next(it) for _ in range(20)]
     assert all(b["weights_version"].item() == v for b in after)
     # the partly used document may finish, then only cluster 3 is drawn
-    tail = torch.cat([b["token_cluster_ids"] for b in after[2:]])
+    tail = torch.cat([token_clusters(b) for b in after[2:]])
     assert set(tail.tolist()) == {3}
     assert ds.state_dict()["history"] == [[v, 5, [0, 0, 0, 7, 0, 0]]]
 
@@ -144,7 +147,9 @@ def test_budget_switch_continues_each_cluster_instead_of_restarting_it(prepared)
 def test_budget_update_reaches_both_workers_within_one_batch(prepared):
     ds = GripIterableDataset(prepared, seq_len=8, seed=0)
     workers, prefetch = 2, 1
-    loader = DataLoader(ds, batch_size=4, num_workers=workers, prefetch_factor=prefetch)
+    loader = DataLoader(
+        ds, batch_size=4, num_workers=workers, prefetch_factor=prefetch, collate_fn=collate_blocks
+    )
     it = iter(loader)
     for _ in range(6):
         next(it)
@@ -185,7 +190,12 @@ def test_resume_with_stateful_dataloader_two_workers_is_exact(prepared):
 
     def loader(ds):
         return StatefulDataLoader(
-            ds, batch_size=2, num_workers=2, prefetch_factor=1, snapshot_every_n_steps=1
+            ds,
+            batch_size=2,
+            num_workers=2,
+            prefetch_factor=1,
+            snapshot_every_n_steps=1,
+            collate_fn=collate_blocks,
         )
 
     ds = GripIterableDataset(prepared, seq_len=12, seed=4)
@@ -286,9 +296,8 @@ def test_no_replay_blocks_match_a_naive_reference(prepared, seed):
 
 
 def test_reader_keeps_at_most_max_open_files(prepared):
-    from grip_loop.dataset import ClusterReader
     from grip_loop.manifest import load_manifest
-    from grip_loop.shards import iter_shard
+    from grip_loop.shards import ClusterReader, iter_shard
 
     c = load_manifest(prepared).clusters[3]  # 60 documents in shards of 7: 9 shards
     reader = ClusterReader(prepared, c.shards["grip"], "uint16", max_open=2)
@@ -319,8 +328,6 @@ def _random_blocks(rng, n, t, k=5):
 def test_collate_blocks_equals_default_collate_in_one_storage(seed):
     from torch.utils.data import default_collate
 
-    from grip_loop.dataset import collate_blocks
-
     rng = np.random.default_rng(seed)
     blocks = _random_blocks(rng, int(rng.integers(1, 9)), int(rng.integers(1, 300)))
     ref, got = default_collate(blocks), collate_blocks(blocks, pack=True)
@@ -337,8 +344,6 @@ def test_collate_blocks_equals_default_collate_in_one_storage(seed):
 def test_collate_blocks_falls_back_to_default_collate():
     from torch.utils.data import default_collate
 
-    from grip_loop.dataset import collate_blocks
-
     mixed = [{"a": torch.zeros(3, dtype=torch.int64), "b": torch.ones(2)} for _ in range(4)]
     got, ref = collate_blocks(mixed, pack=True), default_collate(mixed)
     assert all(torch.equal(got[k], ref[k]) and got[k].dtype == ref[k].dtype for k in ref)
@@ -353,14 +358,42 @@ def test_collate_blocks_falls_back_to_default_collate():
     assert all(torch.equal(plain[k], v) for k, v in default_collate(blocks).items())
 
 
-def test_collate_blocks_through_two_workers_matches_default_collate(prepared):
-    from grip_loop.dataset import collate_blocks
+def _pad_naive(samples):
+    """default_collate of the blocks with their spans padded to the longest by (0, 0) rows."""
+    from torch.utils.data import default_collate
 
+    rows = max(len(s["cluster_spans"]) for s in samples)
+    pad = [torch.zeros(rows - len(s["cluster_spans"]), 2, dtype=torch.int64) for s in samples]
+    return default_collate(
+        [
+            {**s, "cluster_spans": torch.cat([s["cluster_spans"], z])}
+            for s, z in zip(samples, pad, strict=True)
+        ]
+    )
+
+
+def test_collate_blocks_through_two_workers_matches_default_collate(prepared):
     def batches(collate):
         ds = GripIterableDataset(prepared, seq_len=16, seed=3)
-        kw = {"collate_fn": collate} if collate else {}
-        return list(itertools.islice(DataLoader(ds, batch_size=3, num_workers=2, **kw), 10))
+        return list(itertools.islice(DataLoader(ds, batch_size=3, num_workers=2, collate_fn=collate), 10))
 
-    for a, b in zip(batches(None), batches(collate_blocks), strict=True):
+    for a, b in zip(batches(_pad_naive), batches(collate_blocks), strict=True):
         assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
         assert len({v.untyped_storage().data_ptr() for v in b.values()}) == 1
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_batch_spans_expand_to_each_blocks_token_clusters(prepared, pack):
+    from grip_loop.collate import cluster_token_counts
+
+    blocks = list(itertools.islice(iter(GripIterableDataset(prepared, seq_len=16, seed=1)), 40))
+    assert len({len(b["cluster_spans"]) for b in blocks}) > 1  # ragged: the padding is exercised
+    for i in range(0, 40, 5):
+        group = blocks[i : i + 5]
+        batch = collate_blocks(group, pack=pack)
+        want = torch.stack([token_clusters(b) for b in group])
+        assert torch.equal(token_clusters(batch), want)
+        assert (
+            cluster_token_counts(batch["cluster_spans"], 6).tolist()
+            == torch.bincount(want.reshape(-1), minlength=6).tolist()
+        )

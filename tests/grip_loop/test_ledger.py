@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from grip_loop.dataset import GripIterableDataset, collate_blocks
+from grip_loop.collate import collate_blocks, token_clusters
+from grip_loop.dataset import GripIterableDataset
 from grip_loop.ledger import Ledger, format_ledger, positions_read
 from tests.prepared import make_prepared
 
@@ -34,7 +35,7 @@ def test_positions_read_matches_a_loop(seed):
 def feed(ds, ledger, it, blocks, batch=3):
     for _ in range(blocks // batch):
         b = collate_blocks([next(it) for _ in range(batch)])
-        ledger.observe(b["token_cluster_ids"], b["input_ids"], b["weights_version"], ds.eos_id)
+        ledger.observe(token_clusters(b), b["input_ids"], b["weights_version"], ds.eos_id)
 
 
 def actual_reads(draws, carry):

@@ -148,8 +148,7 @@ def test_missing_shard_and_missing_manifest(tmp_path):
 def test_index_file_matches_a_header_scan_and_is_memory_mapped(tmp_path):
     """The writer's `<shard>.idx.npy` equals a scan of the tar headers, over several seeds and
     sizes (empty documents and ones that end exactly on a 512-byte block included)."""
-    from grip_loop.dataset import shard_index
-    from grip_loop.shards import index_path, load_index
+    from grip_loop.shards import index_path, load_index, shard_index
 
     for seed in range(3):
         rng = np.random.default_rng(seed)

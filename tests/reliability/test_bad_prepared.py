@@ -171,7 +171,7 @@ def test_a_tokenizer_rebuilt_after_the_shards_is_refused(prepared):
 
 def _flip_token_bytes(path: Path, doc: int = 1) -> None:
     """Change bytes inside one document's `.ids` member: the tar structure stays intact."""
-    from grip_loop.dataset import shard_index
+    from grip_loop.shards import shard_index
 
     off, size = shard_index(path)[doc].tolist()
     assert size >= 4
@@ -302,8 +302,8 @@ def _set_token(root: Path, shard_path: Path, value: int, doc: int = 0) -> None:
     shard written wrong at prepare time (or by an old grip-loop without checksums) would be."""
     import numpy as np
 
-    from grip_loop.dataset import shard_index
     from grip_loop.manifest import file_sha256
+    from grip_loop.shards import shard_index
 
     off, _ = shard_index(shard_path)[doc].tolist()
     with open(shard_path, "r+b") as fh:

@@ -206,7 +206,7 @@ def test_a_probe_failing_on_one_rank_does_not_hang_the_others(tmp_path):
 @pytest.mark.parametrize("before,after", [(2, 0), (0, 2), (2, 1)])
 def test_resuming_with_another_num_workers_is_refused_by_name(prepared, before, after):
     """torchdata used to fail at the first batch with a bare AssertionError."""
-    from grip_loop.dataset import collate_blocks
+    from grip_loop.collate import collate_blocks
     from train.data import ResumableLoader, saved_num_workers
 
     def loader(n):
@@ -310,7 +310,8 @@ def test_the_corpus_fingerprint_survives_a_move_and_an_identical_re_prepare(tmp_
 
 
 def test_the_loader_refuses_another_corpus_unless_allowed(tmp_path, monkeypatch):
-    from grip_loop.dataset import ALLOW_CORPUS_CHANGE_ENV, CorpusChangedError, collate_blocks
+    from grip_loop.collate import collate_blocks
+    from grip_loop.dataset import ALLOW_CORPUS_CHANGE_ENV, CorpusChangedError
     from train.data import ResumableLoader
 
     make_prepared(tmp_path / "a", SIZES, seed=0)
