@@ -21,6 +21,14 @@ synthetic JSONL documents (5-40 words of one of 8 topics) with the hashed encode
 (`E2E_CONFIG`: dim 64, K = N / 1000 so clusters stay ~1000 documents, one order), and reports
 the wall time, each stage's seconds from `manifest.stats.timings`, and the peak RSS of the
 largest process (ru_maxrss over every descendant, torchrun's workers included).
+
+`--write-ab N --before-root DIR [--nproc P ...]` times the write stage alone, side by side in
+one run: this checkout against another checkout of grip-loop (e.g. `git worktree add
+/tmp/before main`), each on its own `grip prepare` folder of the same N documents
+(`E2E_CONFIG`, prepared once, untimed). Every repeat removes the shards and the write stage's
+records and re-runs `grip prepare` (every other stage is taken from OUT/work), alternating the
+two checkouts; the write stage's seconds come from `manifest.stats.timings`, the median of
+`--repeats` is reported. The shards of both checkouts are compared byte for byte.
 """
 
 from __future__ import annotations
@@ -211,6 +219,91 @@ def end_to_end(n: int, nproc: int, scratch: Path) -> dict:
     return row
 
 
+def _write_once(root: Path, n: int, nproc: int, scratch: Path) -> dict:
+    """One timed write stage of the checkout `root` (see the module docstring)."""
+    import shutil
+
+    import yaml
+
+    corpus = scratch / f"corpus-{n}.jsonl"
+    if not corpus.exists():
+        synthetic_jsonl(corpus, n)
+    cfg = scratch / f"e2e-{n}.yaml"
+    cfg.write_text(yaml.safe_dump({**E2E_CONFIG, "k": max(2, n // 1000)}))
+    out = scratch / f"ab-{root.name}-{n}"
+    launch = [sys.executable, "-m", "train"]
+    if nproc > 1:
+        launch = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(nproc),
+        ]
+        launch += ["-m", "train"]
+    cmd = launch + ["prepare", "--corpus", str(corpus), "--out", str(out), "--config", str(cfg)]
+    env = {**_env(), "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    for d in ("shards", "probe", "heldout", "work/write"):
+        shutil.rmtree(out / d, ignore_errors=True)
+    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{root}: grip prepare N={n} failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
+    m = json.loads((out / "manifest.json").read_text())
+    return {"out": str(out), **m["stats"]["timings"]["write"]}
+
+
+def _main_write_ab(args) -> int:
+    import statistics
+
+    roots = {"before": Path(args.before_root).resolve(), "after": Path(__file__).resolve().parents[1]}
+    scratch = Path(tempfile.mkdtemp(prefix="grip-write-ab-"))
+    n = 1000 if args.quick else args.write_ab
+    rows = []
+    for nproc in args.nproc:
+        runs: dict[str, list[dict]] = {k: [] for k in roots}
+        for rep in range(args.repeats + 1):  # the first round prepares both folders: not timed
+            for name, root in roots.items():
+                r = _write_once(root, n, nproc, scratch)
+                if rep:
+                    runs[name].append(r)
+                print(
+                    f"  {name} nproc={nproc} repeat {rep}: write {r['seconds']:.2f}s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        shards = {}
+        for name in roots:
+            out = Path(runs[name][-1]["out"])
+            shards[name] = {
+                str(f.relative_to(out)): f.read_bytes() for f in sorted((out / "shards").rglob("*.tar"))
+            }
+        for name in roots:
+            secs = [r["seconds"] for r in runs[name]]
+            rows.append(
+                {
+                    "code": name,
+                    "N": n,
+                    "nproc": nproc,
+                    "write_docs": runs[name][0]["docs"],
+                    "write_s": statistics.median(secs),
+                    "write_docs_per_s": runs[name][0]["docs"] / statistics.median(secs),
+                    "all_s": " ".join(f"{x:.2f}" for x in secs),
+                    "same_shards": shards["before"] == shards["after"],
+                }
+            )
+    emit(
+        "prepare_write_ab",
+        rows,
+        args,
+        columns=["code", "N", "nproc", "write_docs", "write_s", "write_docs_per_s", "all_s", "same_shards"],
+        roots={k: str(v) for k, v in roots.items()},
+        scratch=str(scratch),
+        config=E2E_CONFIG,
+    )
+    return 0
+
+
 def main(argv=None) -> int:
     p = parser(__doc__.split("\n")[0])
     p.add_argument("--one", nargs=3, metavar=("STAGE", "N", "K"), help=argparse_help())
@@ -220,7 +313,15 @@ def main(argv=None) -> int:
     p.add_argument("--end-to-end", type=int, nargs="+", metavar="N", help="whole `grip prepare` runs instead")
     p.add_argument("--nproc", type=int, nargs="+", default=[1], help="processes of the --end-to-end runs")
     p.add_argument("--e2e-one", nargs=3, metavar=("N", "NPROC", "SCRATCH"), help="internal: one e2e run")
+    p.add_argument(
+        "--write-ab", type=int, metavar="N", help="time the write stage: this checkout vs --before-root"
+    )
+    p.add_argument("--before-root", help="--write-ab: the other checkout (e.g. a `git worktree` of main)")
     args = p.parse_args(argv)
+    if args.write_ab or (args.quick and args.before_root):
+        if not args.before_root:
+            p.error("--write-ab needs --before-root")
+        return _main_write_ab(args)
     if args.e2e_one:
         n, nproc, scratch = int(args.e2e_one[0]), int(args.e2e_one[1]), Path(args.e2e_one[2])
         print(json.dumps(end_to_end(n, nproc, scratch)))

@@ -1,8 +1,9 @@
 """torch.distributed for the offline stages: rank/world from torchrun's environment, barriers.
 
 `grip prepare` is launched either as one process or as `torchrun --nproc_per_node N grip
-prepare ...`. Tokenize (by document part) and embed (by block, >90% of the cost) are data-parallel; the other
-stages run on rank 0 while the rest wait at a barrier. gloo on CPU, nccl when CUDA exists.
+prepare ...`. Tokenize (by document part), embed (by block), the k-means assignment (by block),
+the orders of each cluster (by cluster) and shard writing (by unit) are data-parallel; the other stages run on rank 0 while
+the rest wait. gloo on CPU, nccl when CUDA exists.
 The barrier timeout is long (default 6 h) because rank 0 may train a tokenizer or run
 k-means on a large corpus while the others wait.
 
@@ -124,3 +125,16 @@ def broadcast(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank (`[obj]` in a plain process)."""
+    if rank_world()[1] <= 1:
+        return [obj]
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -30,7 +30,7 @@ import errno
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -205,6 +205,20 @@ class DocStore:
         off, size = (int(x) for x in self.idx(p)[j, 2:4])
         return json.loads(self._read(p, "meta.jsonl", off, size))
 
+    def encoded(self, ids) -> Iterator[tuple[bytes, dict]]:
+        """(UTF-8 text, metadata) of each document of `ids`, in order: `text(i).encode()` and
+        `meta(i)` without a lookup of the part and its index per document (the write stage)."""
+        ids = np.asarray(ids, np.int64)
+        if len(ids) and not (0 <= int(ids.min()) and int(ids.max()) < len(self)):
+            raise IndexError(f"documents {int(ids.min())}..{int(ids.max())} of {len(self)}")
+        parts = np.searchsorted(self.starts, ids, side="right") - 1
+        rows = np.empty((len(ids), 4), np.int64)  # the index rows of these documents, part by part
+        for p in np.unique(parts).tolist():
+            sel = parts == p
+            rows[sel] = self.idx(p)[ids[sel] - self.starts[p], :4]
+        for p, (to, tn, mo, mn) in zip(parts.tolist(), rows.tolist(), strict=True):
+            yield self._read(p, "txt", to, tn), json.loads(self._read(p, "meta.jsonl", mo, mn))
+
     def part_texts(self, p: int) -> list[str]:
         """Every text of part p, in order (one sequential read)."""
         idx = self.idx(p)
@@ -273,6 +287,28 @@ class TokenStore:
         ids, off = self._part(p)
         j = i - int(self.starts[p])
         return np.array(ids[off[j] : off[j + 1]])
+
+    def encoded(self, ids, dtype) -> Iterator[bytes]:
+        """The token ids of each document of `ids`, in order, as little-endian bytes of `dtype`
+        (what a shard stores), read straight from the memory-mapped parts."""
+        ids = np.asarray(ids, np.int64)
+        want = np.dtype(dtype).newbyteorder("<")
+        parts = np.searchsorted(self.starts, ids, side="right") - 1
+        lo, hi = np.empty(len(ids), np.int64), np.empty(len(ids), np.int64)
+        for p in np.unique(parts).tolist():
+            sel = parts == p
+            off = self._part(p)[1]
+            lo[sel], hi[sel] = off[ids[sel] - self.starts[p]], off[ids[sel] - self.starts[p] + 1]
+        views: dict[int, np.ndarray] = {}
+        for p, a, b in zip(parts.tolist(), lo.tolist(), hi.tolist(), strict=True):
+            flat = views.get(p)
+            if flat is None:  # a plain view of the map: slicing it makes no memmap objects
+                flat = views[p] = np.asarray(self._part(p)[0])
+            same = flat.dtype == want
+            chunk = flat[a:b]
+            if not same and chunk.size and int(chunk.max()) > np.iinfo(want).max:
+                raise ValueError(f"tokens: ids out of range for {want.name} (document {ids[0]}...)")
+            yield chunk.tobytes() if same else chunk.astype(want).tobytes()
 
     def close(self) -> None:
         self._ids.clear()

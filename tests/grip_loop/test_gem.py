@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from grip_loop import cluster as C
+from grip_loop import cluster
+from grip_loop import gem as C
 from tests.conftest import unit_rows
 
 
@@ -134,7 +135,7 @@ def test_mm_step_equals_naive_reference(seed):
 
 def test_student_agrees_with_teacher_and_streams_in_blocks():
     x, truth = _cone(4, n=400, d=8)
-    r = C.fit_gem(x, 4, seed=0, balance=1.0, heldout=0.25)
+    r = cluster.fit_gem(x, 4, seed=0, balance=1.0, heldout=0.25)
     assert r.n_heldout == 100 and r.agreement >= 0.95
     # naive reference for the assignment: argmax of the student's logits, row by row
     naive = np.array([int(np.argmax(row @ r.student.w + r.student.b)) for row in x])
@@ -150,8 +151,8 @@ def test_student_agrees_with_teacher_and_streams_in_blocks():
 
 def test_deterministic_for_a_seed_and_sampled_fit():
     x, _ = _cone(5, n=300)
-    c1, l1 = C.gem_cluster(x, 4, seed=3, sample_size=120)
-    c2, l2 = C.gem_cluster(x, 4, seed=3, sample_size=120)
+    c1, l1 = cluster.gem_cluster(x, 4, seed=3, sample_size=120)
+    c2, l2 = cluster.gem_cluster(x, 4, seed=3, sample_size=120)
     assert np.array_equal(c1, c2) and np.array_equal(l1, l2) and len(l1) == 300
 
 
@@ -167,26 +168,26 @@ def test_balance_flattens_the_mixing_weights():
 
 def test_k_one_is_the_normalised_mean():
     x, _ = _cone(7, n=50)
-    centroids, labels = C.gem_cluster(x, 1)
+    centroids, labels = cluster.gem_cluster(x, 1)
     m = x.sum(0)
     assert np.allclose(centroids[0], m / np.linalg.norm(m), atol=1e-6)
     assert np.array_equal(labels, np.zeros(len(x), np.int64))
     # antipodal points: the mean is 0, the first row stands in (never NaN)
     pts = np.array([[1.0, 0, 0], [-1.0, 0, 0]])
-    c, lab = C.gem_cluster(pts, 1)
+    c, lab = cluster.gem_cluster(pts, 1)
     assert np.all(np.isfinite(c)) and np.allclose(c[0], pts[0])
 
 
 def test_identical_embeddings_and_too_few_distinct_points_are_errors():
     same = np.tile(unit_rows(np.ones((1, 8))), (20, 1))
     with pytest.raises(ValueError, match=r"emb: .*only 1 distinct.*lower k to at most 1"):
-        C.gem_cluster(same, 2)
-    c, lab = C.gem_cluster(same, 1)  # K = 1 on identical rows is fine
+        cluster.gem_cluster(same, 2)
+    c, lab = cluster.gem_cluster(same, 1)  # K = 1 on identical rows is fine
     assert np.allclose(c[0], same[0]) and not lab.any()
     three = np.repeat(np.eye(8)[:3], 5, axis=0)
     with pytest.raises(ValueError, match="only 3 distinct"):
-        C.gem_cluster(three, 4)
-    _, lab = C.gem_cluster(three, 3)
+        cluster.gem_cluster(three, 4)
+    _, lab = cluster.gem_cluster(three, 3)
     assert len(set(zip(lab.tolist(), np.repeat([0, 1, 2], 5).tolist(), strict=True))) == 3
 
 
@@ -203,14 +204,14 @@ def test_identical_embeddings_and_too_few_distinct_points_are_errors():
 )
 def test_bad_input_names_the_argument(emb, k, match):
     with pytest.raises(ValueError, match=match):
-        C.gem_cluster(emb, k)
+        cluster.gem_cluster(emb, k)
 
 
 def test_bad_balance_is_an_error():
     with pytest.raises(ValueError, match="balance"):
-        C.gem_cluster(np.eye(4), 2, balance=-1.0)
+        cluster.gem_cluster(np.eye(4), 2, balance=-1.0)
     with pytest.raises(ValueError, match="balance"):
-        C.gem_cluster(np.eye(4), 2, balance=float("nan"))
+        cluster.gem_cluster(np.eye(4), 2, balance=float("nan"))
 
 
 def test_a_starved_component_keeps_a_finite_direction():

@@ -12,7 +12,8 @@ import pytest
 
 from grip_loop.docstore import open_work, read_docs
 from grip_loop.manifest import load_manifest
-from grip_loop.prepare import PrepareConfig, heldout_split, load_config, prepare, probe_sizes
+from grip_loop.prepare import PrepareConfig, load_config, prepare
+from grip_loop.prepare_cluster import heldout_split, probe_sizes
 from grip_loop.shards import iter_shard
 from tests.stdlib_prepared import N_DOCS, TINY, _cfg
 
@@ -141,7 +142,8 @@ def test_heldout_split_function():
 @pytest.mark.slow
 def test_grip_order_is_the_es_order_of_eq10_weights(stdlib_prepared):
     """Rebuild cluster 0's orders from the saved embeddings with the library math: same stream."""
-    from grip_loop.prepare import _seed, cluster_orders
+    from grip_loop.prepare_cluster import cluster_orders
+    from grip_loop.prepare_common import _seed
 
     m = load_manifest(stdlib_prepared)
     emb = np.load(stdlib_prepared / "work" / "embeddings.npy")
@@ -187,7 +189,7 @@ def test_resume_after_interruption(stdlib_prepared, stdlib_corpus, tmp_path, mon
     from grip_loop.shards import ShardWriter
 
     out = tmp_path / "resumed"
-    real_embed, real_write = Encoder.embed, ShardWriter.write
+    real_embed, real_write = Encoder.embed, ShardWriter.write_encoded
     calls = {"embed": 0, "write": 0}
 
     def embed_then_die(self, texts):
@@ -203,7 +205,7 @@ def test_resume_after_interruption(stdlib_prepared, stdlib_corpus, tmp_path, mon
         return real_write(self, *a, **kw)
 
     monkeypatch.setattr(Encoder, "embed", embed_then_die)
-    monkeypatch.setattr(ShardWriter, "write", write_then_die)
+    monkeypatch.setattr(ShardWriter, "write_encoded", write_then_die)  # every document passes through it
     with pytest.raises(KeyboardInterrupt, match="embed"):
         prepare(_cfg(stdlib_corpus, out))
     assert not (out / "manifest.json").exists()
@@ -411,7 +413,7 @@ def test_gem_clusters_end_to_end(stdlib_prepared, stdlib_corpus, tmp_path, capsy
 
 def test_a_small_corpus_gets_one_line_with_the_fix_instead_of_faiss_s_warning(capfd):
     from grip_loop.cluster import spherical_kmeans
-    from grip_loop.prepare import _without_faiss_size_warning, small_corpus_notes
+    from grip_loop.prepare_cluster import _without_faiss_size_warning, small_corpus_notes
 
     # the default K = 64 on 216 files: one line, naming a K that fits
     (line,) = small_corpus_notes(PrepareConfig(k=64), 216)

@@ -84,8 +84,9 @@ def test_parts_are_an_implementation_detail(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_processes_write_the_same_bytes_as_one(tmp_path):
-    """gloo on CPU: tokenize parts and embedding blocks split over 2 ranks; the manifest and
-    every shard equal one process's, byte for byte."""
+    """gloo on CPU: tokenize parts, embedding blocks and shard-writing units split over 2 ranks;
+    the manifest and every shard equal one process's, byte for byte. Then units lost from the
+    2-process folder are redone by a 2-process re-run, and only they."""
     corpus = synthetic_corpus(tmp_path / "c.jsonl", 240)
     cfg = tmp_path / "cfg.yaml"
     d = _cfg(corpus, tmp_path / "x", ingest_part_docs=50).to_dict()
@@ -95,18 +96,107 @@ def test_torchrun_two_processes_write_the_same_bytes_as_one(tmp_path):
 
     cfg.write_text(yaml.safe_dump(d))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    outs = {}
-    for nproc in (1, 2):
-        out = tmp_path / f"p{nproc}"
+    outs = {1: tmp_path / "p1", 2: tmp_path / "p2"}
+
+    def run(nproc: int) -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-        cmd += ["-m", "train", "prepare", "--corpus", str(corpus), "--out", str(out), "--config", str(cfg)]
+        cmd += [
+            "-m",
+            "train",
+            "prepare",
+            "--corpus",
+            str(corpus),
+            "--out",
+            str(outs[nproc]),
+            "--config",
+            str(cfg),
+        ]
         r = subprocess.run(
             cmd + ["--no-progress"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
         )
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        outs[nproc] = out
+
+    run(1)
+    run(2)
     m1, m2 = _comparable(outs[1]), _comparable(outs[2])
     assert m1 == m2
     assert _files(outs[1]) == _files(outs[2])
     e1, e2 = (np.load(o / "work" / "embeddings.npy") for o in outs.values())
     assert np.array_equal(e1, e2)
+    # both ranks computed clusters' orders and wrote units; clusters of more than
+    # shard_max_docs documents were cut into shard units
+    geometry = [json.loads(p.read_text()) for p in (outs[2] / "work" / "geometry").glob("cluster-*.json")]
+    assert {g["rank"] for g in geometry} == {0, 1}
+    records = {
+        p.name: p for p in sorted((outs[2] / "work" / "write").glob("*.json")) if p.name != "plan.json"
+    }
+    ranks = {name: json.loads(p.read_text())["rank"] for name, p in records.items()}
+    assert set(ranks.values()) == {0, 1}
+    assert any(name.endswith("shard-000001.json") for name in ranks)
+    # a unit of each rank lost (its record, or a shard): redone, and nothing else
+    lost = [next(n for n, r in ranks.items() if r == rank) for rank in (0, 1)]
+    (records[lost[0]]).unlink()
+    shard = json.loads(records[lost[1]].read_text())["shards"][0]["path"]
+    (outs[2] / shard).unlink()
+    stamps = {n: p.stat().st_mtime_ns for n, p in records.items() if n not in lost}
+    run(2)
+    assert _comparable(outs[2]) == m1 and _files(outs[2]) == _files(outs[1])
+    assert {n: records[n].stat().st_mtime_ns for n in stamps} == stamps
+    assert all(records[n].is_file() for n in lost)
+
+
+def test_a_failed_write_unit_is_named_and_a_rerun_redoes_only_the_unfinished_units(
+    tmp_path, monkeypatch, capsys
+):
+    from grip_loop.shards import ShardWriter, verify_prepared
+
+    corpus = synthetic_corpus(tmp_path / "c.jsonl", 120)
+    out = tmp_path / "out"
+    real, calls = ShardWriter.write_encoded, {"n": 0}
+
+    def write(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 50:
+            raise OSError("a disk error")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(ShardWriter, "write_encoded", write)
+    with pytest.raises(OSError, match="a disk error"):
+        prepare(_cfg(corpus, out))
+    err = capsys.readouterr().err
+    assert "error: grip prepare: rank 0: writing shards/" in err and "failed: a disk error" in err
+    assert not (out / "manifest.json").exists()
+    done = len(list((out / "work" / "write").glob("*__*.json")))
+    assert done >= 1
+    calls["n"] = -(10**9)  # no more failures
+    m = prepare(_cfg(corpus, out))
+    assert verify_prepared(m, out, "full") == "full"
+    total = sum(s.n_docs for c in m.clusters for ss in [*c.shards.values(), c.probe_shards] for s in ss)
+    total += sum(s.n_docs for s in m.heldout)
+    assert 0 < calls["n"] + 10**9 < total  # the finished units were not written again
+    assert not list(out.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kmeans_assignment_by_block_over_ranks_equals_one_assign(tmp_path, seed):
+    """The assignment's blocks, split over 3 (simulated) ranks in any order, give the labels of
+    one `assign` over every row."""
+    from grip_loop import workdir
+    from grip_loop.cluster import assign
+    from grip_loop.prepare_cluster import assign_blocks
+
+    rng = np.random.default_rng(seed)
+    emb = rng.standard_normal((1000, 16)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    centroids = emb[rng.choice(1000, 7, replace=False)]
+    adir = tmp_path / "assign"
+    adir.mkdir()
+    np.save(adir / "centroids.npy", centroids)
+    workdir.atomic_json(adir / "plan.json", {"key": "k", "n": len(emb), "block": 96})
+    for rank in (2, 0, 1):
+        assign_blocks(tmp_path, emb, rank, 3)
+    blocks = sorted(adir.glob("block-*.npy"))
+    assert len(blocks) == 11
+    labels = np.concatenate([np.load(b) for b in blocks])
+    assert np.array_equal(labels, assign(emb, centroids))
+    assert len(np.unique(labels)) > 1

@@ -32,7 +32,7 @@ def main(argv: list[str]) -> int:
         setattr(cls, name, wrapped)
 
     hook(Encoder, "embed", "embed")
-    hook(ShardWriter, "write", "write")
+    hook(ShardWriter, "write_encoded", "write")  # every document passes through it
     from train.cli import main as cli
 
     return cli(["prepare", *args])
