@@ -20,7 +20,8 @@ measured at small N and the linear fit (seconds = a + b N) is reported *as an ex
 synthetic JSONL documents (5-40 words of one of 8 topics) with the hashed encoder
 (`E2E_CONFIG`: dim 64, K = N / 1000 so clusters stay ~1000 documents, one order), and reports
 the wall time, each stage's seconds from `manifest.stats.timings`, and the peak RSS of the
-largest process (ru_maxrss over every descendant, torchrun's workers included).
+largest process (ru_maxrss over every descendant, torchrun's workers included), and the largest RssAnon
+(private anonymous memory, without the memmaps' file-backed pages) of any process, polled from /proc.
 
 `--write-ab N --before-root DIR [--nproc P ...]` times the write stage alone, side by side in
 one run: this checkout against another checkout of grip-loop (e.g. `git worktree add
@@ -205,18 +206,62 @@ def end_to_end(n: int, nproc: int, scratch: Path) -> dict:
     proc = subprocess.Popen(
         cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
+    anon = _AnonPeak(proc.pid)
     log, _ = proc.communicate()
     wall = time.perf_counter() - t0
+    anon.stop()
     if proc.returncode != 0:
         raise RuntimeError(f"grip prepare N={n} nproc={nproc} failed:\n{log[-3000:]}")
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB -> MiB, the largest so far
     m = json.loads((out / "manifest.json").read_text())
     row = {"N": n, "nproc": nproc, "K": m["k"], "wall_s": wall, "docs_per_s": n / wall, "peak_rss_mb": peak}
+    row["peak_anon_mb"] = anon.peak_kib / 1024
     row.update({f"{k}_s": v["seconds"] for k, v in m["stats"]["timings"].items()})
     row["work_bytes_per_doc"] = sum(f.stat().st_size for f in (out / "work").rglob("*") if f.is_file()) / n
     row["shard_bytes_per_doc"] = sum(f.stat().st_size for f in (out / "shards").rglob("*") if f.is_file()) / n
     os.sync()
     return row
+
+
+class _AnonPeak:
+    """The largest RssAnon (private, anonymous memory: heap, arrays) of any process in a tree,
+    polled from /proc every 0.2 s. Unlike ru_maxrss it leaves out file-backed pages (the memmaps'
+    page cache, which the kernel reclaims under pressure). Linux only; 0 elsewhere."""
+
+    def __init__(self, root_pid: int):
+        import threading
+
+        self.root, self.peak_kib, self._done = root_pid, 0, threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _tree(self) -> list[int]:
+        parents: dict[int, int] = {}
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    parents[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    pass
+        tree, frontier = [self.root], [self.root]
+        while frontier:
+            frontier = [p for p, pp in parents.items() if pp in frontier]
+            tree += frontier
+        return tree
+
+    def _poll(self) -> None:
+        while not self._done.wait(0.2):
+            for pid in self._tree():
+                try:
+                    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                        if line.startswith("RssAnon:"):
+                            self.peak_kib = max(self.peak_kib, int(line.split()[1]))
+                except OSError:
+                    pass
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
 
 
 def _write_once(root: Path, n: int, nproc: int, scratch: Path) -> dict:
@@ -412,7 +457,7 @@ def _main_e2e(args) -> int:
                 raise RuntimeError(f"N={n} nproc={nproc} failed:\n{out.stderr[-3000:]}")
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"  N={n} nproc={nproc}: {rows[-1]['wall_s']:.1f}s", file=sys.stderr, flush=True)
-    cols = ["N", "nproc", "K", "wall_s", "docs_per_s", "peak_rss_mb"]
+    cols = ["N", "nproc", "K", "wall_s", "docs_per_s", "peak_rss_mb", "peak_anon_mb"]
     cols += [f"{s}_s" for s in ("ingest", "tokenize", "embed", "cluster", "geometry", "judge", "write")]
     cols += ["work_bytes_per_doc", "shard_bytes_per_doc"]
     emit("prepare_end_to_end", rows, args, columns=cols, scratch=str(scratch), config=E2E_CONFIG)

@@ -220,22 +220,11 @@ def _unit(x: np.ndarray, name: str, offset: int = 0) -> np.ndarray:
     return x / norms[:, None]
 
 
-def gem_cluster(
-    emb: np.ndarray,
-    k: int,
-    *,
-    seed: int = 0,
-    balance: float = 1.0,
-    niter: int = 100,
-    sample_size: int | None = 50_000,
-    heldout: float = 0.1,
-    block: int = 65536,
-) -> tuple[np.ndarray, np.ndarray]:
+def gem_cluster(emb: np.ndarray, k: int, **options) -> tuple[np.ndarray, np.ndarray]:
     """GEM clustering: (centroids (k, d) float32 unit rows, labels (N,) int64), the contract of
-    `spherical_kmeans`. See `fit_gem` for the steps and the degenerate cases."""
-    r = fit_gem(
-        emb, k, seed=seed, balance=balance, niter=niter, sample_size=sample_size, heldout=heldout, block=block
-    )
+    `spherical_kmeans`. `options` are `fit_gem`'s keywords; see it for the steps and the
+    degenerate cases."""
+    r = fit_gem(emb, k, **options)
     return r.centroids, r.labels
 
 
