@@ -175,6 +175,23 @@ def synthetic_jsonl(path: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
+def _prepare_command(root: Path, nproc: int, corpus: Path, out: Path, cfg: Path, *extra: str):
+    """(argv, env) of `grip prepare` from the checkout `root`, under torchrun when nproc > 1."""
+    launch = [sys.executable, "-m", "train"]
+    if nproc > 1:
+        launch = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(nproc),
+        ]
+        launch += ["-m", "train"]
+    cmd = launch + ["prepare", "--corpus", str(corpus), "--out", str(out), "--config", str(cfg), *extra]
+    return cmd, {**_env(), "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
 def end_to_end(n: int, nproc: int, scratch: Path) -> dict:
     """One `grip prepare` run in a child process (tree); see the module docstring."""
     import os
@@ -189,19 +206,7 @@ def end_to_end(n: int, nproc: int, scratch: Path) -> dict:
     cfg.write_text(yaml.safe_dump({**E2E_CONFIG, "k": max(2, n // 1000)}))
     out = scratch / f"out-{n}-{nproc}"
     root = Path(__file__).resolve().parents[1]
-    launch = [sys.executable, "-m", "train"]
-    if nproc > 1:
-        launch = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            str(nproc),
-        ]
-        launch += ["-m", "train"]
-    cmd = launch + ["prepare", "--corpus", str(corpus), "--out", str(out), "--config", str(cfg), "--restart"]
-    env = {**_env(), "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd, env = _prepare_command(root, nproc, corpus, out, cfg, "--restart")
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -276,19 +281,7 @@ def _write_once(root: Path, n: int, nproc: int, scratch: Path) -> dict:
     cfg = scratch / f"e2e-{n}.yaml"
     cfg.write_text(yaml.safe_dump({**E2E_CONFIG, "k": max(2, n // 1000)}))
     out = scratch / f"ab-{root.name}-{n}"
-    launch = [sys.executable, "-m", "train"]
-    if nproc > 1:
-        launch = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            str(nproc),
-        ]
-        launch += ["-m", "train"]
-    cmd = launch + ["prepare", "--corpus", str(corpus), "--out", str(out), "--config", str(cfg)]
-    env = {**_env(), "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd, env = _prepare_command(root, nproc, corpus, out, cfg)
     for d in ("shards", "probe", "heldout", "work/write"):
         shutil.rmtree(out / d, ignore_errors=True)
     r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
