@@ -19,8 +19,10 @@ deterministic). A unit writes its shards (temp name, fsync, rename: `shards.Shar
 then its record `work/write/<unit>.json` (the plan's key and every shard's path, counts and
 sha256). A re-run with the same plan skips a unit whose record, shards and indexes check out
 and redoes the rest; a different plan (another config, other clusters) removes every shard
-first. A unit that fails is named on stderr, and every rank stops. Rank 0 builds the manifest
-from the records, after every rank has finished.
+first. A unit that fails is named on stderr, and every rank stops. A unit being written has a
+marker `work/write/<unit>.started` (its rank) until its record is written: a process killed
+outright (SIGKILL, out of memory) cannot name its unit, so the re-run names it from the marker
+as it rewrites it. Rank 0 builds the manifest from the records, after every rank has finished.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -247,7 +250,17 @@ def _write_unit(out, wdir, plan_key, unit, docs, clusters, store, tokens, dtype,
         if problem is None:
             return 0
         print(f"note: {problem}; rewriting {unit['name']}")
+    started = rec_path.with_suffix(".started")  # left behind only when a process died in the unit
+    if started.exists():
+        who, _ = workdir.read_json(started)
+        by = f"rank {who['rank']}" if isinstance(who, dict) and "rank" in who else "a process"
+        print(
+            f"note: grip prepare: write: {unit['name']} was left unfinished by {by} of an earlier run "
+            "(it died or failed while writing it); rewriting it",
+            file=sys.stderr,
+        )
     rec_path.unlink(missing_ok=True)
+    started.write_text(json.dumps({"rank": rank, "pid": os.getpid()}))
     _clear(out, unit)
     lo, hi = unit["lo"], unit["hi"]
     start = unit["first"] * unit["max_docs"]  # the position in the stream of the unit's first document
@@ -271,6 +284,7 @@ def _write_unit(out, wdir, plan_key, unit, docs, clusters, store, tokens, dtype,
             w.write_encoded(f"{i:09d}", ids, txt, meta_json(doc, len(ids) // size, k, pos))
         infos = [s.under(unit["folder"]) for s in w.close()]
     _atomic_json(rec_path, {"key": ukey, "shards": [vars(s) for s in infos], "rank": rank})
+    started.unlink()
     return hi - lo
 
 

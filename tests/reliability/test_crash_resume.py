@@ -242,6 +242,7 @@ def _prepare(stage: str, n: int, log: Path, corpus: Path, out: Path) -> int:
     cmd += ["--corpus", str(corpus), "--out", str(out), "--config", str(PREPARE_TINY), "--no-progress"]
     r = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode in (0, -signal.SIGKILL), r.stdout[-3000:] + r.stderr[-3000:]
+    _prepare.stderr = r.stderr
     return r.returncode
 
 
@@ -278,6 +279,10 @@ def test_sigkilled_prepare_reruns_to_the_same_manifest_and_shards(stdlib_prepare
     log.write_text("")
     assert _prepare("none", 0, log, stdlib_corpus, out) == 0
     assert "embed" not in log.read_text()
+    # the unit the killed process was writing is named by the re-run (the dead one could not)
+    named = re.findall(r"write: (\S+) was left unfinished by rank 0 of an earlier run", _prepare.stderr)
+    assert len(named) == 1, _prepare.stderr[-3000:]
+    assert not list((out / "work" / "write").glob("*.started"))
     assert _comparable(out) == _comparable(stdlib_prepared)
     assert _tree_bytes(out) == _tree_bytes(stdlib_prepared)
     assert not list(out.rglob("*.tmp"))
