@@ -175,6 +175,18 @@ def synthetic_jsonl(path: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
+def _e2e_inputs(scratch: Path, n: int) -> tuple[Path, Path]:
+    """The synthetic corpus of n documents (made once per scratch folder) and its E2E_CONFIG file."""
+    import yaml
+
+    corpus = scratch / f"corpus-{n}.jsonl"
+    if not corpus.exists():
+        synthetic_jsonl(corpus, n)
+    cfg = scratch / f"e2e-{n}.yaml"
+    cfg.write_text(yaml.safe_dump({**E2E_CONFIG, "k": max(2, n // 1000)}))
+    return corpus, cfg
+
+
 def _prepare_command(root: Path, nproc: int, corpus: Path, out: Path, cfg: Path, *extra: str):
     """(argv, env) of `grip prepare` from the checkout `root`, under torchrun when nproc > 1."""
     launch = [sys.executable, "-m", "train"]
@@ -197,13 +209,7 @@ def end_to_end(n: int, nproc: int, scratch: Path) -> dict:
     import os
     import resource
 
-    import yaml
-
-    corpus = scratch / f"corpus-{n}.jsonl"
-    if not corpus.exists():
-        synthetic_jsonl(corpus, n)
-    cfg = scratch / f"e2e-{n}.yaml"
-    cfg.write_text(yaml.safe_dump({**E2E_CONFIG, "k": max(2, n // 1000)}))
+    corpus, cfg = _e2e_inputs(scratch, n)
     out = scratch / f"out-{n}-{nproc}"
     root = Path(__file__).resolve().parents[1]
     cmd, env = _prepare_command(root, nproc, corpus, out, cfg, "--restart")
@@ -273,13 +279,7 @@ def _write_once(root: Path, n: int, nproc: int, scratch: Path) -> dict:
     """One timed write stage of the checkout `root` (see the module docstring)."""
     import shutil
 
-    import yaml
-
-    corpus = scratch / f"corpus-{n}.jsonl"
-    if not corpus.exists():
-        synthetic_jsonl(corpus, n)
-    cfg = scratch / f"e2e-{n}.yaml"
-    cfg.write_text(yaml.safe_dump({**E2E_CONFIG, "k": max(2, n // 1000)}))
+    corpus, cfg = _e2e_inputs(scratch, n)
     out = scratch / f"ab-{root.name}-{n}"
     cmd, env = _prepare_command(root, nproc, corpus, out, cfg)
     for d in ("shards", "probe", "heldout", "work/write"):
