@@ -235,15 +235,14 @@ def test_sigkill_two_process_training_resumes_exactly(tmp_path):
     assert len(hist_a) >= 1 + STEPS // REFRESH  # the budgets did move during the run
 
 
-def _prepare(stage: str, n: int, log: Path, corpus: Path, out: Path) -> int:
+def _prepare(stage: str, n: int, log: Path, corpus: Path, out: Path) -> subprocess.CompletedProcess:
     from tests.stdlib_prepared import TINY as PREPARE_TINY
 
     cmd = [sys.executable, "-m", "tests.reliability._prepare_killer", stage, str(n), str(log), "--"]
     cmd += ["--corpus", str(corpus), "--out", str(out), "--config", str(PREPARE_TINY), "--no-progress"]
     r = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode in (0, -signal.SIGKILL), r.stdout[-3000:] + r.stderr[-3000:]
-    _prepare.stderr = r.stderr
-    return r.returncode
+    return r
 
 
 def _comparable(directory: Path) -> dict:
@@ -266,22 +265,23 @@ def _tree_bytes(directory: Path) -> dict[str, bytes]:
 def test_sigkilled_prepare_reruns_to_the_same_manifest_and_shards(stdlib_prepared, stdlib_corpus, tmp_path):
     out, log = tmp_path / "out", tmp_path / "calls.txt"
     # killed in the embed stage, in the middle of its second block (the first is on disk)
-    assert _prepare("embed", 2, log, stdlib_corpus, out) == -signal.SIGKILL
+    assert _prepare("embed", 2, log, stdlib_corpus, out).returncode == -signal.SIGKILL
     assert not (out / "manifest.json").exists()
     # killed while writing shards (after the 100th document)
     log.write_text("")
-    assert _prepare("write", 100, log, stdlib_corpus, out) == -signal.SIGKILL
+    assert _prepare("write", 100, log, stdlib_corpus, out).returncode == -signal.SIGKILL
     assert log.read_text().count("embed") == 1  # only the unfinished block was embedded again
     assert not (out / "manifest.json").exists()
     with pytest.raises(ManifestError, match="grip prepare"):
         load_manifest(out)
     # a plain re-run finishes; it embeds nothing and equals the uninterrupted run
     log.write_text("")
-    assert _prepare("none", 0, log, stdlib_corpus, out) == 0
+    rerun = _prepare("none", 0, log, stdlib_corpus, out)
+    assert rerun.returncode == 0
     assert "embed" not in log.read_text()
     # the unit the killed process was writing is named by the re-run (the dead one could not)
-    named = re.findall(r"write: (\S+) was left unfinished by rank 0 of an earlier run", _prepare.stderr)
-    assert len(named) == 1, _prepare.stderr[-3000:]
+    named = re.findall(r"write: (\S+) was left unfinished by rank 0 of an earlier run", rerun.stderr)
+    assert len(named) == 1, rerun.stderr[-3000:]
     assert not list((out / "work" / "write").glob("*.started"))
     assert _comparable(out) == _comparable(stdlib_prepared)
     assert _tree_bytes(out) == _tree_bytes(stdlib_prepared)
