@@ -21,7 +21,9 @@ synthetic JSONL documents (5-40 words of one of 8 topics) with the hashed encode
 (`E2E_CONFIG`: dim 64, K = N / 1000 so clusters stay ~1000 documents, one order), and reports
 the wall time, each stage's seconds from `manifest.stats.timings`, and the peak RSS of the
 largest process (ru_maxrss over every descendant, torchrun's workers included), and the largest RssAnon
-(private anonymous memory, without the memmaps' file-backed pages) of any process, polled from /proc.
+(private anonymous memory, without the memmaps' file-backed pages) of any process, polled from /proc,
+overall and per stage (`<stage>_anon_mb`: the samples taken while the stage ran, delimited by rank 0's
+"grip prepare: <stage> done" lines).
 
 `--write-ab N --before-root DIR [--nproc P ...]` times the write stage alone, side by side in
 one run: this checkout against another checkout of grip-loop (e.g. `git worktree add
@@ -152,7 +154,7 @@ E2E_CONFIG = {
     "kmeans_sample": 50_000,
     "probe_min_per_cluster": 4,
     "orders": ["grip"],
-    "progress": False,
+    "progress": True,  # rank 0's "<stage> done" lines mark the stages for the per-stage memory
 }
 
 
@@ -218,7 +220,13 @@ def end_to_end(n: int, nproc: int, scratch: Path) -> dict:
         cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     anon = _AnonPeak(proc.pid)
-    log, _ = proc.communicate()
+    ends, lines = [], []  # (time, stage) of rank 0's "grip prepare: <stage> done" lines
+    for line in proc.stdout:  # text mode: tqdm's "\r" ends a line too
+        lines.append(line)
+        if line.startswith("grip prepare: ") and " done: " in line:
+            ends.append((time.monotonic(), line.split()[2]))
+    proc.wait()
+    log = "".join(lines[-200:])
     wall = time.perf_counter() - t0
     anon.stop()
     if proc.returncode != 0:
@@ -227,6 +235,7 @@ def end_to_end(n: int, nproc: int, scratch: Path) -> dict:
     m = json.loads((out / "manifest.json").read_text())
     row = {"N": n, "nproc": nproc, "K": m["k"], "wall_s": wall, "docs_per_s": n / wall, "peak_rss_mb": peak}
     row["peak_anon_mb"] = anon.peak_kib / 1024
+    row.update({f"{st}_anon_mb": kib / 1024 for st, kib in anon.per_stage(ends).items()})
     row.update({f"{k}_s": v["seconds"] for k, v in m["stats"]["timings"].items()})
     row["work_bytes_per_doc"] = sum(f.stat().st_size for f in (out / "work").rglob("*") if f.is_file()) / n
     row["shard_bytes_per_doc"] = sum(f.stat().st_size for f in (out / "shards").rglob("*") if f.is_file()) / n
@@ -243,6 +252,7 @@ class _AnonPeak:
         import threading
 
         self.root, self.peak_kib, self._done = root_pid, 0, threading.Event()
+        self.samples: list[tuple[float, int]] = []  # (time.monotonic(), largest RssAnon KiB)
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
 
@@ -262,13 +272,26 @@ class _AnonPeak:
 
     def _poll(self) -> None:
         while not self._done.wait(0.2):
+            now = 0
             for pid in self._tree():
                 try:
                     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                         if line.startswith("RssAnon:"):
-                            self.peak_kib = max(self.peak_kib, int(line.split()[1]))
+                            now = max(now, int(line.split()[1]))
                 except OSError:
                     pass
+            self.peak_kib = max(self.peak_kib, now)
+            self.samples.append((time.monotonic(), now))
+
+    def per_stage(self, ends: list[tuple[float, str]]) -> dict[str, int]:
+        """The largest RssAnon sampled while each stage ran: between the end of the previous
+        stage's line and the end of its own (rank 0's clock; the first stage from the start)."""
+        out, lo = {}, float("-inf")
+        for t, stage in ends:
+            inside = [kib for ts, kib in self.samples if lo < ts <= t]
+            out[stage] = max(inside, default=0)
+            lo = t
+        return out
 
     def stop(self) -> None:
         self._done.set()
@@ -450,8 +473,9 @@ def _main_e2e(args) -> int:
                 raise RuntimeError(f"N={n} nproc={nproc} failed:\n{out.stderr[-3000:]}")
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"  N={n} nproc={nproc}: {rows[-1]['wall_s']:.1f}s", file=sys.stderr, flush=True)
+    stages = ("ingest", "tokenize", "embed", "cluster", "geometry", "judge", "write")
     cols = ["N", "nproc", "K", "wall_s", "docs_per_s", "peak_rss_mb", "peak_anon_mb"]
-    cols += [f"{s}_s" for s in ("ingest", "tokenize", "embed", "cluster", "geometry", "judge", "write")]
+    cols += [f"{s}_s" for s in stages] + [f"{s}_anon_mb" for s in stages]
     cols += ["work_bytes_per_doc", "shard_bytes_per_doc"]
     emit("prepare_end_to_end", rows, args, columns=cols, scratch=str(scratch), config=E2E_CONFIG)
     return 0
