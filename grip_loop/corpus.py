@@ -49,6 +49,7 @@ from grip_loop._tario import (  # noqa: F401  (MAX_TAR_HEADER_BYTES: re-exported
     _TarHeaderTooLarge,
 )
 from grip_loop.heldout import content_hash, humaneval_hashes, humaneval_path  # noqa: F401  (re-exported)
+from grip_loop.idset import SeenIds
 
 #: Bumped when the reader changes what it yields for some input, so `grip prepare` redoes its
 #: ingest stage instead of resuming from documents an older reader produced.
@@ -203,6 +204,8 @@ class CorpusReader:
     follow_symlinks_outside: bool = False
     text_column: str = "text"
     """Parquet / Arrow inputs: the column holding the document text (grip_loop.readers)."""
+    scratch_dir: str | os.PathLike | None = None
+    """Where the ids seen so far spill to a memory-mapped file (`grip_loop.idset`); None: in memory."""
     stats: ReadStats = field(default_factory=ReadStats)
 
     def __post_init__(self) -> None:
@@ -214,22 +217,24 @@ class CorpusReader:
         check_number("max_file_bytes", self.max_file_bytes, 0, open_lo=True)
 
     def __iter__(self) -> Iterator[Document]:
-        seen: set[str] = set()
+        seen = SeenIds(self.scratch_dir)  # ~8 bytes an id (grip_loop.idset)
         next_suffix: dict[str, int] = {}
-        for doc in self._raw():
-            if self.exclude and content_hash(doc.text) in self.exclude:
-                self.stats.skip("held_out")
-                continue
-            if doc.id in seen:  # the first keeps its id; later ones get "#2", "#3", ...
-                n = next_suffix.get(doc.id, 2)
-                while f"{doc.id}#{n}" in seen:
-                    n += 1
-                next_suffix[doc.id] = n + 1
-                doc = dataclasses.replace(doc, id=f"{doc.id}#{n}")
-                self.stats.duplicate_ids += 1
-            seen.add(doc.id)
-            self.stats.read += 1
-            yield doc
+        try:
+            for doc in self._raw():
+                if self.exclude and content_hash(doc.text) in self.exclude:
+                    self.stats.skip("held_out")
+                    continue
+                if not seen.add(doc.id):  # the first keeps its id; later ones get "#2", "#3", ...
+                    n = next_suffix.get(doc.id, 2)
+                    while not seen.add(f"{doc.id}#{n}"):
+                        n += 1
+                    next_suffix[doc.id] = n + 1
+                    doc = dataclasses.replace(doc, id=f"{doc.id}#{n}")
+                    self.stats.duplicate_ids += 1
+                self.stats.read += 1
+                yield doc
+        finally:
+            seen.close()
 
     # -- which files --------------------------------------------------------------------
 
