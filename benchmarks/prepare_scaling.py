@@ -225,6 +225,12 @@ def end_to_end(n: int, nproc: int, scratch: Path) -> dict:
         lines.append(line)
         if line.startswith("grip prepare: ") and " done: " in line:
             ends.append((time.monotonic(), line.split()[2]))
+            print(  # a long run's progress, on the benchmark's stderr
+                f"  N={n} nproc={nproc}: {ends[-1][1]} done at {time.perf_counter() - t0:.0f} s, "
+                f"largest RssAnon so far {anon.peak_kib / 1024:.0f} MB",
+                file=sys.stderr,
+                flush=True,
+            )
     proc.wait()
     log = "".join(lines[-200:])
     wall = time.perf_counter() - t0
@@ -289,7 +295,8 @@ class _AnonPeak:
         out, lo = {}, float("-inf")
         for t, stage in ends:
             inside = [kib for ts, kib in self.samples if lo < ts <= t]
-            out[stage] = max(inside, default=0)
+            after = next((kib for ts, kib in self.samples if ts > t), 0)  # a stage under 0.2 s
+            out[stage] = max(inside) if inside else after
             lo = t
         return out
 
@@ -466,11 +473,11 @@ def _main_e2e(args) -> int:
         for nproc in args.nproc:
             out = subprocess.run(
                 [sys.executable, __file__, "--e2e-one", str(n), str(nproc), str(scratch)],
-                capture_output=True,
+                stdout=subprocess.PIPE,  # its stderr (each stage's end, the error) goes through
                 text=True,
             )
             if out.returncode != 0:
-                raise RuntimeError(f"N={n} nproc={nproc} failed:\n{out.stderr[-3000:]}")
+                raise RuntimeError(f"N={n} nproc={nproc} failed (its stderr is above)")
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"  N={n} nproc={nproc}: {rows[-1]['wall_s']:.1f}s", file=sys.stderr, flush=True)
     stages = ("ingest", "tokenize", "embed", "cluster", "geometry", "judge", "write")

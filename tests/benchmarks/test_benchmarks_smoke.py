@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run(script: str, *extra: str, tmp_path: Path) -> dict:
+def run(script: str, *extra: str, tmp_path: Path, name: str | None = None) -> dict:
     out = tmp_path / f"{script}.json"
     proc = subprocess.run(
         [
@@ -37,7 +37,7 @@ def run(script: str, *extra: str, tmp_path: Path) -> dict:
     assert len(lines) == 1, proc.stdout[-2000:]
     result = json.loads(lines[0])
     assert json.loads(out.read_text()) == result
-    assert result["benchmark"] == script and result["quick"] is True
+    assert result["benchmark"] == (name or script) and result["quick"] is True
     assert result["rows"], "no rows"
     assert "| " in proc.stdout  # the markdown table
     return result
@@ -91,6 +91,16 @@ def test_prepare_scaling_quick(tmp_path):
     stages = {row["stage"] for row in r["rows"]}
     assert stages == {"kmeans", "density+order", "write"}
     assert all(row["docs_per_s"] > 0 for row in r["rows"])
+
+
+@pytest.mark.slow
+def test_prepare_end_to_end_quick_reports_memory_per_stage(tmp_path):
+    r = run("prepare_scaling", "--end-to-end", "1000", tmp_path=tmp_path, name="prepare_end_to_end")
+    (row,) = r["rows"]
+    assert row["N"] == 1000 and row["wall_s"] > 0
+    stages = ("ingest", "tokenize", "embed", "cluster", "geometry", "judge", "write")
+    # every stage has its seconds and the largest private memory sampled while it ran
+    assert all(row[f"{s}_s"] >= 0 and 0 < row[f"{s}_anon_mb"] <= row["peak_anon_mb"] for s in stages)
 
 
 @pytest.mark.slow
