@@ -182,8 +182,8 @@ def _e2e_inputs(scratch: Path, n: int) -> tuple[Path, Path]:
     import yaml
 
     corpus = scratch / f"corpus-{n}.jsonl"
-    if not corpus.exists():
-        synthetic_jsonl(corpus, n)
+    if not corpus.exists():  # written aside, then renamed: a cut-short corpus is never reused
+        synthetic_jsonl(corpus.with_suffix(".partial"), n).rename(corpus)
     cfg = scratch / f"e2e-{n}.yaml"
     cfg.write_text(yaml.safe_dump({**E2E_CONFIG, "k": max(2, n // 1000)}))
     return corpus, cfg
@@ -380,6 +380,11 @@ def main(argv=None) -> int:
     p.add_argument("--extrapolate-to", type=int, nargs="+", default=[100_000, 1_000_000], help="N for fits")
     p.add_argument("--end-to-end", type=int, nargs="+", metavar="N", help="whole `grip prepare` runs instead")
     p.add_argument("--nproc", type=int, nargs="+", default=[1], help="processes of the --end-to-end runs")
+    p.add_argument(
+        "--scratch",
+        type=Path,
+        help="folder of the --end-to-end corpora and outputs (kept; a corpus there is reused); default a new temp dir",
+    )
     p.add_argument("--e2e-one", nargs=3, metavar=("N", "NPROC", "SCRATCH"), help="internal: one e2e run")
     p.add_argument(
         "--write-ab", type=int, metavar="N", help="time the write stage: this checkout vs --before-root"
@@ -466,7 +471,8 @@ def main(argv=None) -> int:
 
 def _main_e2e(args) -> int:
     """Each (N, nproc) from a fresh driver process, so ru_maxrss of its children is that run's."""
-    scratch = Path(tempfile.mkdtemp(prefix="grip-e2e-"))
+    scratch = args.scratch or Path(tempfile.mkdtemp(prefix="grip-e2e-"))
+    scratch.mkdir(parents=True, exist_ok=True)
     ns = [1000] if args.quick else args.end_to_end
     rows = []
     for n in ns:
