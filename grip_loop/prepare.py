@@ -271,7 +271,8 @@ def _rank0_clusters(cfg, out, work, store, emb, tok_info, lengths, timer, fit, s
     )
     # Geometric Influence Scores of the training documents, and from them each cluster's
     # influential documents, terms, languages and (k-means / GEM) name (grip_loop.naming)
-    gis = influence_scores(emb, train_labels, n_clusters, out=scratch.empty("gis", n, np.float64))
+    gis = scratch.empty("gis", n, np.float64)  # blocks of 8192 rows: float64 copies of (block, dim) floats
+    gis = influence_scores(emb, train_labels, n_clusters, block=8192, out=gis)
     described = describe_clusters(
         train_labels,
         n_clusters,
