@@ -227,11 +227,14 @@ class DocStore:
         raw = self._read(p, "txt", 0, int(idx[-1, 0] + idx[-1, 1]))
         return [raw[o : o + n].decode("utf-8") for o, n in idx[:, 0:2].tolist()]
 
-    def column(self, c: int) -> np.ndarray:
-        """One column of every part's index, concatenated: (N,) int64 (1: text bytes, 4: stratum)."""
-        return np.concatenate([np.asarray(self.idx(p)[:, c]) for p in range(len(self.names))] or [[]]).astype(
-            np.int64
-        )
+    def column(self, c: int, out: np.ndarray | None = None) -> np.ndarray:
+        """One column of every part's index, concatenated: (N,) int64 (1: text bytes, 4: stratum).
+        `out`: an (N,) array to fill part by part (a memory map, say), returned."""
+        if out is None:
+            out = np.empty(len(self), np.int64)
+        for p in range(len(self.names)):
+            out[self.starts[p] : self.starts[p + 1]] = self.idx(p)[:, c]
+        return out
 
     @property
     def texts(self) -> Sequence[str]:
@@ -267,7 +270,7 @@ class _View(Sequence):
 
 
 class TokenStore:
-    """Token ids of every document from `work/tokens/part-PPPPP.*` (memory-mapped ids)."""
+    """Token ids of every document from `work/tokens/part-PPPPP.*` (memory-mapped ids and offsets)."""
 
     def __init__(self, folder: str | os.PathLike, names: list[str], starts: np.ndarray) -> None:
         self.folder = Path(folder)
@@ -279,7 +282,7 @@ class TokenStore:
     def _part(self, p: int) -> tuple[np.ndarray, np.ndarray]:
         if p not in self._ids:
             self._ids[p] = np.load(self.folder / f"{self.names[p]}.ids.npy", mmap_mode="r")
-            self._off[p] = np.load(self.folder / f"{self.names[p]}.offsets.npy")
+            self._off[p] = np.load(self.folder / f"{self.names[p]}.offsets.npy", mmap_mode="r")
         return self._ids[p], self._off[p]
 
     def tokens(self, i: int) -> np.ndarray:
@@ -314,10 +317,14 @@ class TokenStore:
         self._ids.clear()
         self._off.clear()
 
-    def lengths(self) -> np.ndarray:
-        """(N,) int64 token count of every document."""
-        out = [np.diff(np.load(self.folder / f"{n}.offsets.npy")) for n in self.names]
-        return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
+    def lengths(self, out: np.ndarray | None = None) -> np.ndarray:
+        """(N,) int64 token count of every document. `out`: an (N,) array to fill part by part
+        (a memory map, say), returned."""
+        if out is None:
+            out = np.empty(int(self.starts[-1]), np.int64)
+        for p in range(len(self.names)):
+            out[self.starts[p] : self.starts[p + 1]] = np.diff(self._part(p)[1])
+        return out
 
 
 def open_work(work: str | os.PathLike) -> tuple[DocStore, TokenStore]:

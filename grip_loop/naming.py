@@ -48,6 +48,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from grip_loop import blockwise
+
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]{2,}")
 _STOP = frozenset(
     "the and for not none self def return import from class with this that int char const void "
@@ -60,24 +62,28 @@ def _prefix(path: str, depth: int = 2) -> str:
     return "/".join(parts[:depth])
 
 
-def influence_scores(emb: np.ndarray, labels: np.ndarray, k: int, *, block: int = 65536) -> np.ndarray:
-    """GIS of every row (module docstring): float64 (N,), NaN where `labels` < 0."""
-    labels = np.asarray(labels)
+def influence_scores(
+    emb: np.ndarray, labels: np.ndarray, k: int, *, block: int = 65536, out: np.ndarray | None = None
+) -> np.ndarray:
+    """GIS of every row (module docstring): float64 (N,), NaN where `labels` < 0. `emb` and
+    `labels` are read in blocks (memory maps are fine); `out`: the (N,) float64 array to fill
+    (a memory map, say), returned."""
     n = len(labels)
     d = np.asarray(emb[:1]).shape[1]
     s = np.zeros((k, d))
     for lo in range(0, n, block):  # resultants, streamed
         xb = np.asarray(emb[lo : lo + block], np.float64)
-        lb = labels[lo : lo + block]
+        lb = np.asarray(labels[lo : lo + block])
         ok = lb >= 0
         np.add.at(s, lb[ok], xb[ok])
-    sizes = np.bincount(labels[labels >= 0], minlength=k)
+    sizes = blockwise.bincount(labels, k, block=block)
     r = np.linalg.norm(s, axis=1)
     mu = s / np.maximum(r, 1e-12)[:, None]
-    gis = np.full(n, np.nan)
+    gis = np.empty(n) if out is None else out
+    gis[:] = np.nan
     for lo in range(0, n, block):
         xb = np.asarray(emb[lo : lo + block], np.float64)
-        lb = labels[lo : lo + block]
+        lb = np.asarray(labels[lo : lo + block])
         ok = np.flatnonzero(lb >= 0)
         c = lb[ok]
         cos = np.einsum("nd,nd->n", xb[ok], mu[c])
@@ -120,24 +126,31 @@ def describe_clusters(
     gis: np.ndarray | None = None,
     n_terms: int = 8,
     n_influential: int = 5,
+    members: Sequence[np.ndarray] | None = None,
 ) -> list[dict]:
     """Per cluster id 0..k-1: {"name", "languages" (share of each language among all members),
     "top_terms" (the `n_terms` most distinctive identifiers of the named-from documents),
     "influential" (indices of the `n_influential` highest-GIS members; [] without `gis`)}.
 
     Documents named from: with `gis`, each cluster's `sample` highest-GIS members; without,
-    a seeded uniform sample of `sample` members (the naming of issue 12)."""
-    labels = np.asarray(labels)
+    a seeded uniform sample of `sample` members (the naming of issue 12). `members`: each
+    cluster's rows in ascending order, when the caller has them (from `labels` otherwise)."""
     rng = np.random.default_rng(seed)
-    members = [np.flatnonzero(labels == c) for c in range(k)]
-    if gis is not None:
+    if gis is not None and not isinstance(gis, np.ndarray):
         gis = np.asarray(gis, np.float64)
-        ranked = [m[np.lexsort((m, -gis[m]))] for m in members]  # GIS descending, ties by index
-        # the cluster's core: its more influential half (at least 10, at most `sample`)
-        picks = [np.sort(r[: min(sample, max(10, -(-len(r) // 2)))]) for r in ranked]
-    else:
-        ranked = [np.zeros(0, np.int64)] * k
-        picks = [m if len(m) <= sample else np.sort(rng.choice(m, sample, replace=False)) for m in members]
+    if members is None:
+        order, bounds = blockwise.group_by_label(labels, k)
+        members = [order[bounds[c] : bounds[c + 1]] for c in range(k)]
+    ranked, picks = [], []  # each cluster's most influential members; the documents named from
+    for m in members:
+        if gis is not None:
+            r = m[np.lexsort((m, -np.asarray(gis[m], np.float64)))]  # GIS descending, ties by index
+            ranked.append(r[:n_influential])
+            # the cluster's core: its more influential half (at least 10, at most `sample`)
+            picks.append(np.sort(r[: min(sample, max(10, -(-len(r) // 2)))]))
+        else:
+            ranked.append(np.zeros(0, np.int64))
+            picks.append(m if len(m) <= sample else np.sort(rng.choice(m, sample, replace=False)))
     df_cluster: list[Counter] = []
     df_all: Counter = Counter()
     for pick in picks:

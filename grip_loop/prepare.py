@@ -59,7 +59,15 @@ from pathlib import Path
 
 import numpy as np
 
-from grip_loop import distributed, docstore, prepare_cluster, prepare_geometry, prepare_write, workdir
+from grip_loop import (
+    blockwise,
+    distributed,
+    docstore,
+    prepare_cluster,
+    prepare_geometry,
+    prepare_write,
+    workdir,
+)
 from grip_loop.embed import embed_corpus
 from grip_loop.judge import JudgeInput, cluster_quality
 from grip_loop.manifest import SCHEMA_VERSION, ClusterInfo, Manifest
@@ -70,7 +78,7 @@ from grip_loop.prepare_cluster import (
     _pathology,
     _without_faiss_size_warning,
     clusters_from_field,
-    heldout_split,
+    heldout_split_codes,
     probe_sizes,
     sigma_streamed,
     small_corpus_notes,
@@ -83,6 +91,9 @@ from grip_loop.prepare_write import heldout_prefixes
 from grip_loop.selection import selection_order
 
 __all__ = ["ClusterConfig", "PrepareConfig", "load_config", "prepare"]
+
+#: Each process's O(N) working arrays, memory-mapped files (`workdir.Scratch`): `OUT/work/tmp/rank-R/`.
+SCRATCH = "tmp"
 
 # ---------------------------------------------------------------------------------------
 
@@ -124,6 +135,7 @@ def _run(cfg: PrepareConfig, out: Path, rank: int, world: int) -> Manifest | Non
     work = out / "work"
     if rank == 0:
         work.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(work / SCRATCH, ignore_errors=True)  # what a killed run left
         t0 = time.perf_counter()
         ingest = _ingest(cfg, work)
         timer.record("ingest", t0, ingest["n_docs"])
@@ -139,14 +151,16 @@ def _run(cfg: PrepareConfig, out: Path, rank: int, world: int) -> Manifest | Non
             print(line)
     store = docstore.DocStore(work / "docs", ingest["parts"])
     tokens = docstore.TokenStore(work / "tokens", store.names, store.starts)
-    try:  # the stores' descriptors and maps are closed however the run ends
-        return _stages(cfg, out, work, rank, world, ingest, store, tokens, timer)
+    scratch = workdir.Scratch(work / SCRATCH / f"rank-{rank}")
+    try:  # the stores' descriptors and maps are closed, the scratch files removed, however the run ends
+        return _stages(cfg, out, work, rank, world, ingest, store, tokens, timer, scratch)
     finally:
         store.close()
         tokens.close()
+        scratch.close()
 
 
-def _stages(cfg, out, work, rank, world, ingest, store, tokens, timer) -> Manifest | None:
+def _stages(cfg, out, work, rank, world, ingest, store, tokens, timer, scratch) -> Manifest | None:
     from grip_loop.shards import token_dtype_for
 
     fp = ingest["fingerprint"]
@@ -159,15 +173,16 @@ def _stages(cfg, out, work, rank, world, ingest, store, tokens, timer) -> Manife
     emb = embed_corpus(store.texts, cfg.encoder, work, emb_key, progress=cfg.progress)
     timer.record("embed", t0, len(store))
     dtype = token_dtype_for(tok_info["vocab_size"])
-    lengths = tokens.lengths()
-    fit = _on_rank0(rank, lambda: _rank0_fit(cfg, out, work, store, emb, emb_key, ingest))  # the clusters
+    lengths = tokens.lengths(out=scratch.empty("lengths", len(store), np.int64))
+    fit = _on_rank0(
+        rank, lambda: _rank0_fit(cfg, out, work, store, emb, emb_key, ingest, scratch)
+    )  # the clusters
     prepare_cluster.assign_blocks(work, emb, rank, world)  # k-means: every rank labels its blocks
-    args = (cfg, out, work, store, emb, tok_info, lengths, timer, fit)
+    args = (cfg, out, work, store, emb, tok_info, lengths, timer, fit, scratch)
     state = _on_rank0(rank, lambda: _rank0_clusters(*args))  # names, sigma_k, probes
     prepare_geometry.compute(cfg, work, emb, lengths, rank, world)  # each cluster's orders
-    state = _on_rank0(
-        rank, lambda: _rank0_stages(cfg, out, work, store, emb, ingest, tok_info, timer, dtype, state)
-    )
+    args = (cfg, out, work, store, emb, ingest, tok_info, timer, dtype, state, scratch)
+    state = _on_rank0(rank, lambda: _rank0_stages(*args))
     t0 = time.perf_counter() - (state["t_plan"] if rank == 0 else 0.0)  # the plan is part of the stage
     written = prepare_write.write(out, work, store, tokens, dtype, rank, world, cfg.progress)
     if rank != 0:
@@ -194,21 +209,22 @@ def _on_rank0(rank: int, fn):
     return result
 
 
-def _rank0_fit(cfg, out, work, store, emb, emb_key, ingest) -> dict:
+def _rank0_fit(cfg, out, work, store, emb, emb_key, ingest, scratch) -> dict:
     """Rank 0: the held-out slice and the clusters (labels too, but for a k-means assignment
-    still to do: `prepare_cluster.assign_blocks`)."""
+    still to do: `prepare_cluster.assign_blocks`). The (N,) arrays are `scratch` maps."""
     n = len(store)
-    # the language (or --cluster-by value) of every document: one shared string object each
-    strata = np.asarray(ingest["strata"], dtype=object)[store.column(4)]
+    # the language (or --cluster-by value) of every document: ingest["strata"][codes[i]]
+    codes = store.column(4, out=scratch.empty("strata", n, np.int64))
 
     t0 = time.perf_counter()
     # held-out slice: stratified by the cluster field with --cluster-by (every cluster is
     # represented in the evaluation), by language otherwise
-    held = heldout_split(strata, cfg.heldout_fraction, cfg.seed)
-    train = np.ones(n, bool)
+    held = heldout_split_codes(codes, ingest["strata"], cfg.heldout_fraction, cfg.seed)
+    train = scratch.full("train", n, True, bool)
     train[held] = False
     if cfg.cluster_by:
-        centroids, labels, names = clusters_from_field(strata, emb, train)
+        labels = scratch.empty("labels", n, np.int64)
+        centroids, labels, names = clusters_from_field(codes, ingest["strata"], emb, train, out=labels)
         _atomic_npy(out / "centroids.npy", centroids)
         n_clusters = len(names)
         cluster_stats = {"method": "field", "field": cfg.cluster_by}
@@ -218,7 +234,7 @@ def _rank0_fit(cfg, out, work, store, emb, emb_key, ingest) -> dict:
                 f"k: {cfg.k} clusters but the corpus has only {int(train.sum())} training documents; lower k"
             )
         with _without_faiss_size_warning():  # small_corpus_notes said it in one line, with the fix
-            centroids, labels, cluster_stats = _cluster(cfg, out, work, emb, emb_key, train)
+            centroids, labels, cluster_stats = _cluster(cfg, out, work, emb, emb_key, train, held)
         n_clusters, names = cfg.k, None
     return dict(
         held=held,
@@ -233,9 +249,10 @@ def _rank0_fit(cfg, out, work, store, emb, emb_key, ingest) -> dict:
     )
 
 
-def _rank0_clusters(cfg, out, work, store, emb, tok_info, lengths, timer, fit) -> dict:
+def _rank0_clusters(cfg, out, work, store, emb, tok_info, lengths, timer, fit, scratch) -> dict:
     """Rank 0, after the assignment: the clusters' names and GIS, sigma_k and each cluster's
-    probe and training documents (`prepare_geometry.plan`). Returns them."""
+    probe and training documents (`prepare_geometry.plan`). Returns them. The (N,) arrays are
+    `scratch` maps or stage files, read in blocks; a cluster's documents are views of them."""
     n, n_clusters, t0 = len(store), fit["n_clusters"], fit["t_cluster"]
     held, train, centroids, labels, names = (
         fit[k] for k in ("held", "train", "centroids", "labels", "names")
@@ -243,54 +260,62 @@ def _rank0_clusters(cfg, out, work, store, emb, tok_info, lengths, timer, fit) -
     cluster_stats = fit["cluster_stats"]
     if labels is None:
         centroids, labels, cluster_stats = prepare_cluster.finish_labels(
-            cfg, out, work, train, centroids, cluster_stats
+            cfg, out, work, train, centroids, cluster_stats, scratch
         )
+    # the training documents' labels (-1: held out), and each cluster's, ascending
+    train_labels = blockwise.fill(
+        scratch.empty("train_labels", n, np.int64), lambda lo, hi: np.where(train[lo:hi], labels[lo:hi], -1)
+    )
+    by_label, bounds = blockwise.group_by_label(
+        train_labels, n_clusters, out=scratch.empty("by_label", n, np.int64)
+    )
     # Geometric Influence Scores of the training documents, and from them each cluster's
     # influential documents, terms, languages and (k-means / GEM) name (grip_loop.naming)
-    gis = influence_scores(emb, np.where(train, labels, -1), n_clusters)
+    gis = scratch.empty("gis", n, np.float64)  # blocks of 8192 rows: float64 copies of (block, dim) floats
+    gis = influence_scores(emb, train_labels, n_clusters, block=8192, out=gis)
     described = describe_clusters(
-        np.where(train, labels, -1),
+        train_labels,
         n_clusters,
         store.field("lang"),  # read on demand: only the sampled documents of each cluster
         store.field("path"),
         store.texts,
         seed=cfg.seed,
         gis=gis,
+        members=[by_label[bounds[k] : bounds[k + 1]] for k in range(n_clusters)],
     )
     if not cfg.cluster_by:
         names = [c["name"] for c in described]
     (out / "stats").mkdir(exist_ok=True)
-    _atomic_npy(out / "stats" / "gis.npy", gis.astype(np.float32))
+    gis32 = blockwise.fill(scratch.empty("gis32", n, np.float32), lambda lo, hi: gis[lo:hi])
+    _atomic_npy(out / "stats" / "gis.npy", gis32)
     timer.record("cluster", t0, n)
 
     t0 = time.perf_counter()
-    sizes = np.bincount(labels[train], minlength=n_clusters)
+    sizes = np.diff(bounds)
     sigma = sigma_streamed(emb, labels, train, centroids)
     n_probe = probe_sizes(sizes, sigma, cfg.probe_fraction, cfg.probe_min_per_cluster)
-    order_by_label = np.argsort(np.where(train, labels, n_clusters), kind="stable")
-    bounds = np.searchsorted(np.where(train, labels, n_clusters)[order_by_label], np.arange(n_clusters + 1))
-    members = [order_by_label[bounds[k] : bounds[k + 1]] for k in range(n_clusters)]
-    del order_by_label
-    probes = []
+    flat, mb, probes = scratch.empty("members", int(bounds[-1]), np.int64), [0], []
     for k in range(n_clusters):
-        m = members[k]
+        m = by_label[bounds[k] : bounds[k + 1]]
         # a uniform draw, kept in draw order: any prefix is a uniform sample, and the probe's
         # adaptation / evaluation roles alternate along it (split_probe)
         pick = selection_order(np.ones(len(m)), seed=_seed(cfg.seed, k, 1))[: n_probe[k]]
         probes.append(m[pick])
         if not cfg.probe_eval_in_training:  # the probe measures documents training never sees
             held_out = np.asarray(split_probe(m[pick].tolist())[1], np.int64)
-            members[k] = m[~np.isin(m, held_out)]
+            m = m[~np.isin(m, held_out)]
             train[held_out] = False
-    sizes = np.array([len(m) for m in members], dtype=np.int64)
+        flat[mb[-1] : mb[-1] + len(m)] = m
+        mb.append(mb[-1] + len(m))
+    mb = np.asarray(mb, np.int64)
     knn_cfg = [cfg.orders, cfg.beta, cfg.knn_k, cfg.knn_approx_above, cfg.knn_target_recall, cfg.seed]
-    prepare_geometry.plan(work, members, [fit["emb_key"], tok_info["key"], *knn_cfg])
+    prepare_geometry.plan(work, flat, mb, [fit["emb_key"], tok_info["key"], *knn_cfg])
     return dict(
         n_clusters=n_clusters,
         names=names,
-        members=members,
+        members=[flat[mb[k] : mb[k + 1]] for k in range(n_clusters)],
         probes=probes,
-        sizes=sizes,
+        sizes=np.diff(mb),
         lengths=lengths,
         sigma=sigma,
         described=described,
@@ -303,13 +328,13 @@ def _rank0_clusters(cfg, out, work, store, emb, tok_info, lengths, timer, fit) -
     )
 
 
-def _rank0_stages(cfg, out, work, store, emb, ingest, tok_info, timer, dtype, st) -> dict:
+def _rank0_stages(cfg, out, work, store, emb, ingest, tok_info, timer, dtype, st, scratch) -> dict:
     """Rank 0, after every rank computed its clusters' orders: the rest of the geometry stage,
     the judge stage, then the plan of the write stage (its streams of documents,
-    `prepare_write.plan`). Returns what the manifest needs."""
+    `prepare_write.plan`, laid out one at a time). Returns what the manifest needs."""
     n, n_clusters, lengths, probes = len(store), st["n_clusters"], st["lengths"], st["probes"]
     members, held, labels, train = st["members"], st["held"], st["labels"], st["train"]
-    orders, knn_info = prepare_geometry.load(cfg, work, n_clusters)
+    knn_info = prepare_geometry.knn_infos(work, n_clusters)
     pathology = _pathology(cfg, out, emb, lengths)
     timer.record("geometry", st["t_geometry"], n)
 
@@ -329,17 +354,15 @@ def _rank0_stages(cfg, out, work, store, emb, ingest, tok_info, timer, dtype, st
     timer.record("judge", t0, len(flat))
 
     t0 = time.perf_counter()
+
+    def in_order(k: int, name: str):  # cluster k's training documents in the order `name`
+        return lambda: members[k][prepare_geometry.orders(cfg, work, k)[name]]
+
     streams = []
     for k in range(n_clusters):
         for name in cfg.orders:
             streams.append(
-                (
-                    f"shards/{name}/cluster-{k:05d}",
-                    "shard",
-                    members[k][orders[k][name]],
-                    k,
-                    cfg.shard_max_docs,
-                )
+                (f"shards/{name}/cluster-{k:05d}", "shard", in_order(k, name), k, cfg.shard_max_docs)
             )
         streams.append(("probe", f"cluster-{k:05d}", probes[k], k, 1 << 30))
     held_lang = [store.meta(int(i))["lang"] for i in held]
@@ -348,8 +371,12 @@ def _rank0_stages(cfg, out, work, store, emb, ingest, tok_info, timer, dtype, st
         mine = np.array([int(i) for i, li in zip(held, held_lang, strict=True) if li == lang], np.int64)
         held_langs[lang] = len(mine)
         streams.append(("heldout", prefix, mine, labels[mine], cfg.shard_max_docs))
-    lower = lengths * np.dtype(dtype).itemsize + 3 * 512 + store.column(1)  # tokens, text, tar headers
-    upper = lower + 3 * store.column(3) + prepare_write._META_FIXED_BYTES  # + the meta JSON, escaped
+    # bounds of each document's bytes in a shard: tokens, text, tar headers (lower); + the meta JSON, escaped
+    size = np.dtype(dtype).itemsize
+    lower = store.column(1, out=scratch.empty("lower", n, np.int64))
+    blockwise.fill(lower, lambda lo, hi: lengths[lo:hi] * size + 3 * 512 + lower[lo:hi])
+    upper = store.column(3, out=scratch.empty("upper", n, np.int64))
+    blockwise.fill(upper, lambda lo, hi: lower[lo:hi] + 3 * upper[lo:hi] + prepare_write._META_FIXED_BYTES)
     prepare_write.plan(
         out,
         work,
@@ -357,9 +384,9 @@ def _rank0_stages(cfg, out, work, store, emb, ingest, tok_info, timer, dtype, st
         lower=lower,
         upper=upper,
         key_parts=[ingest["fingerprint"], tok_info["key"], tok_info["sha256"], dtype],
+        scratch=scratch,
     )
     return st | dict(
-        orders=orders,
         quality=quality,
         dims=dims,
         held_langs=held_langs,
@@ -376,9 +403,10 @@ def _manifest(cfg, out, work, store, st, dim, ingest, tok_info, dtype, timer) ->
     units' records on disk (`prepare_write.shard_lists`, in the order the plan laid them out)."""
     lists = iter(prepare_write.shard_lists(work))
     lengths, train, held = st["lengths"], st["train"], st["held"]
+    n_train, n_tokens = int(train.sum()), blockwise.masked_sum(lengths, train)
     clusters = []
     for k in range(st["n_clusters"]):
-        m, order = st["members"][k], st["orders"][k]
+        m, order = st["members"][k], prepare_geometry.orders(cfg, work, k)
         shard_lists = {name: next(lists) for name in cfg.orders}
         probe_infos = next(lists)
         probe_ids = [store.meta(int(i))["id"] for i in st["probes"][k]]
@@ -426,9 +454,9 @@ def _manifest(cfg, out, work, store, st, dim, ingest, tok_info, dtype, timer) ->
         config=cfg.to_dict(),
         heldout=heldout_infos,
         stats={
-            "n_docs": int(train.sum()),
-            "n_tokens": int(lengths[train].sum()),
-            "mean_length": float(lengths[train].mean()),
+            "n_docs": n_train,
+            "n_tokens": n_tokens,
+            "mean_length": float(np.float64(n_tokens) / n_train),  # what lengths[train].mean() is
             "heldout_docs": len(held),
             "heldout_langs": st["held_langs"],
             "read": ingest["read_stats"],

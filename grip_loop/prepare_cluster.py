@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from grip_loop import distributed, workdir
+from grip_loop import blockwise, distributed, workdir
 from grip_loop.budget import apportion
 from grip_loop.prepare_common import (
     _atomic_json,
@@ -78,26 +78,62 @@ class _without_faiss_size_warning:
 def heldout_split(langs: list[str], fraction: float, seed: int) -> np.ndarray:
     """Sorted indices of the held-out documents: round(fraction * n_lang) of each language,
     a seeded uniform draw inside the language; a language always keeps >= 1 training document."""
-    langs_arr = np.asarray(langs, dtype=object)
+    values = sorted(set(langs))
+    lookup = {v: i for i, v in enumerate(values)}
+    return heldout_split_codes(np.array([lookup[v] for v in langs], np.int64), values, fraction, seed)
+
+
+def heldout_split_codes(codes, values: list[str], fraction: float, seed: int) -> np.ndarray:
+    """`heldout_split` of documents given as codes: document i's language is values[codes[i]].
+    `codes` (a memory map, say) is read in blocks: what this holds is the held-out indices."""
+    counts = blockwise.bincount(codes, len(values))
     picked = []
-    for lang in sorted(set(langs)):
-        idx = np.flatnonzero(langs_arr == lang)
-        n = min(int(np.floor(fraction * len(idx) + 0.5)), len(idx) - 1)
+    for lang in sorted({values[c] for c in np.flatnonzero(counts)}):
+        mine = [c for c, v in enumerate(values) if v == lang]
+        n_lang = int(counts[mine].sum())
+        n = min(int(np.floor(fraction * n_lang + 0.5)), n_lang - 1)
         if n > 0:
             rng = np.random.default_rng(
                 _seed(seed, 7, int.from_bytes(lang.encode()[:8].ljust(8, b"\0"), "little"))
             )
-            picked.append(rng.choice(idx, size=n, replace=False))
+            # rng.choice(rows, n) is rows[rng.choice(len(rows), n)]: the same draw, without `rows`
+            picked.append(_nth_rows(codes, mine, np.sort(rng.choice(n_lang, size=n, replace=False))))
     return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
 
 
-def clusters_from_field(values, emb: np.ndarray, train: np.ndarray, block: int = 65536):
-    """`--cluster-by`: (centroids, labels, names). One cluster per distinct value, in sorted
-    order; a centroid is the L2-normalised mean embedding of its training documents (held-out
-    documents keep their own value's label). `emb` may be a memmap: it is read in blocks."""
-    names = sorted(set(values))
+def _nth_rows(codes, mine: list[int], nth: np.ndarray, block: int = blockwise.BLOCK) -> np.ndarray:
+    """The rows at the (sorted) positions `nth` among the rows whose code is one of `mine`."""
+    out, seen, j = [], 0, 0
+    for lo in range(0, len(codes), block):
+        rows = lo + np.flatnonzero(np.isin(np.asarray(codes[lo : lo + block]), mine))
+        hi = int(np.searchsorted(nth, seen + len(rows)))
+        out.append(rows[nth[j:hi] - seen])
+        seen, j = seen + len(rows), hi
+    return np.concatenate(out or [np.zeros(0, np.int64)]).astype(np.int64)
+
+
+def nth_training_rows(held: np.ndarray, nth: np.ndarray) -> np.ndarray:
+    """The rows at positions `nth` among the rows not in `held` (sorted): what
+    `np.flatnonzero(train)[nth]` gives, without the (N,) array of training rows."""
+    nth = np.asarray(nth, np.int64)
+    return nth + np.searchsorted(np.asarray(held, np.int64) - np.arange(len(held)), nth, side="right")
+
+
+def clusters_from_field(
+    codes, values: list[str], emb: np.ndarray, train: np.ndarray, *, out=None, block: int = 65536
+):
+    """`--cluster-by`: (centroids, labels, names). Document i's value is values[codes[i]]. One
+    cluster per distinct value, in sorted order; a centroid is the L2-normalised mean embedding
+    of its training documents (held-out documents keep their own value's label). `emb` and
+    `codes` may be memmaps: they are read in blocks; `out`: the (N,) int64 labels to fill."""
+    present = np.flatnonzero(blockwise.bincount(codes, len(values)))
+    names = sorted({values[c] for c in present})
     lookup = {v: i for i, v in enumerate(names)}
-    labels = np.array([lookup[v] for v in values], dtype=np.int64)
+    to_label = np.array([lookup.get(v, -1) for v in values], np.int64)
+    labels = blockwise.fill(
+        np.empty(len(codes), np.int64) if out is None else out,
+        lambda lo, hi: to_label[np.asarray(codes[lo:hi])],
+    )
     centroids = np.zeros((len(names), emb.shape[1]), np.float32)
     for lo in range(0, len(labels), block):
         t = np.asarray(train[lo : lo + block], bool)
@@ -131,11 +167,18 @@ ASSIGN_BLOCK = 65536
 
 
 def _cluster(
-    cfg: PrepareConfig, out: Path, work: Path, emb: np.ndarray, emb_key: str, train: np.ndarray
+    cfg: PrepareConfig,
+    out: Path,
+    work: Path,
+    emb: np.ndarray,
+    emb_key: str,
+    train: np.ndarray,
+    held: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray | None, dict]:
-    """(centroids, labels, stats): centroids fitted on the training documents only; labels of
-    every document (held-out ones get their nearest centroid, or the GEM student's label, for
-    reporting); stats for `manifest.stats.clustering`. Rank 0. With k-means, labels is None
+    """(centroids, labels, stats): centroids fitted on the training documents only (`train`,
+    the complement of the sorted indices `held`); labels of every document (held-out ones get
+    their nearest centroid, or the GEM student's label, for reporting; memory-mapped from
+    work/labels.npy); stats for `manifest.stats.clustering`. Rank 0. With k-means, labels is None
     when the assignment is still to do: `assign_blocks` on every rank, then `finish_labels`."""
     from grip_loop.cluster import fit_gem, normalised_entropy, spherical_kmeans
 
@@ -145,7 +188,7 @@ def _cluster(
     parts = ["cluster", emb_key, cfg.k, cfg.seed, cfg.kmeans_niter, cfg.kmeans_sample]
     if cfg.cluster.method != "kmeans":  # k-means keeps its old key: its finished stages resume
         parts.append(asdict(cfg.cluster))
-    key = _key(*parts, np.flatnonzero(~train).tolist())
+    key = _key(*parts, np.asarray(held).tolist())
     files = {"centroids": out / "centroids.npy", "labels": work / "labels.npy"}
     info = _finished(meta, key, "cluster")
     if info is not None:
@@ -160,10 +203,10 @@ def _cluster(
                 break
         else:
             _cached("cluster", meta)
-            labels = np.load(files["labels"])
+            labels = np.load(files["labels"], mmap_mode="r")
             stats = info.get("stats") or {
                 "method": "kmeans",
-                "size_entropy": normalised_entropy(np.bincount(labels[train], minlength=cfg.k)),
+                "size_entropy": normalised_entropy(blockwise.bincount(labels, cfg.k, train)),
             }
             return np.load(files["centroids"]), labels, stats
     if cfg.cluster.method == "gem":
@@ -185,12 +228,14 @@ def _cluster(
     else:
         # the sample spherical_kmeans would draw from the training rows, read from the memmap
         # alone (the same rows, so the same centroids, without a copy of every training row)
-        rows = np.flatnonzero(train)
-        if len(rows) > cfg.kmeans_sample:
+        n_train = len(emb) - len(held)
+        if n_train > cfg.kmeans_sample:
             pick = np.random.default_rng(cfg.seed).choice(
-                len(rows), max(cfg.kmeans_sample, cfg.k), replace=False
+                n_train, max(cfg.kmeans_sample, cfg.k), replace=False
             )
-            rows = rows[np.sort(pick)]
+            rows = nth_training_rows(held, np.sort(pick))
+        else:
+            rows = np.flatnonzero(train)
         centroids, _ = spherical_kmeans(
             np.asarray(emb[rows]), cfg.k, seed=cfg.seed, niter=cfg.kmeans_niter, sample_size=None
         )
@@ -219,14 +264,17 @@ def assign_blocks(work: Path, emb, rank: int, world: int) -> None:
     distributed.barrier()
 
 
-def finish_labels(cfg, out: Path, work: Path, train: np.ndarray, centroids, stats: dict):
-    """Rank 0, after `assign_blocks`: every block's labels, saved with the stage's record."""
+def finish_labels(
+    cfg, out: Path, work: Path, train: np.ndarray, centroids, stats: dict, scratch: workdir.Scratch
+):
+    """Rank 0, after `assign_blocks`: every block's labels (gathered in a `scratch` array),
+    saved with the stage's record; the labels returned are memory-mapped from the file."""
     adir = work / "assign"
     plan = json.loads((adir / "plan.json").read_text())
     n_blocks = -(-plan["n"] // plan["block"])
-    labels = np.concatenate(
-        [np.load(adir / f"block-{b:05d}.npy") for b in range(n_blocks)] or [np.zeros(0, np.int64)]
-    )
+    labels = scratch.empty("assigned", plan["n"], np.int64)
+    for b in range(n_blocks):
+        labels[b * plan["block"] : (b + 1) * plan["block"]] = np.load(adir / f"block-{b:05d}.npy")
     stats = {k: v for k, v in stats.items() if k != "key"}
     result = _save_labels(cfg, out, work, train, centroids, labels, stats, plan["key"])
     shutil.rmtree(adir, ignore_errors=True)
@@ -237,12 +285,12 @@ def _save_labels(cfg, out, work, train, centroids, labels, stats, key):
     from grip_loop.cluster import normalised_entropy
 
     files = {"centroids": out / "centroids.npy", "labels": work / "labels.npy"}
-    stats["size_entropy"] = round(normalised_entropy(np.bincount(labels[train], minlength=cfg.k)), 6)
+    stats["size_entropy"] = round(normalised_entropy(blockwise.bincount(labels, cfg.k, train)), 6)
     _atomic_npy(files["centroids"], centroids)
-    _atomic_npy(files["labels"], labels)
+    _atomic_npy(files["labels"], labels)  # np.save writes a memmap a piece at a time
     record = {"key": key, "sha256": {name: _file_sha256(path) for name, path in files.items()}}
     _atomic_json(work / "labels.json", record | {"stats": stats})
-    return centroids, labels, stats
+    return centroids, np.load(files["labels"], mmap_mode="r"), stats
 
 
 def split_probe(probe_ids: list[str]) -> tuple[list[str], list[str]]:

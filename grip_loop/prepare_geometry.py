@@ -39,13 +39,18 @@ from grip_loop.prepare_write import assign
 PLAN = "plan.json"
 
 
-def plan(work: Path, members: list[np.ndarray], key_parts: list) -> None:
-    """Rank 0: record each cluster's training documents (and remove the results of another
-    plan)."""
+def plan(work: Path, members: np.ndarray, bounds, key_parts: list, block: int = 1 << 20) -> None:
+    """Rank 0: record each cluster's training documents, cluster k's being
+    `members[bounds[k] : bounds[k + 1]]` (int64; a memmap is read a piece at a time), and
+    remove the results of another plan."""
     gdir = work / "geometry"
-    flat = np.concatenate(members or [np.zeros(0, np.int64)]).astype(np.int64)
-    bounds = np.concatenate([[0], np.cumsum([len(m) for m in members])]).astype(np.int64)
-    key = _key("geometry", *key_parts, hashlib.sha256(flat.tobytes() + bounds.tobytes()).hexdigest())
+    flat = members[: bounds[-1]]
+    bounds = np.asarray(bounds, np.int64)
+    sha = hashlib.sha256()
+    for lo in range(0, len(flat), block):
+        sha.update(np.ascontiguousarray(flat[lo : lo + block], np.int64).tobytes())
+    sha.update(bounds.tobytes())
+    key = _key("geometry", *key_parts, sha.hexdigest())
     old, _ = workdir.read_json(gdir / PLAN)
     if old is None or old.get("key") != key:
         shutil.rmtree(gdir, ignore_errors=True)
@@ -131,14 +136,19 @@ def _one(cfg, gdir: Path, plan_key: str, k: int, m: np.ndarray, emb, lengths: np
     return 1
 
 
-def load(cfg, work: Path, n_clusters: int) -> tuple[list[dict[str, np.ndarray]], list[dict | None]]:
-    """Rank 0, after `compute`: each cluster's orders and its approximate-kNN record (None for
-    an exact search), from the files."""
+def knn_infos(work: Path, n_clusters: int) -> list[dict | None]:
+    """Rank 0, after `compute`: each cluster's approximate-kNN record (None for an exact
+    search), from the files."""
     gdir = work / "geometry"
-    orders, knn_info = [], []
+    knn_info = []
     for k in range(n_clusters):
-        with np.load(gdir / f"{_name(k)}.npz") as z:
-            orders.append({o: z[o] for o in cfg.orders})
         info = json.loads((gdir / f"{_name(k)}.json").read_text())["info"]
         knn_info.append({"cluster": k, **info} if info.get("approx") else None)
-    return orders, knn_info
+    return knn_info
+
+
+def orders(cfg, work: Path, k: int) -> dict[str, np.ndarray]:
+    """Rank 0, after `compute`: cluster k's orders (positions -> its members), from its file:
+    read when needed, one cluster at a time."""
+    with np.load(work / "geometry" / f"{_name(k)}.npz") as z:
+        return {o: z[o] for o in cfg.orders}

@@ -39,7 +39,7 @@ import numpy as np
 
 from grip_loop import distributed, workdir
 from grip_loop.manifest import ShardInfo
-from grip_loop.prepare_common import _atomic_json, _atomic_npy, _file_sha256, _finished, _key
+from grip_loop.prepare_common import _atomic_json, _file_sha256, _finished, _key
 from grip_loop.shards import MAX_SHARD_BYTES, ShardWriter, index_path
 
 PLAN = "plan.json"
@@ -79,50 +79,66 @@ def plan(
     out: Path,
     work: Path,
     *,
-    streams: list[tuple[str, str, np.ndarray, np.ndarray, int]],
+    streams: list,
     lower: np.ndarray,
     upper: np.ndarray,
     key_parts: list,
+    scratch: workdir.Scratch,
 ) -> dict:
     """Rank 0: lay out `streams` ((folder, prefix, documents, their clusters, max_docs) each, in
-    manifest order) and their units; `lower` / `upper`: bounds of each document's bytes in a
-    shard. Removes the old manifest, and every shard too when the plan changed; fails before any
-    shard is written when the disk cannot hold the units still to write. Returns the plan."""
-    docs = np.concatenate([s[2] for s in streams] or [np.zeros(0, np.int64)]).astype(np.int64)
-    clusters = np.concatenate([np.broadcast_to(s[3], len(s[2])) for s in streams] or [docs]).astype(np.int64)
+    manifest order; documents: an int array, or a function that returns one, called once, so
+    that only one stream is in memory at a time) and their units; `lower` / `upper`: bounds of
+    each document's bytes in a shard. The documents and clusters of every stream go to two
+    `scratch` files as they are laid out, and from them to `work/write/plan.npy`. Removes the
+    old manifest, and every shard too when the plan changed; fails before any shard is written
+    when the disk cannot hold the units still to write. Returns the plan."""
     units, table, lo = [], [], 0
-    for folder, prefix, members, _, max_docs in streams:
-        hi, mine = lo + len(members), []
-        pieces = (
-            range(lo, hi, max_docs)
-            if _cut(upper[members], max_docs, MAX_SHARD_BYTES)
-            else [lo]
-            if hi > lo
-            else []
-        )
-        for p in pieces:
-            whole = len(pieces) == 1
-            end = hi if whole else min(p + max_docs, hi)
-            first = (p - lo) // max_docs if not whole else 0
-            name = f"{folder}/{prefix}" + ("" if whole else f"-{first:06d}")
-            units.append(
-                {
-                    "name": name,
-                    "folder": folder,
-                    "prefix": prefix,
-                    "first": first,
-                    "whole": whole,
-                    "lo": p,
-                    "hi": end,
-                    "max_docs": max_docs,
-                    "cost": int(lower[docs[p:end]].sum()),
-                }
+    tmp = {"docs": scratch.path("plan-docs.bin"), "clusters": scratch.path("plan-clusters.bin")}
+    with open(tmp["docs"], "wb") as f_docs, open(tmp["clusters"], "wb") as f_clusters:
+        for folder, prefix, members, cluster, max_docs in streams:
+            members = np.asarray(members() if callable(members) else members).astype(np.int64)
+            f_docs.write(members.tobytes())
+            f_clusters.write(np.broadcast_to(cluster, len(members)).astype(np.int64).tobytes())
+            hi, mine = lo + len(members), []
+            pieces = (
+                range(lo, hi, max_docs)
+                if _cut(upper[members], max_docs, MAX_SHARD_BYTES)
+                else [lo]
+                if hi > lo
+                else []
             )
-            mine.append(len(units) - 1)
-        table.append({"folder": folder, "prefix": prefix, "units": mine})
-        lo = hi
-    h = hashlib.sha256(docs.tobytes() + clusters.tobytes()).hexdigest()
-    key = _key("write", *key_parts, h, [{k: u[k] for k in ("name", "lo", "hi", "max_docs")} for u in units])
+            for p in pieces:
+                whole = len(pieces) == 1
+                end = hi if whole else min(p + max_docs, hi)
+                first = (p - lo) // max_docs if not whole else 0
+                name = f"{folder}/{prefix}" + ("" if whole else f"-{first:06d}")
+                units.append(
+                    {
+                        "name": name,
+                        "folder": folder,
+                        "prefix": prefix,
+                        "first": first,
+                        "whole": whole,
+                        "lo": p,
+                        "hi": end,
+                        "max_docs": max_docs,
+                        "cost": int(lower[members[p - lo : end - lo]].sum()),
+                    }
+                )
+                mine.append(len(units) - 1)
+            table.append({"folder": folder, "prefix": prefix, "units": mine})
+            lo = hi
+    h = hashlib.sha256()  # of the documents' then the clusters' int64 bytes: plan.npy's data
+    for path in tmp.values():
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    key = _key(
+        "write",
+        *key_parts,
+        h.hexdigest(),
+        [{k: u[k] for k in ("name", "lo", "hi", "max_docs")} for u in units],
+    )
     wdir = work / "write"
     (out / "manifest.json").unlink(
         missing_ok=True
@@ -137,9 +153,26 @@ def plan(
     todo = [u for u in units if _record_key(wdir, u) != _unit_key(key, u)]
     workdir.require_space(out, sum(u["cost"] for u in todo), "the shards (a lower bound)")
     if old is None or old.get("key") != key:
-        _atomic_npy(wdir / "plan.npy", np.stack([docs, clusters]))
+        _save_plan_npy(wdir / "plan.npy", lo, tmp)
         _atomic_json(wdir / PLAN, {"key": key, "units": units, "streams": table})
+    for path in tmp.values():
+        path.unlink()
     return {"key": key, "units": units, "streams": table}
+
+
+def _save_plan_npy(path: Path, n: int, parts: dict[str, Path]) -> None:
+    """`np.save(path, np.stack([docs, clusters]))`, int64 (2, n), from the two files of raw
+    bytes (C order: every document, then every cluster), copied a piece at a time."""
+    header = {
+        "descr": np.lib.format.dtype_to_descr(np.dtype(np.int64)),
+        "fortran_order": False,
+        "shape": (2, n),
+    }
+    with workdir.atomic_file(path) as fh:
+        np.lib.format.write_array_header_1_0(fh, header)
+        for part in (parts["docs"], parts["clusters"]):
+            with open(part, "rb") as src:
+                shutil.copyfileobj(src, fh, 1 << 24)
 
 
 def _record(work_write: Path, unit: dict) -> Path:

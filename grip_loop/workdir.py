@@ -347,3 +347,38 @@ def reserve(path: str | os.PathLike, nbytes: int, what: str) -> None:
             raise
     finally:
         os.close(fd)
+
+
+class Scratch:
+    """Working arrays of one process as memory-mapped files in `folder` (see the module
+    docstring). `empty` maps a new file (its blocks reserved: a full disk is a `DiskSpaceError`,
+    not a SIGBUS); `path` names a new scratch file to write sequentially; `close` removes the
+    folder, and its parent once empty (a map still open keeps its pages until it is dropped)."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+
+    def path(self, name: str) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / name
+        path.unlink(missing_ok=True)  # a new file: a map of an older one stays valid
+        return path
+
+    def empty(self, name: str, shape, dtype) -> np.ndarray:
+        shape = tuple(int(s) for s in np.atleast_1d(shape))
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        if nbytes == 0:  # an empty file cannot be mapped
+            return np.empty(shape, dtype)
+        path = self.path(f"{name}.bin")
+        reserve(path, nbytes, f"the scratch array {name}")
+        return np.memmap(path, dtype=dtype, mode="r+", shape=shape)
+
+    def full(self, name: str, shape, value, dtype) -> np.ndarray:
+        a = self.empty(name, shape, dtype)
+        a[...] = value
+        return a
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the parent too once every process removed its folder
+            self.folder.parent.rmdir()

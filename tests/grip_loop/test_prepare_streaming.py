@@ -3,6 +3,7 @@ output independent of the part size and of the number of processes."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -166,6 +167,7 @@ def test_a_failed_write_unit_is_named_and_a_rerun_redoes_only_the_unfinished_uni
     err = capsys.readouterr().err
     assert "error: grip prepare: rank 0: writing shards/" in err and "failed: a disk error" in err
     assert not (out / "manifest.json").exists()
+    assert not (out / "work" / "tmp").exists()  # the scratch arrays are removed however a run ends
     done = len(list((out / "work" / "write").glob("*__*.json")))
     assert done >= 1
     calls["n"] = -(10**9)  # no more failures
@@ -175,6 +177,21 @@ def test_a_failed_write_unit_is_named_and_a_rerun_redoes_only_the_unfinished_uni
     total += sum(s.n_docs for s in m.heldout)
     assert 0 < calls["n"] + 10**9 < total  # the finished units were not written again
     assert not list(out.rglob("*.tmp"))
+
+
+def test_scratch_arrays_are_removed_and_a_killed_runs_are_cleared_on_resume(tmp_path):
+    corpus = synthetic_corpus(tmp_path / "c.jsonl", 120)
+    out = tmp_path / "out"
+    prepare(_cfg(corpus, out))
+    assert not (out / "work" / "tmp").exists()
+    want, files = _comparable(out), _files(out)
+    stale = out / "work" / "tmp" / "rank-1"  # what a SIGKILLed run of two processes left
+    stale.mkdir(parents=True)
+    (stale / "lengths.bin").write_bytes(b"\0" * 64)
+    shutil.rmtree(out / "work" / "write")  # the write stage is planned and written again
+    prepare(_cfg(corpus, out))
+    assert not (out / "work" / "tmp").exists()
+    assert _comparable(out) == want and _files(out) == files
 
 
 @pytest.mark.parametrize("seed", [0, 1])
