@@ -16,6 +16,7 @@ need. Ids stay unique either way, which is what the reader guarantees.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -85,10 +86,14 @@ class SeenIds:
     def _alloc(self, n: int) -> np.ndarray:
         if self.spill_dir is None:
             return np.empty(n, np.uint64)
+        from grip_loop.workdir import reserve
+
         self.spill_dir.mkdir(parents=True, exist_ok=True)
-        path = self.spill_dir / f"seen-ids.{os.getpid()}.{self._turn % 2}.npy"  # two files, alternating
+        path = self.spill_dir / f"seen-ids.{os.getpid()}.{self._turn % 2}.bin"  # two files, alternating
         self._turn += 1
-        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint64, shape=(n,))
+        path.unlink(missing_ok=True)  # a new file (the old map, if any, is already dropped)
+        reserve(path, n * 8, "the ids seen so far")  # a full disk: DiskSpaceError, not SIGBUS
+        out = np.memmap(path, dtype=np.uint64, mode="r+", shape=(n,))
         if path not in self._files:
             self._files.append(path)
         return out
@@ -107,3 +112,6 @@ class SeenIds:
         for p in self._files:
             p.unlink(missing_ok=True)
         self._files.clear()
+        if self.spill_dir is not None:
+            with contextlib.suppress(OSError):  # the folder too, once empty
+                self.spill_dir.rmdir()

@@ -67,7 +67,7 @@ def _ingest(cfg: PrepareConfig, work: Path) -> dict:
         exclude=frozenset(humaneval_hashes()) if cfg.exclude_humaneval else frozenset(),
         follow_symlinks_outside=cfg.follow_symlinks_outside,
         text_column=cfg.text_column,
-        scratch_dir=work,  # the ids seen so far, memory-mapped: flat private memory in N
+        scratch_dir=work / "tmp" / "ingest",  # the ids seen so far, memory-mapped (prepare.SCRATCH)
     )
     h = hashlib.sha256()
     n = missing = 0

@@ -32,16 +32,17 @@ def test_add_and_contains_match_a_python_set(tmp_path, seed, buffer, spill):
 
 
 def test_spill_keeps_one_file_and_close_removes_it(tmp_path):
-    seen = SeenIds(tmp_path, buffer=4)
+    spill = tmp_path / "spill"
+    seen = SeenIds(spill, buffer=4)
     for i in range(50):
         seen.add(str(i))
-    files = list(tmp_path.glob("seen-ids.*.npy"))
-    assert len(files) == 1 and isinstance(seen._sorted, np.memmap)
+    files = list(spill.glob("*"))
+    assert len(files) == 1 and files[0].suffix == ".bin" and isinstance(seen._sorted, np.memmap)
     assert np.array_equal(
-        np.load(files[0]), np.sort(np.array([id_hash(str(i)) for i in range(48)], np.uint64))
+        np.fromfile(files[0], np.uint64), np.sort(np.array([id_hash(str(i)) for i in range(48)], np.uint64))
     )
     seen.close()
-    assert not list(tmp_path.glob("*"))
+    assert not spill.exists()
 
 
 def test_a_hash_collision_renames_but_ids_stay_unique(tmp_path, monkeypatch):

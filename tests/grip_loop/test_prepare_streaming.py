@@ -217,3 +217,34 @@ def test_kmeans_assignment_by_block_over_ranks_equals_one_assign(tmp_path, seed)
     labels = np.concatenate([np.load(b) for b in blocks])
     assert np.array_equal(labels, assign(emb, centroids))
     assert len(np.unique(labels)) > 1
+
+
+def test_ingest_spills_the_seen_ids_to_scratch_and_removes_them(tmp_path, monkeypatch):
+    """The ingest's id set merged into its memory-mapped file every 5 ids (`grip_loop.idset`):
+    the same prepared folder as with the ids in memory, and no file left under work/tmp."""
+    import grip_loop.idset as idset
+
+    corpus = synthetic_corpus(tmp_path / "c.jsonl", 120)
+    with open(corpus, "a") as fh:  # repeated ids: renamed the same way by both
+        fh.write(json.dumps({"id": "d3", "text": "alpha beta gamma", "lang": "c"}) + "\n")
+    prepare(_cfg(corpus, tmp_path / "a"))
+    spilled = []
+    real = idset.SeenIds._alloc
+
+    def alloc(self, n):
+        out = real(self, n)
+        spilled.append(getattr(out, "filename", None))
+        return out
+
+    monkeypatch.setattr(idset.SeenIds.__init__, "__defaults__", (None, 5))
+    monkeypatch.setattr(idset.SeenIds, "_alloc", alloc)
+    prepare(_cfg(corpus, tmp_path / "b"))
+    assert len(spilled) >= 20 and all(f and "/work/tmp/ingest/" in str(f) for f in spilled)
+    assert not (tmp_path / "b" / "work" / "tmp").exists()
+    a, b = _comparable(tmp_path / "a"), _comparable(tmp_path / "b")
+    assert a == b and _files(tmp_path / "a") == _files(tmp_path / "b")
+    for run in ("a", "b"):
+        assert (
+            json.loads((tmp_path / run / "work" / "ingest.json").read_text())["read_stats"]["duplicate_ids"]
+            == 1
+        )
