@@ -119,3 +119,9 @@ def test_clustering_quick(tmp_path):
         assert 0 <= row["size_entropy"] <= 1 and -1 <= row["ari"] <= 1 and row["fit_s"] > 0
         assert row["method"] == "kmeans" or 0 <= row["agreement"] <= 1
     assert sum(r["synthetic"]["group_sizes"]) == r["synthetic"]["n"]
+
+
+def test_seen_ids_quick(tmp_path):
+    r = run("seen_ids", tmp_path=tmp_path)
+    assert {row["way"] for row in r["rows"]} == {"set", "SeenIds", "SeenIds-spilled"}
+    assert all(row["us_per_id"] > 0 for row in r["rows"])
