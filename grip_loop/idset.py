@@ -16,12 +16,12 @@ need. Ids stay unique either way, which is what the reader guarantees.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-from pathlib import Path
 
 import numpy as np
+
+from grip_loop.workdir import Scratch
 
 
 def id_hash(s: str) -> int:
@@ -37,12 +37,11 @@ class SeenIds:
     def __init__(self, spill_dir: str | os.PathLike | None = None, buffer: int = 1 << 16) -> None:
         if buffer < 1:
             raise ValueError(f"buffer: {buffer}, must be >= 1")
-        self.spill_dir = Path(spill_dir) if spill_dir is not None else None
         self.buffer = buffer
         self._sorted = np.zeros(0, np.uint64)
         self._recent: set[int] = set()
-        self._files: list[Path] = []
-        self._turn = 0
+        self._scratch = Scratch(spill_dir) if spill_dir is not None else None
+        self._turn = 0  # which of the two spill files the next merge writes
 
     def __len__(self) -> int:
         return len(self._sorted) + len(self._recent)
@@ -83,35 +82,24 @@ class SeenIds:
         del old
         self._drop_stale()
 
-    def _alloc(self, n: int) -> np.ndarray:
-        if self.spill_dir is None:
-            return np.empty(n, np.uint64)
-        from grip_loop.workdir import reserve
+    def _spill_name(self, turn: int) -> str:
+        return f"seen-ids.{os.getpid()}.{turn % 2}"  # two files, alternating
 
-        self.spill_dir.mkdir(parents=True, exist_ok=True)
-        path = self.spill_dir / f"seen-ids.{os.getpid()}.{self._turn % 2}.bin"  # two files, alternating
+    def _alloc(self, n: int) -> np.ndarray:
+        if self._scratch is None:
+            return np.empty(n, np.uint64)
         self._turn += 1
-        path.unlink(missing_ok=True)  # a new file (the old map, if any, is already dropped)
-        reserve(path, n * 8, "the ids seen so far")  # a full disk: DiskSpaceError, not SIGBUS
-        out = np.memmap(path, dtype=np.uint64, mode="r+", shape=(n,))
-        if path not in self._files:
-            self._files.append(path)
-        return out
+        # reserved before it is mapped: a full disk is a DiskSpaceError, not SIGBUS
+        return self._scratch.empty(self._spill_name(self._turn - 1), n, np.uint64)
 
     def _drop_stale(self) -> None:
-        # the file not holding the current array is no longer needed: its map is gone with `old`
-        current = getattr(self._sorted, "filename", None)
-        for p in self._files:
-            if current is None or Path(current) != p:
-                p.unlink(missing_ok=True)
+        # the other file of the two: its map went with the old array
+        if self._scratch is not None:
+            (self._scratch.folder / f"{self._spill_name(self._turn)}.bin").unlink(missing_ok=True)
 
     def close(self) -> None:
-        """Free the array and remove the spill files."""
+        """Free the array and remove the spill files (their folder too)."""
         self._sorted = np.zeros(0, np.uint64)
         self._recent.clear()
-        for p in self._files:
-            p.unlink(missing_ok=True)
-        self._files.clear()
-        if self.spill_dir is not None:
-            with contextlib.suppress(OSError):  # the folder too, once empty
-                self.spill_dir.rmdir()
+        if self._scratch is not None:
+            self._scratch.close()
