@@ -356,7 +356,7 @@ def _rank0_stages(cfg, out, work, store, emb, ingest, tok_info, timer, dtype, st
     t0 = time.perf_counter()
 
     def in_order(k: int, name: str):  # cluster k's training documents in the order `name`
-        return lambda: members[k][prepare_geometry.orders(cfg, work, k)[name]]
+        return lambda: members[k][prepare_geometry.orders(cfg, work, k, [name])[name]]
 
     streams = []
     for k in range(n_clusters):

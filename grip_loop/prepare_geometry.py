@@ -147,8 +147,8 @@ def knn_infos(work: Path, n_clusters: int) -> list[dict | None]:
     return knn_info
 
 
-def orders(cfg, work: Path, k: int) -> dict[str, np.ndarray]:
+def orders(cfg, work: Path, k: int, names=None) -> dict[str, np.ndarray]:
     """Rank 0, after `compute`: cluster k's orders (positions -> its members), from its file:
-    read when needed, one cluster at a time."""
+    read when needed, one cluster at a time; only those in `names` (default: every order)."""
     with np.load(work / "geometry" / f"{_name(k)}.npz") as z:
-        return {o: z[o] for o in cfg.orders}
+        return {o: z[o] for o in (cfg.orders if names is None else names)}
