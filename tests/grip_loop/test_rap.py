@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
-import socket
 import warnings
 
 import numpy as np
@@ -723,45 +721,22 @@ def test_refresh_interval_is_the_shortest_cadence_within_budget():
 # ------------------------------------------------------------------ distributed (gloo, CPU)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 DIST_CFG = RAPConfig(reset_depth=1, epochs=1, micro_batch=2, min_docs=2)
 
 
-def _worker(rank, world, port, queue):
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        model = torch.nn.parallel.DistributedDataParallel(tiny_model(seed=9))
-        res = rapid_adaptation_probe(model, random_batches(5, n=8, seed=2), DIST_CFG)
-        queue.put((rank, res.loss_init, res.loss_final, res.loss_base, res.reliability, res.flops))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, world):
+    model = torch.nn.parallel.DistributedDataParallel(tiny_model(seed=9))
+    res = rapid_adaptation_probe(model, random_batches(5, n=8, seed=2), DIST_CFG)
+    return res.loss_init, res.loss_final, res.loss_base, res.reliability, res.flops
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_equal_one_process():
-    import torch.multiprocessing as mp
+def test_two_gloo_ranks_equal_one_process(tmp_path):
+    from tests.ranks import run_ranks
 
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = [queue.get(timeout=600) for _ in procs]  # a hang detector: shared CI cores are slow
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    got = run_ranks(_worker, 2, tmp_path)
     single = rapid_adaptation_probe(tiny_model(seed=9), random_batches(5, n=8, seed=2), DIST_CFG)
-    for _, li, lf, lb, rel, flops in got:
+    for li, lf, lb, rel, flops in got:
         np.testing.assert_allclose(li, single.loss_init, rtol=1e-5)
         np.testing.assert_allclose(lf, single.loss_final, rtol=1e-5)
         np.testing.assert_allclose(lb, single.loss_base, rtol=1e-5)

@@ -157,12 +157,10 @@ def test_a_killed_dataloader_worker_stops_training_and_the_checkpoint_resumes(pr
 # ------------------------------------------------------------------ the probe failing on one rank
 
 
-def _rap_rank(rank: int, world: int, port: int, out: str) -> None:
+def _rap_rank(rank: int, world: int) -> np.ndarray:
     import grip_loop.rap as rap
     from models import build_model
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
     model = build_model("tiny", vocab_size=64, num_layers=1, hidden_size=32, head_dim=8, expert_size=16)
     if rank == 1:  # rank 1's clusters fail inside the probe (before the all_reduce)
@@ -177,33 +175,16 @@ def _rap_rank(rank: int, world: int, port: int, out: str) -> None:
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         res = rap.rapid_adaptation_probe(model, batches, rap.RAPConfig(steps=2, min_docs=1), num_clusters=4)
-    np.save(f"{out}/delta{rank}.npy", res.delta)
-    torch.distributed.destroy_process_group()
+    return res.delta
 
 
 @pytest.mark.slow
 def test_a_probe_failing_on_one_rank_does_not_hang_the_others(tmp_path):
     """Clusters 1 and 3 belong to rank 1: they come back NaN on both ranks (the callback then
     keeps the previous budgets everywhere); rank 0's clusters keep their values."""
-    import socket
+    from tests.ranks import run_ranks
 
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.start_processes(
-        _rap_rank, args=(2, port, str(tmp_path)), nprocs=2, join=False, start_method="spawn"
-    )
-    try:
-        for p in ctx.processes:
-            p.join(120)
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():  # a hang: do not leave the process behind
-                p.kill()
-    assert all(p.exitcode == 0 for p in ctx.processes), [p.exitcode for p in ctx.processes]
-    d0, d1 = np.load(tmp_path / "delta0.npy"), np.load(tmp_path / "delta1.npy")
+    d0, d1 = run_ranks(_rap_rank, 2, tmp_path, timeout_s=240)
     np.testing.assert_array_equal(d0, d1)
     assert np.all(np.isfinite(d0[[0, 2]])) and np.all(np.isnan(d0[[1, 3]]))
 

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 # Rank r sees clusters {0, 1+r}; rank 1 also sees cluster 4, so the tensors' lengths differ.
 DATA = {
@@ -16,35 +13,25 @@ DATA = {
 }
 
 
-def _worker(rank: int, port: int, out: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        from train.module import MoELM
+def _worker(rank: int, world: int) -> dict:
+    from train.module import MoELM
 
-        m = MoELM(model_overrides={"num_layers": 1, "hidden_size": 32, "head_dim": 8, "expert_size": 16})
-        cids, s, c = DATA[rank]
-        m._accumulate_clusters(torch.tensor(cids), torch.tensor(s), torch.tensor(c))
-        m._flush_clusters()
-        out[rank] = m.cluster_loss
-        m._flush_clusters()  # nothing new on either rank: previous means are kept, no deadlock
-        assert m.cluster_loss == out[rank]
-        dist.barrier()  # both ranks done with collectives before gloo is torn down
-    finally:
-        dist.destroy_process_group()
+    m = MoELM(model_overrides={"num_layers": 1, "hidden_size": 32, "head_dim": 8, "expert_size": 16})
+    cids, s, c = DATA[rank]
+    m._accumulate_clusters(torch.tensor(cids), torch.tensor(s), torch.tensor(c))
+    m._flush_clusters()
+    out = m.cluster_loss
+    m._flush_clusters()  # nothing new on either rank: previous means are kept, no deadlock
+    assert m.cluster_loss == out
+    dist.barrier()  # both ranks done with collectives before gloo is torn down
+    return out
 
 
 @pytest.mark.slow
-def test_cluster_loss_is_pooled_over_ranks():
-    import socket
+def test_cluster_loss_is_pooled_over_ranks(tmp_path):
+    from tests.ranks import run_ranks
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_worker, args=(port, out), nprocs=2, join=True)
-        results = dict(out)
+    results = dict(enumerate(run_ranks(_worker, 2, tmp_path)))
     sums: dict[int, list[float]] = {}
     for cids, s, c in DATA.values():
         for k, a, b in zip(cids, s, c, strict=True):
