@@ -45,6 +45,24 @@ def _entry(fn: Callable, rank: int, world: int, init_file: str, timeout_s: float
     q.put((rank, status, payload))
 
 
+def _late_errors(q, procs, results: dict, grace_s: float) -> list[str]:
+    """After one rank's error, the others' reports for a few seconds: a peer whose collective
+    broke reports too ("Connection closed by peer"), and the first to arrive need not be the cause."""
+    out, deadline = [], time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            rank, status, payload = q.get(timeout=0.5)
+        except queue_mod.Empty:
+            if not any(p.is_alive() for p in procs):
+                break
+            continue
+        if status == "ok":
+            results[rank] = payload
+        else:
+            out.append(f"rank {rank} raised:\n{payload}")
+    return out
+
+
 def run_ranks(
     fn: Callable, world: int, tmp_path: Path, args: tuple = (), timeout_s: float = 300.0
 ) -> list[Any]:
@@ -92,7 +110,8 @@ def run_ranks(
                 results[rank] = payload
             else:
                 errors.append(f"rank {rank} raised:\n{payload}")
-                break  # the other ranks may wait on it in a collective: stop them below
+                errors += _late_errors(q, procs, results, grace_s=10.0)
+                break  # the rest may wait on it in a collective: stopped below
         for p in procs:
             p.join(timeout=30 if not errors else 1)
     finally:
