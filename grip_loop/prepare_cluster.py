@@ -83,33 +83,46 @@ def heldout_split(langs: list[str], fraction: float, seed: int) -> np.ndarray:
     return heldout_split_codes(np.array([lookup[v] for v in langs], np.int64), values, fraction, seed)
 
 
-def heldout_split_codes(codes, values: list[str], fraction: float, seed: int) -> np.ndarray:
-    """`heldout_split` of documents given as codes: document i's language is values[codes[i]].
-    `codes` (a memory map, say) is read in blocks: what this holds is the held-out indices."""
+def heldout_split_codes(
+    codes, values: list[str], fraction: float, seed: int, *, block: int = blockwise.BLOCK
+):
+    """`heldout_split` of documents given as codes: document i's language is values[codes[i]]
+    (several codes may name one language). `codes` (a memory map, say) is read in blocks, twice
+    in all, whatever the number of languages: what this holds is the held-out indices."""
     counts = blockwise.bincount(codes, len(values))
-    picked = []
-    for lang in sorted({values[c] for c in np.flatnonzero(counts)}):
-        mine = [c for c, v in enumerate(values) if v == lang]
-        n_lang = int(counts[mine].sum())
-        n = min(int(np.floor(fraction * n_lang + 0.5)), n_lang - 1)
+    langs = sorted({values[c] for c in np.flatnonzero(counts)})
+    lang_of = {v: j for j, v in enumerate(langs)}
+    code_lang = np.array([lang_of.get(v, -1) for v in values], np.int64)  # code -> language (-1: absent)
+    n_lang = np.bincount(code_lang[counts > 0], weights=counts[counts > 0], minlength=len(langs)).astype(
+        np.int64
+    )
+    # the drawn positions of each language among its rows, as one sorted array of keys
+    # start[j] + position: the rows' positions in the order (language, row)
+    start = np.concatenate([[0], np.cumsum(n_lang)])
+    keys = []
+    for j, lang in enumerate(langs):
+        n = min(int(np.floor(fraction * n_lang[j] + 0.5)), int(n_lang[j]) - 1)
         if n > 0:
             rng = np.random.default_rng(
                 _seed(seed, 7, int.from_bytes(lang.encode()[:8].ljust(8, b"\0"), "little"))
             )
             # rng.choice(rows, n) is rows[rng.choice(len(rows), n)]: the same draw, without `rows`
-            picked.append(_nth_rows(codes, mine, np.sort(rng.choice(n_lang, size=n, replace=False))))
-    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
-
-
-def _nth_rows(codes, mine: list[int], nth: np.ndarray, block: int = blockwise.BLOCK) -> np.ndarray:
-    """The rows at the (sorted) positions `nth` among the rows whose code is one of `mine`."""
-    out, seen, j = [], 0, 0
+            keys.append(start[j] + np.sort(rng.choice(int(n_lang[j]), size=n, replace=False)))
+    if not keys:
+        return np.zeros(0, np.int64)
+    keys = np.concatenate(keys)  # ascending: languages in order, positions sorted inside each
+    seen, out = np.zeros(len(langs), np.int64), []
     for lo in range(0, len(codes), block):
-        rows = lo + np.flatnonzero(np.isin(np.asarray(codes[lo : lo + block]), mine))
-        hi = int(np.searchsorted(nth, seen + len(rows)))
-        out.append(rows[nth[j:hi] - seen])
-        seen, j = seen + len(rows), hi
-    return np.concatenate(out or [np.zeros(0, np.int64)]).astype(np.int64)
+        lab = code_lang[np.asarray(codes[lo : lo + block], np.int64)]
+        o = np.argsort(lab, kind="stable")  # the block's rows by language, in row order inside one
+        sl = lab[o]
+        rank = np.arange(len(sl)) - np.searchsorted(sl, sl, side="left")  # position inside its language
+        key = start[sl] + seen[sl] + rank
+        hit = np.searchsorted(keys, key)
+        hit = (hit < len(keys)) & (keys[np.minimum(hit, len(keys) - 1)] == key)
+        out.append(lo + o[hit])
+        seen += np.bincount(lab, minlength=len(langs))
+    return np.sort(np.concatenate(out)).astype(np.int64)
 
 
 def nth_training_rows(held: np.ndarray, nth: np.ndarray) -> np.ndarray:

@@ -64,6 +64,22 @@ def test_heldout_split_from_codes_is_the_old_split(seed):
 
 
 @pytest.mark.parametrize("seed", range(4))
+def test_heldout_split_codes_with_many_values_small_blocks_and_shared_values(seed):
+    """One pass over the codes for all values (it was one pass per value): the same split with
+    hundreds of values (a --cluster-by field), several codes naming one value, codes that never
+    occur, and blocks that cut through every value's rows."""
+    rng = np.random.default_rng(seed)
+    values = [f"repo{int(v)}" for v in rng.integers(0, 150, 300)]  # ~150 distinct, shared by codes
+    codes = rng.integers(0, 250, int(rng.integers(1, 6000)))  # codes 250..299 never occur
+    langs = [values[c] for c in codes]
+    for fraction in (0.0, 0.05, 0.5):
+        old = _old_heldout_split(langs, fraction, seed)
+        for block in (3, 64, 1 << 20):
+            got = heldout_split_codes(codes, values, fraction, seed, block=block)
+            assert np.array_equal(got, old) and got.dtype == np.int64
+
+
+@pytest.mark.parametrize("seed", range(4))
 def test_nth_training_rows_is_flatnonzero_of_train(seed):
     rng = np.random.default_rng(seed)
     n = int(rng.integers(1, 2000))

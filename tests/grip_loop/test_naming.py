@@ -70,3 +70,42 @@ def test_descriptions_come_from_the_influential_core():
     # without GIS: the uniform-sample naming (issue 12), the same language rule as before
     assert cluster_names(labels, 2, langs, paths, texts)[1] == "mixed:native/src"
     assert describe_clusters(labels, 2, langs, paths, texts)[0]["influential"] == []
+
+
+def _naive_top_terms(labels, k, texts, n):
+    """Issue 12's rule with a Counter of word strings per cluster: a word's share of the
+    cluster's documents over its share of all, words in >= 2 of the cluster's documents,
+    ties by the word."""
+    import re
+    from collections import Counter
+
+    from grip_loop.naming import _STOP
+
+    word = re.compile(r"[A-Za-z_][A-Za-z0-9_]{2,}")
+    dfs, df_all = [], Counter()
+    for c in range(k):
+        df = Counter()
+        for i in np.flatnonzero(labels == c):
+            df.update({w for w in word.findall(texts[i]) if w.lower() not in _STOP})
+        dfs.append(df)
+        df_all.update(df)
+    n_all = int((labels >= 0).sum())
+    out = []
+    for c in range(k):
+        size = max(1, int((labels == c).sum()))
+        ratio = {w: (m / size) / ((df_all[w] + 1) / (n_all + 1)) for w, m in dfs[c].items() if m >= 2}
+        out.append(sorted(ratio, key=lambda w: (-ratio[w], w))[:n])
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_top_terms_equal_a_counter_of_words_per_cluster(seed):
+    """The interned-id counting (small arrays per cluster) gives the naive rule's terms, ties too."""
+    rng = np.random.default_rng(seed)
+    vocab = [f"w{i:03d}" for i in range(60)] + ["the", "Self", "ab"]  # stop words, too short
+    k, n = 7, 300
+    labels = rng.integers(0, k, n)
+    labels[:10] = -1  # held out: not counted
+    texts = [" ".join(rng.choice(vocab[: 20 + 6 * labels[i]], rng.integers(1, 12))) for i in range(n)]
+    got = describe_clusters(labels, k, ["python"] * n, ["a/b/c.py"] * n, texts, sample=10**6, n_terms=6)
+    assert [d["top_terms"] for d in got] == _naive_top_terms(labels, k, texts, 6)
