@@ -71,7 +71,7 @@ from grip_loop import (
 from grip_loop.embed import embed_corpus
 from grip_loop.judge import JudgeInput, cluster_quality
 from grip_loop.manifest import SCHEMA_VERSION, ClusterInfo, Manifest
-from grip_loop.naming import describe_clusters, influence_scores
+from grip_loop.naming import CodedValues, describe_clusters, influence_scores
 from grip_loop.prepare_cluster import (
     _cluster,
     _knn_stats,
@@ -246,6 +246,8 @@ def _rank0_fit(cfg, out, work, store, emb, emb_key, ingest, scratch) -> dict:
         cluster_stats=cluster_stats,
         t_cluster=t0,
         emb_key=emb_key,
+        codes=codes,
+        strata=ingest["strata"],
     )
 
 
@@ -276,7 +278,8 @@ def _rank0_clusters(cfg, out, work, store, emb, tok_info, lengths, timer, fit, s
     described = describe_clusters(
         train_labels,
         n_clusters,
-        store.field("lang"),  # read on demand: only the sampled documents of each cluster
+        # every member's language: ingest's codes (strata are the languages without --cluster-by)
+        store.field("lang") if cfg.cluster_by else CodedValues(fit["codes"], fit["strata"]),
         store.field("path"),
         store.texts,
         seed=cfg.seed,

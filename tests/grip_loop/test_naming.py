@@ -109,3 +109,28 @@ def test_top_terms_equal_a_counter_of_words_per_cluster(seed):
     texts = [" ".join(rng.choice(vocab[: 20 + 6 * labels[i]], rng.integers(1, 12))) for i in range(n)]
     got = describe_clusters(labels, k, ["python"] * n, ["a/b/c.py"] * n, texts, sample=10**6, n_terms=6)
     assert [d["top_terms"] for d in got] == _naive_top_terms(labels, k, texts, 6)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_languages_from_codes_equal_languages_from_strings(seed):
+    """prepare hands describe_clusters ingest's language codes (a bincount per cluster, no
+    metadata read per document): the shares, their order (ties: first seen first) and the
+    names are those of the list of language strings."""
+    from grip_loop.naming import CodedValues
+
+    rng = np.random.default_rng(seed)
+    n, k = 400, 9
+    values = ["python", "c", "go", "rust", "c++"]
+    codes = rng.integers(0, len(values), n)
+    codes[rng.random(n) < 0.5] = seed % len(values)  # a majority in some clusters, ties in others
+    labels = rng.integers(-1, k, n)
+    labels[labels == 3] = -1  # an empty cluster
+    texts = [" ".join(rng.choice([f"w{i}" for i in range(30)], 6)) for _ in range(n)]
+    paths = [f"p{int(c)}/x/f.py" for c in rng.integers(0, 3, n)]
+    gis = rng.random(n)
+    strings = [values[c] for c in codes]
+    for g in (None, gis):
+        want = describe_clusters(labels, k, strings, paths, texts, gis=g, seed=seed)
+        got = describe_clusters(labels, k, CodedValues(codes, values), paths, texts, gis=g, seed=seed)
+        assert got == want
+        assert [list(d["languages"]) for d in got] == [list(d["languages"]) for d in want]
