@@ -177,15 +177,16 @@ def synthetic_jsonl(path: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
-def _e2e_inputs(scratch: Path, n: int) -> tuple[Path, Path]:
-    """The synthetic corpus of n documents (made once per scratch folder) and its E2E_CONFIG file."""
+def _e2e_inputs(scratch: Path, n: int, docs_per_cluster: int = 1000) -> tuple[Path, Path]:
+    """The synthetic corpus of n documents (made once per scratch folder) and its E2E_CONFIG file
+    with K = n / docs_per_cluster."""
     import yaml
 
     corpus = scratch / f"corpus-{n}.jsonl"
     if not corpus.exists():  # written aside, then renamed: a cut-short corpus is never reused
         synthetic_jsonl(corpus.with_suffix(".partial"), n).rename(corpus)
     cfg = scratch / f"e2e-{n}.yaml"
-    cfg.write_text(yaml.safe_dump({**E2E_CONFIG, "k": max(2, n // 1000)}))
+    cfg.write_text(yaml.safe_dump({**E2E_CONFIG, "k": max(2, n // docs_per_cluster)}))
     return corpus, cfg
 
 
@@ -206,12 +207,12 @@ def _prepare_command(root: Path, nproc: int, corpus: Path, out: Path, cfg: Path,
     return cmd, {**_env(), "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
-def end_to_end(n: int, nproc: int, scratch: Path) -> dict:
+def end_to_end(n: int, nproc: int, scratch: Path, docs_per_cluster: int = 1000) -> dict:
     """One `grip prepare` run in a child process (tree); see the module docstring."""
     import os
     import resource
 
-    corpus, cfg = _e2e_inputs(scratch, n)
+    corpus, cfg = _e2e_inputs(scratch, n, docs_per_cluster)
     out = scratch / f"out-{n}-{nproc}"
     root = Path(__file__).resolve().parents[1]
     cmd, env = _prepare_command(root, nproc, corpus, out, cfg, "--restart")
@@ -385,19 +386,27 @@ def main(argv=None) -> int:
         type=Path,
         help="folder of the --end-to-end corpora and outputs (kept; a corpus there is reused); default a new temp dir",
     )
+    p.add_argument(
+        "--docs-per-cluster",
+        type=int,
+        default=1000,
+        help="--end-to-end: K = N / this (default %(default)s; 100 gives K = 10^4 at N = 10^6)",
+    )
     p.add_argument("--e2e-one", nargs=3, metavar=("N", "NPROC", "SCRATCH"), help="internal: one e2e run")
     p.add_argument(
         "--write-ab", type=int, metavar="N", help="time the write stage: this checkout vs --before-root"
     )
     p.add_argument("--before-root", help="--write-ab: the other checkout (e.g. a `git worktree` of main)")
     args = p.parse_args(argv)
+    if args.docs_per_cluster < 1:
+        p.error(f"--docs-per-cluster must be >= 1, got {args.docs_per_cluster}")
     if args.write_ab or (args.quick and args.before_root):
         if not args.before_root:
             p.error("--write-ab needs --before-root")
         return _main_write_ab(args)
     if args.e2e_one:
         n, nproc, scratch = int(args.e2e_one[0]), int(args.e2e_one[1]), Path(args.e2e_one[2])
-        print(json.dumps(end_to_end(n, nproc, scratch)))
+        print(json.dumps(end_to_end(n, nproc, scratch, args.docs_per_cluster)))
         return 0
     if args.end_to_end or (args.quick and args.end_to_end is not None):
         return _main_e2e(args)
@@ -478,7 +487,8 @@ def _main_e2e(args) -> int:
     for n in ns:
         for nproc in args.nproc:
             out = subprocess.run(
-                [sys.executable, __file__, "--e2e-one", str(n), str(nproc), str(scratch)],
+                [sys.executable, __file__, "--e2e-one", str(n), str(nproc), str(scratch)]
+                + ["--docs-per-cluster", str(args.docs_per_cluster)],
                 stdout=subprocess.PIPE,  # its stderr (each stage's end, the error) goes through
                 text=True,
             )
@@ -490,7 +500,8 @@ def _main_e2e(args) -> int:
     cols = ["N", "nproc", "K", "wall_s", "docs_per_s", "peak_rss_mb", "peak_anon_mb"]
     cols += [f"{s}_s" for s in stages] + [f"{s}_anon_mb" for s in stages]
     cols += ["work_bytes_per_doc", "shard_bytes_per_doc"]
-    emit("prepare_end_to_end", rows, args, columns=cols, scratch=str(scratch), config=E2E_CONFIG)
+    config = {**E2E_CONFIG, "k": f"N // {args.docs_per_cluster}"}
+    emit("prepare_end_to_end", rows, args, columns=cols, scratch=str(scratch), config=config)
     return 0
 
 
