@@ -95,7 +95,7 @@ class SeenIds:
     def _drop_stale(self) -> None:
         # the other file of the two: its map went with the old array
         if self._scratch is not None:
-            (self._scratch.folder / f"{self._spill_name(self._turn)}.bin").unlink(missing_ok=True)
+            self._scratch.remove(self._spill_name(self._turn))
 
     def close(self) -> None:
         """Free the array and remove the spill files (their folder too)."""

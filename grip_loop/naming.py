@@ -179,26 +179,23 @@ def describe_clusters(
             picks.append(m if len(m) <= sample else np.sort(rng.choice(m, sample, replace=False)))
     # document frequencies: a word is counted once per document. Words are interned to ids and
     # each cluster keeps only two small arrays (ids, counts): a Counter of strings per cluster
-    # cost ~100 B a word, ~40 KB a cluster, ~1 GB at K = 10^4 (and the allocator kept it).
+    # held ~50 KB a cluster, +515 MB at K = 10^4 (docs/benchmarks.md 7e), and the allocator kept it.
     vocab: dict[str, int] = {}
     df_cluster: list[tuple[np.ndarray, np.ndarray]] = []
-    df_all = np.zeros(1024, np.int64)
     for pick in picks:
         df: Counter = Counter()
         for i in pick:
             df.update(
                 {vocab.setdefault(w, len(vocab)) for w in _WORD.findall(texts[i]) if w.lower() not in _STOP}
             )
-        ids = np.fromiter(df.keys(), np.int64, len(df))
-        counts = np.fromiter(df.values(), np.int64, len(df))
-        if len(vocab) > len(df_all):
-            df_all = np.concatenate(
-                [df_all, np.zeros(max(len(vocab), 2 * len(df_all)) - len(df_all), np.int64)]
-            )
-        df_all[ids] += counts  # ids are distinct within a cluster
-        df_cluster.append((ids.astype(np.int32), counts.astype(np.int32)))
+        df_cluster.append(
+            (np.fromiter(df.keys(), np.int32, len(df)), np.fromiter(df.values(), np.int32, len(df)))
+        )
     words = list(vocab)  # id -> word
     del vocab
+    df_all = np.zeros(len(words), np.int64)  # over every cluster's documents named from
+    for ids, counts in df_cluster:
+        df_all[ids] += counts  # ids are distinct within a cluster
     n_all = max(1, sum(len(p) for p in picks))
 
     def top_terms(c: int, n: int) -> list[str]:

@@ -373,6 +373,10 @@ class Scratch:
         reserve(path, nbytes, f"the scratch array {name}")
         return np.memmap(path, dtype=dtype, mode="r+", shape=shape)
 
+    def remove(self, name: str) -> None:
+        """Remove the file of `empty(name, ...)`, if any (a map still open keeps its pages)."""
+        (self.folder / f"{name}.bin").unlink(missing_ok=True)
+
     def full(self, name: str, shape, value, dtype) -> np.ndarray:
         a = self.empty(name, shape, dtype)
         a[...] = value
