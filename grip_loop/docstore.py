@@ -221,11 +221,17 @@ class DocStore:
 
     def part_texts(self, p: int) -> list[str]:
         """Every text of part p, in order (one sequential read)."""
+        return [t for batch in self.part_text_batches(p, max(1, len(self.idx(p)))) for t in batch]
+
+    def part_text_batches(self, p: int, batch: int = 1024) -> Iterator[list[str]]:
+        """The texts of part p, in order, `batch` documents at a time (one read a batch): what is
+        held is one batch's texts, not the part's."""
         idx = self.idx(p)
-        if not len(idx):
-            return []
-        raw = self._read(p, "txt", 0, int(idx[-1, 0] + idx[-1, 1]))
-        return [raw[o : o + n].decode("utf-8") for o, n in idx[:, 0:2].tolist()]
+        for lo in range(0, len(idx), batch):
+            rows = idx[lo : lo + batch, 0:2].tolist()
+            start = rows[0][0]
+            raw = self._read(p, "txt", start, rows[-1][0] + rows[-1][1] - start)
+            yield [raw[o - start : o - start + n].decode("utf-8") for o, n in rows]
 
     def column(self, c: int, out: np.ndarray | None = None) -> np.ndarray:
         """One column of every part's index, concatenated: (N,) int64 (1: text bytes, 4: stratum).

@@ -31,7 +31,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -251,17 +251,62 @@ def doc_quality(scores: Scores) -> float:
 
 def cluster_quality(per_cluster: Sequence[Sequence[Scores | None]]) -> tuple[np.ndarray, list[Scores]]:
     """(Q_k on [0, 1], mean score per dimension) per cluster; see the module docstring for gaps."""
-    q = np.full(len(per_cluster), np.nan)
+    results = [_one_cluster(scores) for scores in per_cluster]
+    return _fill_gaps(np.array([q for q, _ in results], np.float64)), [d for _, d in results]
+
+
+def score_clusters(
+    judge: Judge, clusters: Iterable[Sequence[JudgeInput]], *, chunk: int = 4096
+) -> tuple[np.ndarray, list[Scores], int]:
+    """(Q_k, mean score per dimension, documents scored): `cluster_quality([judge.score(docs) for
+    docs in clusters])`, with the clusters' documents sent to `judge.score` together, about
+    `chunk` at a time (several small probes per call, so a remote judge keeps its requests in
+    flight), and only each cluster's two results kept. What this holds is one chunk's documents
+    and scores, whatever the number of clusters; `clusters` may be a generator."""
+    check_int("chunk", chunk, lo=1)
+    q: list[float] = []
     dims: list[Scores] = []
-    for k, scores in enumerate(per_cluster):
-        ok = [s for s in scores if s is not None]
-        if ok:
-            q[k] = float(np.mean([doc_quality(s) for s in ok]))
-            dims.append({key: float(np.mean([s[key] for s in ok])) for key in SCORE_KEYS})
-        else:
-            dims.append({})
+    batch: list[JudgeInput] = []
+    sizes: list[int] = []
+    n_docs = 0
+
+    def flush() -> None:
+        scores, s = judge.score(batch), 0
+        if len(scores) != len(batch):
+            raise ValueError(f"judge: {len(scores)} scores for {len(batch)} documents (one per document)")
+        for n in sizes:
+            qk, dk = _one_cluster(scores[s : s + n])
+            q.append(qk)
+            dims.append(dk)
+            s += n
+        batch.clear()
+        sizes.clear()
+
+    for docs in clusters:
+        batch.extend(docs)
+        sizes.append(len(docs))
+        n_docs += len(docs)
+        if len(batch) >= chunk:
+            flush()
+    if sizes:
+        flush()
+    return _fill_gaps(np.array(q, np.float64)), dims, n_docs
+
+
+def _one_cluster(scores: Sequence[Scores | None]) -> tuple[float, Scores]:
+    """(Q of the scored documents, or NaN when none was scored; their mean per dimension)."""
+    ok = [s for s in scores if s is not None]
+    if not ok:
+        return math.nan, {}
+    return float(np.mean([doc_quality(s) for s in ok])), {
+        key: float(np.mean([s[key] for s in ok])) for key in SCORE_KEYS
+    }
+
+
+def _fill_gaps(q: np.ndarray) -> np.ndarray:
+    """A cluster with no scored document gets the mean Q of the others; 0.5 each when none was."""
     if np.isnan(q).all():
         q[:] = 0.5
     else:
         q[np.isnan(q)] = np.nanmean(q)
-    return q, dims
+    return q

@@ -69,7 +69,7 @@ from grip_loop import (
     workdir,
 )
 from grip_loop.embed import embed_corpus
-from grip_loop.judge import JudgeInput, cluster_quality
+from grip_loop.judge import JudgeInput, score_clusters
 from grip_loop.manifest import SCHEMA_VERSION, ClusterInfo, Manifest
 from grip_loop.naming import CodedValues, describe_clusters, influence_scores
 from grip_loop.prepare_cluster import (
@@ -328,6 +328,8 @@ def _rank0_clusters(cfg, out, work, store, emb, tok_info, lengths, timer, fit, s
         n_probe=n_probe,
         cluster_stats=cluster_stats,
         t_geometry=t0,
+        codes=fit["codes"],
+        strata=fit["strata"],
     )
 
 
@@ -343,37 +345,41 @@ def _rank0_stages(cfg, out, work, store, emb, ingest, tok_info, timer, dtype, st
 
     t0 = time.perf_counter()
     judge = cfg.judge.build(cache_dir=work)
-    flat = []
-    for p in probes:
-        for i in p:
-            meta = store.meta(int(i))
-            flat.append(JudgeInput(meta["id"], store.text(int(i)), meta["lang"]))
-    scores = judge.score(flat)
-    per_cluster, s = [], 0
-    for p in probes:
-        per_cluster.append(scores[s : s + len(p)])
-        s += len(p)
-    quality, dims = cluster_quality(per_cluster)
-    timer.record("judge", t0, len(flat))
+
+    def judge_inputs(p):  # one cluster's probe documents, read when the judge gets to them
+        for i in p.tolist():
+            meta = store.meta(i)
+            yield JudgeInput(meta["id"], store.text(i), meta["lang"])
+
+    # scored a chunk of documents at a time, keeping each cluster's results only (not every
+    # probe document's text and scores: ~30 MB at K = 10^4, docs/benchmarks.md 7f)
+    quality, dims, n_judged = score_clusters(judge, (list(judge_inputs(p)) for p in probes))
+    timer.record("judge", t0, n_judged)
 
     t0 = time.perf_counter()
 
     def in_order(k: int, name: str):  # cluster k's training documents in the order `name`
         return lambda: members[k][prepare_geometry.orders(cfg, work, k, [name])[name]]
 
-    streams = []
-    for k in range(n_clusters):
-        for name in cfg.orders:
-            streams.append(
-                (f"shards/{name}/cluster-{k:05d}", "shard", in_order(k, name), k, cfg.shard_max_docs)
-            )
-        streams.append(("probe", f"cluster-{k:05d}", probes[k], k, 1 << 30))
-    held_lang = [store.meta(int(i))["lang"] for i in held]
+    if cfg.cluster_by:
+        held_lang = np.array([store.meta(int(i))["lang"] for i in held], dtype=object)
+    else:  # ingest's stratum codes are the languages: no metadata read per held-out document
+        held_lang = np.asarray(st["strata"], dtype=object)[np.asarray(st["codes"][held], np.int64)]
     held_langs: dict[str, int] = {}
-    for lang, prefix in heldout_prefixes(sorted(set(held_lang))).items():
-        mine = np.array([int(i) for i, li in zip(held, held_lang, strict=True) if li == lang], np.int64)
+    held_streams = []
+    for lang, prefix in heldout_prefixes(sorted(set(held_lang.tolist()))).items():
+        mine = held[held_lang == lang]
         held_langs[lang] = len(mine)
-        streams.append(("heldout", prefix, mine, labels[mine], cfg.shard_max_docs))
+        held_streams.append(("heldout", prefix, mine, labels[mine], cfg.shard_max_docs))
+    del held_lang
+
+    def streams():  # in manifest order, made one at a time as the plan lays them out
+        for k in range(n_clusters):
+            for name in cfg.orders:
+                yield (f"shards/{name}/cluster-{k:05d}", "shard", in_order(k, name), k, cfg.shard_max_docs)
+            yield ("probe", f"cluster-{k:05d}", probes[k], k, 1 << 30)
+        yield from held_streams
+
     # bounds of each document's bytes in a shard: tokens, text, tar headers (lower); + the meta JSON, escaped
     size = np.dtype(dtype).itemsize
     lower = store.column(1, out=scratch.empty("lower", n, np.int64))
@@ -383,7 +389,7 @@ def _rank0_stages(cfg, out, work, store, emb, ingest, tok_info, timer, dtype, st
     prepare_write.plan(
         out,
         work,
-        streams=streams,
+        streams=streams(),
         lower=lower,
         upper=upper,
         key_parts=[ingest["fingerprint"], tok_info["key"], tok_info["sha256"], dtype],

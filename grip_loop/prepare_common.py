@@ -74,6 +74,7 @@ class _Timer:
         }
         if skipped:
             self.stages[name]["resumed"] = True
+        workdir.release_memory()  # what the stage freed goes back, not held into the next one
         if self.log:
             rate = "cached" if skipped else f"{n / s:,.0f} docs/s" if s > 0 else "-"
             print(f"grip prepare: {name} done: {n:,} docs in {s:.1f} s ({rate})", flush=True)

@@ -25,6 +25,9 @@ from grip_loop.prepare_common import (
 )
 from grip_loop.prepare_config import PrepareConfig
 
+#: Documents encoded at a time in the tokenize stage (one read of their texts).
+TOKENIZE_BATCH = 1024
+
 
 def _ingest(cfg: PrepareConfig, work: Path) -> dict:
     """Stream the corpus into document parts (`grip_loop.docstore`); returns the stage record."""
@@ -171,6 +174,7 @@ def _tokenize(
                 tok = tk.train_tokenizer(
                     [store.text(int(i)) for i in pick], vocab_size=cfg.vocab_size, progress=cfg.progress
                 )
+            workdir.release_memory()  # the BPE training's (its threads' arenas included)
             with workdir.atomic_file(tok_file) as fh:  # tok.save()'s errors are not OSErrors
                 fh.write(tok.to_str(pretty=True).encode("utf-8"))
             vocab = tok.get_vocab_size()
@@ -222,13 +226,22 @@ def _tokenize(
             )
         rec_path.unlink(missing_ok=True)
         tok = tok or tk.load_tokenizer(tok_file)
-        ids = tk.encode(tok, store.part_texts(p))
-        offsets = np.concatenate([[0], np.cumsum([len(x) for x in ids])]).astype(np.int64)
-        flat = np.concatenate(ids).astype(dtype) if ids else np.zeros(0, dtype)
+        # a batch of texts at a time: what is held is the part's token ids, not its texts too
+        chunks, lens = [], [np.zeros(1, np.int64)]
+        for texts in store.part_text_batches(p, TOKENIZE_BATCH):
+            ids = tk.encode(tok, texts, batch_size=TOKENIZE_BATCH)
+            lens.append(np.fromiter((len(x) for x in ids), np.int64, len(ids)))
+            chunks.append(np.concatenate(ids).astype(dtype))
+            del ids, texts
+        offsets = np.cumsum(np.concatenate(lens))
+        flat = np.concatenate(chunks) if chunks else np.zeros(0, dtype)
+        del chunks
         _atomic_npy(files["ids.npy"], flat)
         _atomic_npy(files["offsets.npy"], offsets)
         _atomic_json(rec_path, {"key": part_key, "sha256": {s: _file_sha256(f) for s, f in files.items()}})
-        bar.update(len(ids))
+        bar.update(len(offsets) - 1)
+        del flat, offsets
+        workdir.release_memory()  # a part's freed strings and arrays, back before the next part
     bar.close()
     distributed.barrier()
     return info

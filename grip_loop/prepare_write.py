@@ -39,10 +39,11 @@ import numpy as np
 
 from grip_loop import distributed, workdir
 from grip_loop.manifest import ShardInfo
-from grip_loop.prepare_common import _atomic_json, _file_sha256, _finished, _key
+from grip_loop.prepare_common import _atomic_json, _atomic_npy, _file_sha256, _finished, _key
 from grip_loop.shards import MAX_SHARD_BYTES, ShardWriter, index_path
 
 PLAN = "plan.json"
+UNITS = "units.npy"
 #: Meta JSON of a shard member, beyond its three strings: keys, punctuation, three integers.
 _META_FIXED_BYTES = 160
 
@@ -75,31 +76,69 @@ def _cut(ub: np.ndarray, max_docs: int, max_bytes: int) -> bool:
     return bool(np.all(cum[ends] - cum[starts] < max_bytes))
 
 
+#: Columns of `work/write/units.npy`, one row per unit (int64).
+UNIT_COLUMNS = ("stream", "first", "whole", "lo", "hi", "cost")
+
+
+class Units:
+    """The plan's units: one int64 row each (`UNIT_COLUMNS`) plus the streams' folder, prefix and
+    `max_docs`; `units[u]` is unit u as a dict (name, folder, prefix, first, whole, lo, hi,
+    max_docs, cost), built when asked. ~50 bytes a unit, against ~1 KB as a JSON list of dicts
+    (2 x 10^4 units at K = 10^4; docs/benchmarks.md 7f)."""
+
+    def __init__(self, rows: np.ndarray, streams: list[dict]) -> None:
+        self.rows, self.streams = np.asarray(rows, np.int64).reshape(-1, len(UNIT_COLUMNS)), streams
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, u: int) -> dict:
+        stream, first, whole, lo, hi, cost = self.rows[u].tolist()
+        s = self.streams[stream]
+        name = f"{s['folder']}/{s['prefix']}" + ("" if whole else f"-{first:06d}")
+        return {
+            "name": name,
+            "folder": s["folder"],
+            "prefix": s["prefix"],
+            "first": first,
+            "whole": bool(whole),
+            "lo": lo,
+            "hi": hi,
+            "max_docs": s["max_docs"],
+            "cost": cost,
+        }
+
+    @property
+    def costs(self) -> list[int]:
+        return self.rows[:, UNIT_COLUMNS.index("cost")].tolist()
+
+
 def plan(
     out: Path,
     work: Path,
     *,
-    streams: list,
+    streams,
     lower: np.ndarray,
     upper: np.ndarray,
     key_parts: list,
     scratch: workdir.Scratch,
 ) -> dict:
-    """Rank 0: lay out `streams` ((folder, prefix, documents, their clusters, max_docs) each, in
-    manifest order; documents: an int array, or a function that returns one, called once, so
-    that only one stream is in memory at a time) and their units; `lower` / `upper`: bounds of
-    each document's bytes in a shard. The documents and clusters of every stream go to two
-    `scratch` files as they are laid out, and from them to `work/write/plan.npy`. Removes the
-    old manifest, and every shard too when the plan changed; fails before any shard is written
-    when the disk cannot hold the units still to write. Returns the plan."""
-    units, table, lo = [], [], 0
+    """Rank 0: lay out `streams` (an iterable of (folder, prefix, documents, their clusters,
+    max_docs), in manifest order; documents: an int array, or a function that returns one,
+    called once, so that only one stream is in memory at a time) and their units; `lower` /
+    `upper`: bounds of each document's bytes in a shard. The documents and clusters of every
+    stream go to two `scratch` files as they are laid out, and from them to `work/write/plan.npy`;
+    the units to `work/write/units.npy` (`Units`), the streams to `plan.json`. Removes the old
+    manifest, and every shard too when the plan changed; fails before any shard is written when
+    the disk cannot hold the units still to write. Returns {"key", "units", "streams"}."""
+    rows, table, lo = [], [], 0
     tmp = {"docs": scratch.path("plan-docs.bin"), "clusters": scratch.path("plan-clusters.bin")}
     with open(tmp["docs"], "wb") as f_docs, open(tmp["clusters"], "wb") as f_clusters:
         for folder, prefix, members, cluster, max_docs in streams:
             members = np.asarray(members() if callable(members) else members).astype(np.int64)
             f_docs.write(members.tobytes())
             f_clusters.write(np.broadcast_to(cluster, len(members)).astype(np.int64).tobytes())
-            hi, mine = lo + len(members), []
+            hi, first_unit = lo + len(members), len(rows) // len(UNIT_COLUMNS)
             pieces = (
                 range(lo, hi, max_docs)
                 if _cut(upper[members], max_docs, MAX_SHARD_BYTES)
@@ -111,34 +150,26 @@ def plan(
                 whole = len(pieces) == 1
                 end = hi if whole else min(p + max_docs, hi)
                 first = (p - lo) // max_docs if not whole else 0
-                name = f"{folder}/{prefix}" + ("" if whole else f"-{first:06d}")
-                units.append(
-                    {
-                        "name": name,
-                        "folder": folder,
-                        "prefix": prefix,
-                        "first": first,
-                        "whole": whole,
-                        "lo": p,
-                        "hi": end,
-                        "max_docs": max_docs,
-                        "cost": int(lower[members[p - lo : end - lo]].sum()),
-                    }
-                )
-                mine.append(len(units) - 1)
-            table.append({"folder": folder, "prefix": prefix, "units": mine})
+                cost = int(lower[members[p - lo : end - lo]].sum())
+                rows.extend((len(table), first, int(whole), p, end, cost))
+            table.append(
+                {
+                    "folder": folder,
+                    "prefix": prefix,
+                    "max_docs": int(max_docs),
+                    "units": [first_unit, len(rows) // len(UNIT_COLUMNS)],
+                }
+            )
             lo = hi
+    units = Units(np.array(rows, np.int64), table)
+    del rows
     h = hashlib.sha256()  # of the documents' then the clusters' int64 bytes: plan.npy's data
     for path in tmp.values():
         with open(path, "rb") as fh:
             while chunk := fh.read(1 << 24):
                 h.update(chunk)
-    key = _key(
-        "write",
-        *key_parts,
-        h.hexdigest(),
-        [{k: u[k] for k in ("name", "lo", "hi", "max_docs")} for u in units],
-    )
+    # the units (each one's name follows from its stream's folder and prefix and its row)
+    key = _key("write", *key_parts, h.hexdigest(), hashlib.sha256(units.rows.tobytes()).hexdigest(), table)
     wdir = work / "write"
     (out / "manifest.json").unlink(
         missing_ok=True
@@ -150,14 +181,29 @@ def plan(
             shutil.rmtree(out / d, ignore_errors=True)
         shutil.rmtree(wdir, ignore_errors=True)
     wdir.mkdir(parents=True, exist_ok=True)
-    todo = [u for u in units if _record_key(wdir, u) != _unit_key(key, u)]
-    workdir.require_space(out, sum(u["cost"] for u in todo), "the shards (a lower bound)")
-    if old is None or old.get("key") != key:
+    todo = (units[u] for u in range(len(units)))
+    todo = sum(u["cost"] for u in todo if _record_key(wdir, u) != _unit_key(key, u))
+    workdir.require_space(out, todo, "the shards (a lower bound)")
+    if old is None or old.get("key") != key or not _same_rows(wdir / UNITS, units.rows):
         _save_plan_npy(wdir / "plan.npy", lo, tmp)
-        _atomic_json(wdir / PLAN, {"key": key, "units": units, "streams": table})
+        _atomic_npy(wdir / UNITS, units.rows)
+        _atomic_json(wdir / PLAN, {"key": key, "streams": table})  # last: it names a complete plan
     for path in tmp.values():
         path.unlink()
     return {"key": key, "units": units, "streams": table}
+
+
+def _same_rows(path: Path, rows: np.ndarray) -> bool:
+    """Whether `path` holds `rows` (a plan whose units file went missing or was damaged is rewritten)."""
+    try:
+        return np.array_equal(np.load(path), rows)
+    except (OSError, ValueError):
+        return False
+
+
+def _load_plan(wdir: Path) -> tuple[dict, Units]:
+    p = json.loads((wdir / PLAN).read_text())
+    return p, Units(np.load(wdir / UNITS), p["streams"])
 
 
 def _save_plan_npy(path: Path, n: int, parts: dict[str, Path]) -> None:
@@ -238,10 +284,9 @@ def write(out: Path, work: Path, store, tokens, dtype: str, rank: int, world: in
     from tqdm import tqdm
 
     wdir = work / "write"
-    p = json.loads((wdir / PLAN).read_text())
-    units = p["units"]
+    p, units = _load_plan(wdir)
     docs, clusters = np.load(wdir / "plan.npy", mmap_mode="r")
-    mine = assign([u["cost"] for u in units], world)[rank]
+    mine = assign(units.costs, world)[rank]
     n_written, error, own = 0, None, None
     bar = tqdm(
         total=sum(units[u]["hi"] - units[u]["lo"] for u in mine),
@@ -344,16 +389,14 @@ def meta_json(doc: dict, length: int, cluster: int, position: int) -> bytes:
     return json.dumps(meta, sort_keys=True).encode("utf-8")
 
 
-def shard_lists(work: Path) -> list[list[ShardInfo]]:
+def shard_lists(work: Path):
     """Rank 0, after `write`: the shards of every stream of the plan, in plan order, from the
-    units' records on disk."""
+    units' records on disk; a generator (one stream's list at a time)."""
     wdir = work / "write"
-    p = json.loads((wdir / PLAN).read_text())
-    out = []
+    p, units = _load_plan(wdir)
     for s in p["streams"]:
         infos: list[ShardInfo] = []
-        for u in s["units"]:
-            rec = json.loads(_record(wdir, p["units"][u]).read_text())
+        for u in range(*s["units"]):
+            rec = json.loads(_record(wdir, units[u]).read_text())
             infos += [ShardInfo(**d) for d in rec["shards"]]
-        out.append(infos)
-    return out
+        yield infos

@@ -15,6 +15,7 @@ from grip_loop.judge import (
     LLMJudge,
     cluster_quality,
     parse_scores,
+    score_clusters,
     text_sha256,
 )
 
@@ -171,3 +172,68 @@ def test_config_validation_names_fields():
         JudgeConfig(kind="oracle")
     with pytest.raises(ValueError, match="judge.base_url"):
         JudgeConfig(kind="llm")
+
+
+class _CountingJudge:
+    """Scores by a hash of the text, None for some documents; records the size of every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def score(self, docs):
+        self.calls.append(len(docs))
+        out = []
+        for d in docs:
+            h = int(text_sha256(d.text)[:8], 16)
+            out.append(
+                None if h % 5 == 0 else {k: float((h >> (3 * j)) % 11) for j, k in enumerate(SCORE_KEYS)}
+            )
+        return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_score_clusters_equals_scoring_every_cluster_at_once(seed):
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(0, 9, 60)
+    sizes[rng.integers(0, 60, 3)] = 0  # clusters without a probe document
+    clusters = [
+        [JudgeInput(f"c{k}-{j}", f"doc {seed} {k} {j}") for j in range(n)] for k, n in enumerate(sizes)
+    ]
+    whole = _CountingJudge()
+    ref_q, ref_dims = cluster_quality([whole.score(docs) for docs in clusters])
+    for chunk in (1, 5, 64, 10_000):
+        judge = _CountingJudge()
+        q, dims, n = score_clusters(judge, (list(docs) for docs in clusters), chunk=chunk)
+        assert n == sizes.sum()
+        np.testing.assert_array_equal(q, ref_q)
+        assert dims == ref_dims
+        # a call holds at most one chunk and the cluster that crossed it
+        assert sum(judge.calls) == sizes.sum() and max(judge.calls) <= chunk - 1 + sizes.max()
+        if chunk == 10_000:
+            assert judge.calls == [sizes.sum()]
+
+
+def test_score_clusters_gaps_and_a_judge_that_drops_documents():
+    s = lambda v: {k: float(v) for k in SCORE_KEYS}  # noqa: E731
+
+    class Fixed:
+        def __init__(self, scores):
+            self.scores = scores
+
+        def score(self, docs):
+            return [self.scores.pop(0) for _ in docs]
+
+    docs = lambda n: [JudgeInput(str(i), "x") for i in range(n)]  # noqa: E731
+    q, dims, n = score_clusters(Fixed([s(8), s(6), None, s(2), None]), [docs(2), docs(2), docs(1)], chunk=2)
+    assert np.allclose(q, [0.7, 0.2, 0.45]) and dims[2] == {} and n == 5
+    q, _, _ = score_clusters(Fixed([None, None]), [docs(1), docs(1)])
+    assert np.allclose(q, [0.5, 0.5])
+    q, dims, n = score_clusters(Fixed([]), [])
+    assert len(q) == 0 and dims == [] and n == 0
+
+    class Short:
+        def score(self, docs):
+            return []
+
+    with pytest.raises(ValueError, match="0 scores for 2 documents"):
+        score_clusters(Short(), [docs(2)])
