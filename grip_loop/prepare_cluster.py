@@ -156,19 +156,28 @@ def clusters_from_field(
     return centroids, labels, names
 
 
-def sigma_streamed(emb, labels: np.ndarray, train: np.ndarray, centroids: np.ndarray, block: int = 65536):
+def sigma_streamed(
+    emb, labels: np.ndarray, train: np.ndarray, centroids: np.ndarray, block: int = 65536, rows: int = 8192
+):
     """Eq. 3 over the training documents (`budget.geometric_consistency`), reading a
-    (memory-mapped) embedding matrix in blocks: never more than `block` rows in memory."""
+    (memory-mapped) embedding matrix in blocks: the sums are taken a `block` of rows at a time,
+    the distances computed `rows` at a time (what is held: a few (rows, dim) float32 arrays)."""
     k = len(centroids)
     mu = np.asarray(centroids, np.float32)
     sums, counts = np.zeros(k), np.zeros(k, np.int64)
     for lo in range(0, len(labels), block):
-        t = np.asarray(train[lo : lo + block], bool)
-        lab = labels[lo : lo + block][t]
-        e = np.asarray(emb[lo : lo + block], np.float32)[t]
-        if len(e) and np.max(np.abs(np.linalg.norm(e, axis=1) - 1.0)) > 1e-3:
-            raise ValueError("emb: rows must be L2-normalised (divide each row by its norm)")
-        d2 = np.sum((e - mu[lab]) ** 2, axis=1, dtype=np.float64)
+        hi = min(lo + block, len(labels))
+        t = np.asarray(train[lo:hi], bool)
+        lab = np.asarray(labels[lo:hi])[t]
+        d2, off = [], 0  # each row's squared distance to its centroid (row by row: the same sums)
+        for a in range(lo, hi, rows):
+            b = min(a + rows, hi)
+            e = np.asarray(emb[a:b], np.float32)[t[a - lo : b - lo]]
+            if len(e) and np.max(np.abs(np.linalg.norm(e, axis=1) - 1.0)) > 1e-3:
+                raise ValueError("emb: rows must be L2-normalised (divide each row by its norm)")
+            la, off = lab[off : off + len(e)], off + len(e)
+            d2.append(np.sum((e - mu[la]) ** 2, axis=1, dtype=np.float64))
+        d2 = np.concatenate(d2) if d2 else np.zeros(0)
         sums += np.bincount(lab, weights=d2, minlength=k)
         counts += np.bincount(lab, minlength=k)
     sigma = np.sqrt(np.divide(sums, counts, out=np.zeros(k), where=counts > 0))

@@ -62,3 +62,37 @@ def test_release_memory_hands_freed_heap_back():
     workdir.release_memory()
     after = _rss_anon_mb()
     assert freed - after > 50 and before - after > 50, (before, freed, after)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sigma_streamed_equals_eq3_whatever_the_blocks(seed):
+    """sigma_k of Eq. 3 (the RMS distance of a cluster's training rows to its centroid; 0 below 2
+    rows): the same bits for any number of rows a distance computation holds, and equal to a
+    direct per-cluster computation."""
+    from grip_loop.prepare_cluster import sigma_streamed
+
+    rng = np.random.default_rng(seed)
+    n, d, k = 3000, 16, 7
+    emb = rng.normal(size=(n, d)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    labels = rng.integers(0, k - 1, n)  # cluster k - 1 has no row
+    labels[rng.integers(0, n)] = k - 2  # ... and k - 2 maybe one
+    train = rng.random(n) > 0.3
+    cent = rng.normal(size=(k, d)).astype(np.float32)
+    cent /= np.linalg.norm(cent, axis=1, keepdims=True)
+    ref = sigma_streamed(emb, labels, train, cent, block=n, rows=n)
+    for block in (n, 1000, 512):  # the sums' grouping: the same bits for any `rows`
+        whole = sigma_streamed(emb, labels, train, cent, block=block, rows=block)
+        for rows in (1, 7, 100, 333):
+            np.testing.assert_array_equal(
+                sigma_streamed(emb, labels, train, cent, block=block, rows=rows), whole
+            )
+        np.testing.assert_allclose(whole, ref, rtol=1e-12)
+    for c in range(k):
+        x = emb[(labels == c) & train]
+        want = np.sqrt(np.mean(np.sum((x - cent[c]) ** 2, axis=1))) if len(x) >= 2 else 0.0
+        assert ref[c] == pytest.approx(want, rel=1e-6)
+    bad = emb.copy()
+    bad[5] *= 2
+    with pytest.raises(ValueError, match="L2-normalised"):
+        sigma_streamed(bad, labels, np.ones(n, bool), cent, rows=64)
