@@ -106,6 +106,17 @@ def _manifest(tmp_path, n=(3, 2)):
     )
 
 
+@pytest.mark.parametrize("n", [(3, 2), (1,), (2, 0, 4)])
+def test_manifest_file_is_json_dump_of_its_dict(tmp_path, n):
+    """`save` writes each cluster's dict as the encoder reaches it: the file is still exactly
+    `json.dump(to_dict(), indent=2)` plus a newline (with and without held-out shards)."""
+    m = _manifest(tmp_path, n)
+    for heldout in ([], m.clusters[0].shards["grip"][:1]):
+        m.heldout = list(heldout)
+        m.save(tmp_path)
+        assert (tmp_path / "manifest.json").read_text() == json.dumps(m.to_dict(), indent=2) + "\n"
+
+
 def test_manifest_round_trip_is_atomic_and_validated(tmp_path):
     m = _manifest(tmp_path)
     m.save(tmp_path)
