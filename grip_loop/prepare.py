@@ -271,6 +271,7 @@ def _rank0_clusters(cfg, out, work, store, emb, tok_info, lengths, timer, fit, s
     by_label, bounds = blockwise.group_by_label(
         train_labels, n_clusters, out=scratch.empty("by_label", n, np.int64)
     )
+    workdir.release_memory()  # the assignment's and the grouping's temporaries
     # Geometric Influence Scores of the training documents, and from them each cluster's
     # influential documents, terms, languages and (k-means / GEM) name (grip_loop.naming)
     gis = scratch.empty("gis", n, np.float64)  # blocks of 8192 rows: float64 copies of (block, dim) floats
@@ -288,6 +289,7 @@ def _rank0_clusters(cfg, out, work, store, emb, tok_info, lengths, timer, fit, s
     )
     if not cfg.cluster_by:
         names = [c["name"] for c in described]
+    workdir.release_memory()  # the naming's texts and term counts
     (out / "stats").mkdir(exist_ok=True)
     gis32 = blockwise.fill(scratch.empty("gis32", n, np.float32), lambda lo, hi: gis[lo:hi])
     _atomic_npy(out / "stats" / "gis.npy", gis32)
