@@ -43,6 +43,7 @@ of cos_i: it ranks members like the cosine to the centroid does; what it adds is
 from __future__ import annotations
 
 import re
+import tempfile
 from collections import Counter
 from collections.abc import Sequence
 
@@ -153,6 +154,7 @@ def describe_clusters(
     n_terms: int = 8,
     n_influential: int = 5,
     members: Sequence[np.ndarray] | None = None,
+    spill_dir: str | None = None,
 ) -> list[dict]:
     """Per cluster id 0..k-1: {"name", "languages" (share of each language among all members),
     "top_terms" (the `n_terms` most distinctive identifiers of the named-from documents),
@@ -160,68 +162,93 @@ def describe_clusters(
 
     Documents named from: with `gis`, each cluster's `sample` highest-GIS members; without,
     a seeded uniform sample of `sample` members (the naming of issue 12). `members`: each
-    cluster's rows in ascending order, when the caller has them (from `labels` otherwise)."""
+    cluster's rows in ascending order, when the caller has them (from `labels` otherwise).
+    `spill_dir`: the folder of the temporary file of word counts (the system's temp folder by
+    default; 8 bytes a distinct word of each cluster, removed when this returns)."""
     rng = np.random.default_rng(seed)
     if gis is not None and not isinstance(gis, np.ndarray):
         gis = np.asarray(gis, np.float64)
     if members is None:
         order, bounds = blockwise.group_by_label(labels, k)
         members = [order[bounds[c] : bounds[c + 1]] for c in range(k)]
-    ranked, picks = [], []  # each cluster's most influential members; the documents named from
-    for m in members:
-        if gis is not None:
-            r = m[np.lexsort((m, -np.asarray(gis[m], np.float64)))]  # GIS descending, ties by index
-            ranked.append(r[:n_influential])
-            # the cluster's core: its more influential half (at least 10, at most `sample`)
-            picks.append(np.sort(r[: min(sample, max(10, -(-len(r) // 2)))]))
-        else:
-            ranked.append(np.zeros(0, np.int64))
-            picks.append(m if len(m) <= sample else np.sort(rng.choice(m, sample, replace=False)))
-    # document frequencies: a word is counted once per document. Words are interned to ids and
-    # each cluster keeps only two small arrays (ids, counts): a Counter of strings per cluster
-    # held ~50 KB a cluster, +515 MB at K = 10^4 (docs/benchmarks.md 7e), and the allocator kept it.
+    # One pass over the clusters reads the documents named from and keeps, per cluster, only
+    # what the names need: its language and path prefix, its word document frequencies (a word
+    # is counted once per document) as (id, count) int32 pairs in a temporary file, and df_all.
+    # Held in memory per cluster these cost ~10 KB at 200 documents named from (+96 MB at
+    # K = 10^4, 10^7 documents; docs/benchmarks.md 7f); a Counter of strings cost ~50 KB (7e).
     vocab: dict[str, int] = {}
-    df_cluster: list[tuple[np.ndarray, np.ndarray]] = []
-    for pick in picks:
-        df: Counter = Counter()
-        for i in pick:
-            df.update(
-                {vocab.setdefault(w, len(vocab)) for w in _WORD.findall(texts[i]) if w.lower() not in _STOP}
-            )
-        df_cluster.append(
-            (np.fromiter(df.keys(), np.int32, len(df)), np.fromiter(df.values(), np.int32, len(df)))
-        )
-    words = list(vocab)  # id -> word
-    del vocab
-    df_all = np.zeros(len(words), np.int64)  # over every cluster's documents named from
-    for ids, counts in df_cluster:
-        df_all[ids] += counts  # ids are distinct within a cluster
-    n_all = max(1, sum(len(p) for p in picks))
+    df_all = np.zeros(1024, np.int64)  # over every cluster's documents named from, grown as needed
+    n_named = np.zeros(k, np.int64)
+    bounds_df = np.zeros(k + 1, np.int64)  # cluster c's pairs: rows bounds_df[c]:bounds_df[c + 1]
+    influential, languages, named_by = [], [], []  # named_by: (language, prefix, its documents)
+    with tempfile.TemporaryFile(dir=spill_dir) as spill:
+        for c, m in enumerate(members):
+            if gis is not None:
+                r = m[np.lexsort((m, -np.asarray(gis[m], np.float64)))]  # GIS descending, ties by index
+                influential.append([int(i) for i in r[:n_influential]])
+                # the cluster's core: its more influential half (at least 10, at most `sample`)
+                pick = np.sort(r[: min(sample, max(10, -(-len(r) // 2)))])
+                del r
+            else:
+                influential.append([])
+                pick = m if len(m) <= sample else np.sort(rng.choice(m, sample, replace=False))
+            n_named[c] = len(pick)
+            df: Counter = Counter()
+            for i in pick:
+                df.update(
+                    {
+                        vocab.setdefault(w, len(vocab))
+                        for w in _WORD.findall(texts[i])
+                        if w.lower() not in _STOP
+                    }
+                )
+            pairs = np.empty((len(df), 2), np.int32)
+            pairs[:, 0] = np.fromiter(df.keys(), np.int32, len(df))
+            pairs[:, 1] = np.fromiter(df.values(), np.int32, len(df))
+            spill.write(pairs.tobytes())
+            bounds_df[c + 1] = bounds_df[c] + len(df)
+            if len(vocab) > len(df_all):
+                df_all = np.concatenate(
+                    [df_all, np.zeros(max(len(vocab), 2 * len(df_all)) - len(df_all), np.int64)]
+                )
+            df_all[pairs[:, 0]] += pairs[:, 1]  # ids are distinct within a cluster
+            del df, pairs
+            if not len(m):
+                languages.append({})
+            elif isinstance(langs, CodedValues):
+                languages.append(_language(langs.counts(m))[1])
+            else:
+                languages.append(_language([langs[i] for i in m])[1])
+            if len(pick):
+                lang = _language([langs[i] for i in pick])[0] if gis is not None else _majority(langs, pick)
+                prefix, n_prefix = Counter(_prefix(paths[i]) for i in pick).most_common(1)[0]
+                named_by.append((lang, prefix, n_prefix))
+            else:
+                named_by.append(None)
+        words = list(vocab)  # id -> word
+        del vocab
+        n_all = max(1, int(n_named.sum()))
+        spill.flush()
+        pairs_all = _read_pairs(spill, int(bounds_df[-1]))  # the map outlives the file object
 
     def top_terms(c: int, n: int) -> list[str]:
-        ids, counts = df_cluster[c]
+        pc = pairs_all[bounds_df[c] : bounds_df[c + 1]]
+        ids, counts = pc[:, 0], pc[:, 1]
         keep = counts >= 2
         ids, m = ids[keep].astype(np.int64), counts[keep].astype(np.float64)
-        size = float(max(1, len(picks[c])))
+        size = float(max(1, n_named[c]))
         # the same float operations, in the same order, as the scalar (m / size) / ((df + 1) / (n_all + 1))
         ratio = (m / size) / ((df_all[ids] + 1.0) / float(n_all + 1))
         return [w for _, w in sorted(zip((-ratio).tolist(), (words[i] for i in ids), strict=True))[:n]]
 
-    names, terms, languages = [], [], []
-    for c, pick in enumerate(picks):
-        terms.append(top_terms(c, n_terms) if len(pick) else [])
-        if not len(members[c]):
-            languages.append({})
-        elif isinstance(langs, CodedValues):
-            languages.append(_language(langs.counts(members[c]))[1])
-        else:
-            languages.append(_language([langs[i] for i in members[c]])[1])
-        if not len(pick):
+    names, terms = [], []
+    for c in range(k):
+        terms.append(top_terms(c, n_terms) if n_named[c] else [])
+        if named_by[c] is None:
             names.append(f"empty#{c}")
             continue
-        lang = _language([langs[i] for i in pick])[0] if gis is not None else _majority(langs, pick)
-        prefix, n_prefix = Counter(_prefix(paths[i]) for i in pick).most_common(1)[0]
-        if prefix and n_prefix >= min_prefix_share * len(pick):
+        lang, prefix, n_prefix = named_by[c]
+        if prefix and n_prefix >= min_prefix_share * n_named[c]:
             # a one-level prefix ("stdlib") says little: with GIS, its top term is added
             one_level = gis is not None and "/" not in prefix and terms[c]
             names.append(f"{lang}:{prefix}~{terms[c][0]}" if one_level else f"{lang}:{prefix}")
@@ -237,10 +264,18 @@ def describe_clusters(
             "name": names[c],
             "languages": languages[c],
             "top_terms": terms[c],
-            "influential": [int(i) for i in ranked[c][:n_influential]],
+            "influential": influential[c],
         }
         for c in range(k)
     ]
+
+
+def _read_pairs(fh, n: int) -> np.ndarray:
+    """The (n, 2) int32 pairs written to the temporary file `fh`, memory-mapped (read-only)."""
+    if n == 0:
+        return np.zeros((0, 2), np.int32)
+    fh.seek(0)
+    return np.memmap(fh, np.int32, "r", shape=(n, 2))
 
 
 def _majority(langs: Sequence[str], pick) -> str:

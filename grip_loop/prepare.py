@@ -286,6 +286,7 @@ def _rank0_clusters(cfg, out, work, store, emb, tok_info, lengths, timer, fit, s
         seed=cfg.seed,
         gis=gis,
         members=[by_label[bounds[k] : bounds[k + 1]] for k in range(n_clusters)],
+        spill_dir=str(scratch.folder),
     )
     if not cfg.cluster_by:
         names = [c["name"] for c in described]

@@ -99,16 +99,21 @@ def _naive_top_terms(labels, k, texts, n):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_top_terms_equal_a_counter_of_words_per_cluster(seed):
-    """The interned-id counting (small arrays per cluster) gives the naive rule's terms, ties too."""
+def test_top_terms_equal_a_counter_of_words_per_cluster(seed, tmp_path):
+    """The interned-id counting (pairs per cluster in a temporary file) gives the naive rule's
+    terms, ties too; a cluster without members is named "empty"; the file is gone after."""
     rng = np.random.default_rng(seed)
     vocab = [f"w{i:03d}" for i in range(60)] + ["the", "Self", "ab"]  # stop words, too short
-    k, n = 7, 300
-    labels = rng.integers(0, k, n)
+    k, n = 8, 300
+    labels = rng.integers(0, k - 1, n)  # cluster k - 1 has no member
     labels[:10] = -1  # held out: not counted
     texts = [" ".join(rng.choice(vocab[: 20 + 6 * labels[i]], rng.integers(1, 12))) for i in range(n)]
-    got = describe_clusters(labels, k, ["python"] * n, ["a/b/c.py"] * n, texts, sample=10**6, n_terms=6)
+    got = describe_clusters(
+        labels, k, ["python"] * n, ["a/b/c.py"] * n, texts, sample=10**6, n_terms=6, spill_dir=str(tmp_path)
+    )
     assert [d["top_terms"] for d in got] == _naive_top_terms(labels, k, texts, 6)
+    assert got[k - 1]["name"] == f"empty#{k - 1}" and got[k - 1]["languages"] == {}
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
