@@ -3,8 +3,8 @@ torchrun ranks, each unit written atomically and skipped on resume.
 
 A *stream* is the documents of one shard prefix in order: `shards/<order>/cluster-KKKKK/shard`
 (one per cluster and order), `probe/cluster-KKKKK` (one per cluster) and `heldout/<lang>` (one
-per held-out language). Rank 0 lays the streams out (`plan`: `work/write/plan.json` and
-`plan.npy`, the documents of every stream back to back) after the geometry and judge stages;
+per held-out language). Rank 0 lays the streams out (`plan`: `work/write/plan.json`, the units
+in `units.npy` and `plan.npy`, the documents of every stream back to back) after the geometry and judge stages;
 every rank reads the plan from disk.
 
 A *unit* is a stream, or one shard of it: a stream of more than `shard_max_docs` documents is
