@@ -99,9 +99,19 @@ def _naive_top_terms(labels, k, texts, n):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_top_terms_equal_a_counter_of_words_per_cluster(seed, tmp_path):
-    """The interned-id counting (pairs per cluster in a temporary file) gives the naive rule's
-    terms, ties too; a cluster without members is named "empty"; the file is gone after."""
+def test_top_terms_equal_a_counter_of_words_per_cluster(seed, tmp_path, monkeypatch):
+    """The interned-id counting (pairs per cluster in a temporary file under `spill_dir`) gives
+    the naive rule's terms, ties too; a cluster without members is named "empty"; nothing is
+    left in `spill_dir` after."""
+    import grip_loop.naming as naming
+
+    made, real = [], naming.tempfile.TemporaryFile
+
+    def spy(*a, **kw):
+        made.append(kw.get("dir"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(naming.tempfile, "TemporaryFile", spy)
     rng = np.random.default_rng(seed)
     vocab = [f"w{i:03d}" for i in range(60)] + ["the", "Self", "ab"]  # stop words, too short
     k, n = 8, 300
@@ -113,7 +123,7 @@ def test_top_terms_equal_a_counter_of_words_per_cluster(seed, tmp_path):
     )
     assert [d["top_terms"] for d in got] == _naive_top_terms(labels, k, texts, 6)
     assert got[k - 1]["name"] == f"empty#{k - 1}" and got[k - 1]["languages"] == {}
-    assert list(tmp_path.iterdir()) == []
+    assert made == [str(tmp_path)] and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
