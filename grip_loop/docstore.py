@@ -219,10 +219,6 @@ class DocStore:
         for p, (to, tn, mo, mn) in zip(parts.tolist(), rows.tolist(), strict=True):
             yield self._read(p, "txt", to, tn), json.loads(self._read(p, "meta.jsonl", mo, mn))
 
-    def part_texts(self, p: int) -> list[str]:
-        """Every text of part p, in order (one sequential read)."""
-        return [t for batch in self.part_text_batches(p, max(1, len(self.idx(p)))) for t in batch]
-
     def part_text_batches(self, p: int, batch: int = 1024) -> Iterator[list[str]]:
         """The texts of part p, in order, `batch` documents at a time (one read a batch): what is
         held is one batch's texts, not the part's."""

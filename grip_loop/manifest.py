@@ -155,9 +155,6 @@ class _AsDicts(list):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __bool__(self) -> bool:
-        return bool(self.items)
-
     def __iter__(self):
         return (asdict(x) for x in self.items)
 

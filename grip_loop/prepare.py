@@ -290,7 +290,6 @@ def _rank0_clusters(cfg, out, work, store, emb, tok_info, lengths, timer, fit, s
     )
     if not cfg.cluster_by:
         names = [c["name"] for c in described]
-    workdir.release_memory()  # the naming's texts and term counts
     (out / "stats").mkdir(exist_ok=True)
     gis32 = blockwise.fill(scratch.empty("gis32", n, np.float32), lambda lo, hi: gis[lo:hi])
     _atomic_npy(out / "stats" / "gis.npy", gis32)

@@ -182,8 +182,8 @@ def plan(
         shutil.rmtree(wdir, ignore_errors=True)
     wdir.mkdir(parents=True, exist_ok=True)
     todo = (units[u] for u in range(len(units)))
-    todo = sum(u["cost"] for u in todo if _record_key(wdir, u) != _unit_key(key, u))
-    workdir.require_space(out, todo, "the shards (a lower bound)")
+    todo_bytes = sum(u["cost"] for u in todo if _record_key(wdir, u) != _unit_key(key, u))
+    workdir.require_space(out, todo_bytes, "the shards (a lower bound)")
     if old is None or old.get("key") != key or not _same_rows(wdir / UNITS, units.rows):
         _save_plan_npy(wdir / "plan.npy", lo, tmp)
         _atomic_npy(wdir / UNITS, units.rows)
