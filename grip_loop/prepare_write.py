@@ -83,8 +83,8 @@ UNIT_COLUMNS = ("stream", "first", "whole", "lo", "hi", "cost")
 class Units:
     """The plan's units: one int64 row each (`UNIT_COLUMNS`) plus the streams' folder, prefix and
     `max_docs`; `units[u]` is unit u as a dict (name, folder, prefix, first, whole, lo, hi,
-    max_docs, cost), built when asked. ~50 bytes a unit, against ~1 KB as a JSON list of dicts
-    (2 x 10^4 units at K = 10^4; docs/benchmarks.md 7f)."""
+    max_docs, cost), built when asked: 48 bytes a unit, where a list of dicts cost ~1 KB (an
+    estimate; 2 x 10^4 units at K = 10^4, the plan's +50 MB peak of docs/benchmarks.md 7f)."""
 
     def __init__(self, rows: np.ndarray, streams: list[dict]) -> None:
         self.rows, self.streams = np.asarray(rows, np.int64).reshape(-1, len(UNIT_COLUMNS)), streams
