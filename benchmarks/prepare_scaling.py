@@ -23,7 +23,8 @@ the wall time, each stage's seconds from `manifest.stats.timings`, and the peak 
 largest process (ru_maxrss over every descendant, torchrun's workers included), and the largest RssAnon
 (private anonymous memory, without the memmaps' file-backed pages) of any process, polled from /proc,
 overall and per stage (`<stage>_anon_mb`: the samples taken while the stage ran, delimited by rank 0's
-"grip prepare: <stage> done" lines).
+"grip prepare: <stage> done" lines), and likewise the largest VmRSS sampled (`peak_vmrss_mb`,
+`<stage>_rss_mb`: anonymous and file-backed pages, the memory maps' included).
 
 `--write-ab N --before-root DIR [--nproc P ...]` times the write stage alone, side by side in
 one run: this checkout against another checkout of grip-loop (e.g. `git worktree add
@@ -242,7 +243,9 @@ def end_to_end(n: int, nproc: int, scratch: Path, docs_per_cluster: int = 1000) 
     m = json.loads((out / "manifest.json").read_text())
     row = {"N": n, "nproc": nproc, "K": m["k"], "wall_s": wall, "docs_per_s": n / wall, "peak_rss_mb": peak}
     row["peak_anon_mb"] = anon.peak_kib / 1024
+    row["peak_vmrss_mb"] = anon.peak_rss_kib / 1024
     row.update({f"{st}_anon_mb": kib / 1024 for st, kib in anon.per_stage(ends).items()})
+    row.update({f"{st}_rss_mb": kib / 1024 for st, kib in anon.per_stage(ends, rss=True).items()})
     row.update({f"{k}_s": v["seconds"] for k, v in m["stats"]["timings"].items()})
     row["work_bytes_per_doc"] = sum(f.stat().st_size for f in (out / "work").rglob("*") if f.is_file()) / n
     row["shard_bytes_per_doc"] = sum(f.stat().st_size for f in (out / "shards").rglob("*") if f.is_file()) / n
@@ -259,7 +262,9 @@ class _AnonPeak:
         import threading
 
         self.root, self.peak_kib, self._done = root_pid, 0, threading.Event()
+        self.peak_rss_kib = 0  # the largest VmRSS (anonymous + file-backed + shared) sampled
         self.samples: list[tuple[float, int]] = []  # (time.monotonic(), largest RssAnon KiB)
+        self.rss_samples: list[tuple[float, int]] = []  # (time.monotonic(), largest VmRSS KiB)
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
 
@@ -279,24 +284,30 @@ class _AnonPeak:
 
     def _poll(self) -> None:
         while not self._done.wait(0.2):
-            now = 0
+            now = rss = 0
             for pid in self._tree():
                 try:
                     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                         if line.startswith("RssAnon:"):
                             now = max(now, int(line.split()[1]))
+                        elif line.startswith("VmRSS:"):
+                            rss = max(rss, int(line.split()[1]))
                 except OSError:
                     pass
             self.peak_kib = max(self.peak_kib, now)
-            self.samples.append((time.monotonic(), now))
+            self.peak_rss_kib = max(self.peak_rss_kib, rss)
+            t = time.monotonic()
+            self.samples.append((t, now))
+            self.rss_samples.append((t, rss))
 
-    def per_stage(self, ends: list[tuple[float, str]]) -> dict[str, int]:
-        """The largest RssAnon sampled while each stage ran: between the end of the previous
-        stage's line and the end of its own (rank 0's clock; the first stage from the start)."""
+    def per_stage(self, ends: list[tuple[float, str]], rss: bool = False) -> dict[str, int]:
+        """The largest RssAnon (VmRSS if `rss`) sampled while each stage ran: between the end of the
+        previous stage's line and the end of its own (rank 0's clock; the first stage from the start)."""
         out, lo = {}, float("-inf")
+        samples = self.rss_samples if rss else self.samples
         for t, stage in ends:
-            inside = [kib for ts, kib in self.samples if lo < ts <= t]
-            after = next((kib for ts, kib in self.samples if ts > t), 0)  # a stage under 0.2 s
+            inside = [kib for ts, kib in samples if lo < ts <= t]
+            after = next((kib for ts, kib in samples if ts > t), 0)  # a stage under 0.2 s
             out[stage] = max(inside) if inside else after
             lo = t
         return out
@@ -498,7 +509,8 @@ def _main_e2e(args) -> int:
             print(f"  N={n} nproc={nproc}: {rows[-1]['wall_s']:.1f}s", file=sys.stderr, flush=True)
     stages = ("ingest", "tokenize", "embed", "cluster", "geometry", "judge", "write")
     cols = ["N", "nproc", "K", "wall_s", "docs_per_s", "peak_rss_mb", "peak_anon_mb"]
-    cols += [f"{s}_s" for s in stages] + [f"{s}_anon_mb" for s in stages]
+    cols.insert(cols.index("peak_anon_mb"), "peak_vmrss_mb")
+    cols += [f"{s}_s" for s in stages] + [f"{s}_anon_mb" for s in stages] + [f"{s}_rss_mb" for s in stages]
     cols += ["work_bytes_per_doc", "shard_bytes_per_doc"]
     config = {**E2E_CONFIG, "k": f"N // {args.docs_per_cluster}"}
     emit("prepare_end_to_end", rows, args, columns=cols, scratch=str(scratch), config=config)

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from grip_loop import workdir
+
 #: Rows a block: a few int64 temporaries of 2 MB each (1 << 20 rows made them 8 MB, ~50-80 MB
 #: together in `group_by_label` and the held-out split).
 BLOCK = 1 << 18
 
 
 def _block(a, lo: int, block: int) -> np.ndarray:
+    workdir.trim_maps()  # the maps' pages read so far are not kept resident
     return np.asarray(a[lo : lo + block])
 
 
@@ -40,6 +43,7 @@ def fill(out, fn, *, block: int = BLOCK):
     for lo in range(0, len(out), block):
         hi = min(lo + block, len(out))
         out[lo:hi] = fn(lo, hi)
+        workdir.trim_maps()
     return out
 
 

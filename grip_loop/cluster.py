@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from grip_loop import workdir
 from grip_loop._checks import finite_array
 from grip_loop.devices import faiss_gpu_available
 from grip_loop.gem import GEMTeacher, _best_kappa, _entropy, fit_gem_teacher, gem_objective
@@ -48,7 +49,7 @@ def spherical_kmeans(
         train_idx = np.sort(rng.choice(n, size=max(sample_size, k), replace=False))
     else:
         train_idx = np.arange(n)
-    x = finite_array("emb", np.asarray(emb[train_idx]), ndim=2, dtype=np.float32)
+    x = finite_array("emb", workdir.take_rows(emb, train_idx), ndim=2, dtype=np.float32)
     km = faiss.Kmeans(
         x.shape[1],
         k,
@@ -79,6 +80,7 @@ def assign(
     for lo in range(0, len(emb), block):
         _, idx = index.search(np.ascontiguousarray(emb[lo : lo + block], dtype=np.float32), 1)
         labels[lo : lo + block] = idx[:, 0]
+        workdir.trim_maps()
     return labels
 
 
@@ -100,6 +102,7 @@ class Student:
         for lo in range(0, len(emb), block):
             xb = _unit(np.asarray(emb[lo : lo + block], np.float64), "emb", lo)
             labels[lo : lo + block] = np.argmax(xb @ self.w + self.b, axis=1)
+            workdir.trim_maps()
         return labels
 
 
@@ -271,7 +274,7 @@ def fit_gem(
         idx = np.sort(rng.choice(n, size=max(sample_size, k), replace=False))
     else:
         idx = np.arange(n)
-    x = _unit(np.asarray(emb[idx]), "emb")
+    x = _unit(workdir.take_rows(emb, idx), "emb")
     d = x.shape[1]
     if k == 1:
         m = x.sum(axis=0)
@@ -281,6 +284,7 @@ def fit_gem(
         teacher = GEMTeacher(mu=mu, kappa=kappa, pi=np.ones(1), balance=balance, objective=[obj], n_iter=0)
         for lo in range(0, n, block):  # the same checks on every row as the student's pass
             _unit(np.asarray(emb[lo : lo + block]), "emb", lo)
+            workdir.trim_maps()
         return GEMResult(mu.astype(np.float32), np.zeros(n, np.int64), teacher, None, 1.0, 0, len(x), "k=1")
     if d < 3:
         raise ValueError(f"emb: GEM needs embeddings of dimension >= 3 (the vMF normaliser), got {d}")

@@ -228,6 +228,7 @@ class DocStore:
             start = rows[0][0]
             raw = self._read(p, "txt", start, rows[-1][0] + rows[-1][1] - start)
             yield [raw[o - start : o - start + n].decode("utf-8") for o, n in rows]
+            workdir.trim_maps()
 
     def column(self, c: int, out: np.ndarray | None = None) -> np.ndarray:
         """One column of every part's index, concatenated: (N,) int64 (1: text bytes, 4: stratum).
@@ -236,6 +237,7 @@ class DocStore:
             out = np.empty(len(self), np.int64)
         for p in range(len(self.names)):
             out[self.starts[p] : self.starts[p + 1]] = self.idx(p)[:, c]
+            workdir.trim_maps()
         return out
 
     @property
@@ -295,7 +297,9 @@ class TokenStore:
 
     def encoded(self, ids, dtype) -> Iterator[bytes]:
         """The token ids of each document of `ids`, in order, as little-endian bytes of `dtype`
-        (what a shard stores), read straight from the memory-mapped parts."""
+        (what a shard stores). Read with positioned reads (`os.pread`), not through the maps: a
+        shard's documents are scattered over the parts, and a read through a map keeps the
+        whole page-cache folio around each one mapped (docs/benchmarks.md 7g)."""
         ids = np.asarray(ids, np.int64)
         want = np.dtype(dtype).newbyteorder("<")
         parts = np.searchsorted(self.starts, ids, side="right") - 1
@@ -303,17 +307,31 @@ class TokenStore:
         for p in np.unique(parts).tolist():
             sel = parts == p
             off = self._part(p)[1]
-            lo[sel], hi[sel] = off[ids[sel] - self.starts[p]], off[ids[sel] - self.starts[p] + 1]
-        views: dict[int, np.ndarray] = {}
-        for p, a, b in zip(parts.tolist(), lo.tolist(), hi.tolist(), strict=True):
-            flat = views.get(p)
-            if flat is None:  # a plain view of the map: slicing it makes no memmap objects
-                flat = views[p] = np.asarray(self._part(p)[0])
-            same = flat.dtype == want
-            chunk = flat[a:b]
-            if not same and chunk.size and int(chunk.max()) > np.iinfo(want).max:
-                raise ValueError(f"tokens: ids out of range for {want.name} (document {ids[0]}...)")
-            yield chunk.tobytes() if same else chunk.astype(want).tobytes()
+            lo[sel] = workdir.take_rows(off, ids[sel] - self.starts[p])
+            hi[sel] = workdir.take_rows(off, ids[sel] - self.starts[p] + 1)
+        files: dict[int, tuple[int, int, np.dtype]] = {}  # part -> (descriptor, data offset, dtype)
+        try:
+            for p, a, b in zip(parts.tolist(), lo.tolist(), hi.tolist(), strict=True):
+                f = files.get(p)
+                if f is None:
+                    m = self._part(p)[0]
+                    fd = os.open(m.filename, os.O_RDONLY)
+                    f = files[p] = (fd, int(m.offset), m.dtype)
+                fd, base, have = f
+                size = have.itemsize
+                raw = os.pread(fd, (b - a) * size, base + a * size) if b > a else b""
+                if len(raw) != (b - a) * size:
+                    raise OSError(errno.EIO, f"{self.folder / self.names[p]}.ids.npy: short read")
+                if have == want:
+                    yield raw
+                    continue
+                chunk = np.frombuffer(raw, have)
+                if chunk.size and int(chunk.max()) > np.iinfo(want).max:
+                    raise ValueError(f"tokens: ids out of range for {want.name} (document {ids[0]}...)")
+                yield chunk.astype(want).tobytes()
+        finally:
+            for fd, _, _ in files.values():
+                os.close(fd)
 
     def close(self) -> None:
         self._ids.clear()
@@ -326,6 +344,7 @@ class TokenStore:
             out = np.empty(int(self.starts[-1]), np.int64)
         for p in range(len(self.names)):
             out[self.starts[p] : self.starts[p + 1]] = np.diff(self._part(p)[1])
+            workdir.trim_maps()
         return out
 
 

@@ -326,6 +326,7 @@ def embed_corpus(
             done[b] = 1
             done.flush()
             bar.update(hi - lo)
+            workdir.trim_maps()  # the written rows' pages are not kept resident
         bar.close()
         del emb
     del done

@@ -49,7 +49,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from grip_loop import blockwise
+from grip_loop import blockwise, workdir
 
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]{2,}")
 _STOP = frozenset(
@@ -77,6 +77,7 @@ def influence_scores(
         lb = np.asarray(labels[lo : lo + block])
         ok = lb >= 0
         np.add.at(s, lb[ok], xb[ok])
+        workdir.trim_maps()
     sizes = blockwise.bincount(labels, k, block=block)
     r = np.linalg.norm(s, axis=1)
     mu = s / np.maximum(r, 1e-12)[:, None]
@@ -91,6 +92,7 @@ def influence_scores(
         rk = r[c]
         rest = np.sqrt(np.maximum(rk * rk - 2 * rk * cos + 1.0, 0.0))
         gis[lo + ok] = np.where(rk > 1e-12, sizes[c] / np.maximum(rk, 1e-12) * (rk - rest), 0.0)
+        workdir.trim_maps()
     return gis
 
 

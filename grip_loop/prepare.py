@@ -123,7 +123,8 @@ def prepare(cfg: PrepareConfig, *, restart: bool = False) -> Manifest | None:
             raise workdir.OutputLocked(refused)
         if restart and rank == 0:
             shutil.rmtree(out / "work", ignore_errors=True)
-        return _run(cfg, out, rank, world)
+        with workdir.bounded_maps():  # RSS: the stage files' pages are read, not kept mapped
+            return _run(cfg, out, rank, world)
     finally:
         lock.release()
         distributed.shutdown()
@@ -312,6 +313,7 @@ def _rank0_clusters(cfg, out, work, store, emb, tok_info, lengths, timer, fit, s
             train[held_out] = False
         flat[mb[-1] : mb[-1] + len(m)] = m
         mb.append(mb[-1] + len(m))
+        workdir.trim_maps()
     mb = np.asarray(mb, np.int64)
     knn_cfg = [cfg.orders, cfg.beta, cfg.knn_k, cfg.knn_approx_above, cfg.knn_target_recall, cfg.seed]
     prepare_geometry.plan(work, flat, mb, [fit["emb_key"], tok_info["key"], *knn_cfg])
@@ -366,17 +368,18 @@ def _rank0_stages(cfg, out, work, store, emb, ingest, tok_info, timer, dtype, st
     if cfg.cluster_by:
         held_lang = np.array([store.meta(int(i))["lang"] for i in held], dtype=object)
     else:  # ingest's stratum codes are the languages: no metadata read per held-out document
-        held_lang = np.asarray(st["strata"], dtype=object)[np.asarray(st["codes"][held], np.int64)]
+        held_lang = np.asarray(st["strata"], dtype=object)[workdir.take_rows(st["codes"], held).astype(np.int64)]
     held_langs: dict[str, int] = {}
     held_streams = []
     for lang, prefix in heldout_prefixes(sorted(set(held_lang.tolist()))).items():
         mine = held[held_lang == lang]
         held_langs[lang] = len(mine)
-        held_streams.append(("heldout", prefix, mine, labels[mine], cfg.shard_max_docs))
+        held_streams.append(("heldout", prefix, mine, workdir.take_rows(labels, mine), cfg.shard_max_docs))
     del held_lang
 
     def streams():  # in manifest order, made one at a time as the plan lays them out
         for k in range(n_clusters):
+            workdir.trim_maps()
             for name in cfg.orders:
                 yield (f"shards/{name}/cluster-{k:05d}", "shard", in_order(k, name), k, cfg.shard_max_docs)
             yield ("probe", f"cluster-{k:05d}", probes[k], k, 1 << 30)
@@ -417,18 +420,20 @@ def _manifest(cfg, out, work, store, st, dim, ingest, tok_info, dtype, timer) ->
     n_train, n_tokens = int(train.sum()), blockwise.masked_sum(lengths, train)
     clusters = []
     for k in range(st["n_clusters"]):
+        workdir.trim_maps()
         m, order = st["members"][k], prepare_geometry.orders(cfg, work, k)
         shard_lists = {name: next(lists) for name in cfg.orders}
         probe_infos = next(lists)
         probe_ids = [store.meta(int(i))["id"] for i in st["probes"][k]]
         described = st["described"][k]
+        lm = workdir.take_rows(lengths, m)  # positioned reads: a cluster's rows are scattered
         clusters.append(
             ClusterInfo(
                 id=k,
                 name=st["names"][k],
                 n_docs=int(st["sizes"][k]),
-                n_tokens=int(lengths[m].sum()),
-                mean_length=float(lengths[m].mean()) if len(m) else 0.0,
+                n_tokens=int(lm.sum()),
+                mean_length=float(lm.mean()) if len(m) else 0.0,
                 sigma=float(st["sigma"][k]),
                 quality=float(st["quality"][k]),
                 quality_scores=st["dims"][k],

@@ -123,6 +123,7 @@ def heldout_split_codes(
         hit = (hit < len(keys)) & (keys[np.minimum(hit, len(keys) - 1)] == key)
         out.append(lo + o[hit])
         seen += np.bincount(lab, minlength=len(langs))
+        workdir.trim_maps()
     return np.sort(np.concatenate(out)).astype(np.int64)
 
 
@@ -152,6 +153,7 @@ def clusters_from_field(
     for lo in range(0, len(labels), block):
         t = np.asarray(train[lo : lo + block], bool)
         np.add.at(centroids, labels[lo : lo + block][t], np.asarray(emb[lo : lo + block], np.float32)[t])
+        workdir.trim_maps()
     norm = np.linalg.norm(centroids, axis=1, keepdims=True)
     centroids = np.where(norm > 0, centroids / np.maximum(norm, 1e-12), 0.0).astype(np.float32)
     return centroids, labels, names
@@ -181,6 +183,7 @@ def sigma_streamed(
         d2 = np.concatenate(d2) if d2 else np.zeros(0)
         sums += np.bincount(lab, weights=d2, minlength=k)
         counts += np.bincount(lab, minlength=k)
+        workdir.trim_maps()
     sigma = np.sqrt(np.divide(sums, counts, out=np.zeros(k), where=counts > 0))
     sigma[counts < 2] = 0.0  # one document says nothing about a cluster's spread
     return sigma
@@ -264,7 +267,7 @@ def _cluster(
         else:
             rows = np.flatnonzero(train)
         centroids, _ = spherical_kmeans(
-            np.asarray(emb[rows]), cfg.k, seed=cfg.seed, niter=cfg.kmeans_niter, sample_size=None
+            workdir.take_rows(emb, rows), cfg.k, seed=cfg.seed, niter=cfg.kmeans_niter, sample_size=None
         )
         adir = work / "assign"  # every rank assigns its blocks of rows (assign_blocks)
         adir.mkdir(parents=True)
@@ -288,6 +291,7 @@ def assign_blocks(work: Path, emb, rank: int, world: int) -> None:
         for b in range(rank, -(-n // block), world):
             lo = b * block
             _atomic_npy(adir / f"block-{b:05d}.npy", assign(emb[lo : lo + block], centroids, block=block))
+            workdir.trim_maps()
     distributed.barrier()
 
 
@@ -302,6 +306,7 @@ def finish_labels(
     labels = scratch.empty("assigned", plan["n"], np.int64)
     for b in range(n_blocks):
         labels[b * plan["block"] : (b + 1) * plan["block"]] = np.load(adir / f"block-{b:05d}.npy")
+        workdir.trim_maps()
     stats = {k: v for k, v in stats.items() if k != "key"}
     result = _save_labels(cfg, out, work, train, centroids, labels, stats, plan["key"])
     shutil.rmtree(adir, ignore_errors=True)
@@ -391,8 +396,8 @@ def _knn_stats(cfg: PrepareConfig, infos: list[dict | None]) -> dict:
 def _pathology(cfg: PrepareConfig, out: Path, emb: np.ndarray, lengths: np.ndarray) -> str:
     n = len(emb)
     pick = np.sort(np.random.default_rng(cfg.seed).choice(n, min(n, cfg.pathology_sample), replace=False))
-    d2, _ = knn(np.asarray(emb[pick]), cfg.knn_k)
+    d2, _ = knn(workdir.take_rows(emb, pick), cfg.knn_k)
     dist = np.sqrt(d2).mean(axis=1) if d2.shape[1] else np.zeros(len(pick))
     (out / "stats").mkdir(exist_ok=True)
-    _atomic_npz(out / "stats" / "length_knn.npz", index=pick, length=lengths[pick], knn_distance=dist)
+    _atomic_npz(out / "stats" / "length_knn.npz", index=pick, length=workdir.take_rows(lengths, pick), knn_distance=dist)
     return "stats/length_knn.npz"

@@ -49,6 +49,7 @@ def plan(work: Path, members: np.ndarray, bounds, key_parts: list, block: int = 
     sha = hashlib.sha256()
     for lo in range(0, len(flat), block):
         sha.update(np.ascontiguousarray(flat[lo : lo + block], np.int64).tobytes())
+        workdir.trim_maps()
     sha.update(bounds.tobytes())
     key = _key("geometry", *key_parts, sha.hexdigest())
     old, _ = workdir.read_json(gdir / PLAN)
@@ -94,6 +95,7 @@ def compute(cfg, work: Path, emb, lengths: np.ndarray, rank: int, world: int) ->
             if world == 1:
                 raise
             break
+        workdir.trim_maps()  # the embeddings' rows gathered so far are not kept resident
     gathered = distributed.all_gather((error, done))
     if own is not None:
         raise own
@@ -121,8 +123,8 @@ def _one(cfg, gdir: Path, plan_key: str, k: int, m: np.ndarray, emb, lengths: np
     rec_path.unlink(missing_ok=True)
     info: dict = {}
     orders = cluster_orders(
-        np.asarray(emb[m]),
-        lengths[m],
+        workdir.take_rows(emb, m),
+        workdir.take_rows(lengths, m),
         cfg.orders,
         beta=cfg.beta,
         knn_k=cfg.knn_k,

@@ -228,7 +228,7 @@ def _tokenize(
         tok = tok or tk.load_tokenizer(tok_file)
         # a batch of texts at a time: what is held is the part's token ids, not its texts too
         chunks, lens = [], [np.zeros(1, np.int64)]
-        for texts in store.part_text_batches(p, TOKENIZE_BATCH):
+        for texts in store.part_text_batches(p, TOKENIZE_BATCH):  # (trims the maps a batch)
             ids = tk.encode(tok, texts, batch_size=TOKENIZE_BATCH)
             lens.append(np.fromiter((len(x) for x in ids), np.int64, len(ids)))
             chunks.append(np.concatenate(ids).astype(dtype))

@@ -360,6 +360,8 @@ def _write_unit(out, wdir, plan_key, unit, docs, clusters, store, tokens, dtype,
         )
         for pos, (i, k, (txt, doc), ids) in enumerate(rows, start):
             w.write_encoded(f"{i:09d}", ids, txt, meta_json(doc, len(ids) // size, k, pos))
+            if not pos & 255:
+                workdir.trim_maps()  # the stores' pages read so far are not kept resident
         infos = [s.under(unit["folder"]) for s in w.close()]
     _atomic_json(rec_path, {"key": ukey, "shards": [vars(s) for s in infos], "rank": rank})
     started.unlink()

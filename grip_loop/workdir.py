@@ -13,6 +13,8 @@ large files are written.
 * `read_json`, `npy_problem`: why a stage file cannot be trusted (empty, cut short, not
   JSON, another shape), or None when it can.
 * `release_memory`: give the allocator's freed memory back to the system between stages.
+* `bounded_maps`, `trim_maps`: keep the resident pages of the process's shared file maps (the
+  stage files and scratch arrays it reads and writes through `np.memmap`) within a budget.
 * `require_space`, `reserve`: compare the bytes a file needs with `shutil.disk_usage`, then
   allocate its blocks (`os.posix_fallocate`) before it is memory-mapped. Storing into a page of
   a memory map whose block the filesystem cannot allocate is a SIGBUS, which kills the
@@ -82,6 +84,197 @@ def release_memory() -> bool:
         return False
     _LIBC.malloc_trim(0)
     return True
+
+
+#: Resident bytes of shared file maps a process may gather (above what it held after its last
+#: drop) before `trim_maps` drops them.
+MAP_BUDGET = 64 << 20
+
+#: MADV_DONTNEED on Linux (every architecture).
+_MADV_DONTNEED = 4
+
+
+class MappedPages:
+    """Bound the pages of shared file maps resident in this process. `check()` reads
+    `/proc/self/statm` (a few microseconds) and, once the process's resident shared pages have
+    grown by more than `budget` bytes since the last drop, calls `madvise(MADV_DONTNEED)` on every
+    shared mapping of a regular file (`/proc/self/maps`: a path, an inode, an `s` in the
+    permissions; devices and `/dev/shm` are left alone).
+
+    Why: a stage that streams a memory-mapped file (the (N, d) embeddings, 2.56 GB at 10^7
+    documents) leaves every page it touched mapped, so the process's RSS, and its ru_maxrss,
+    grows by the whole file although its private memory stays flat (docs/benchmarks.md 7g).
+    Schedulers and OOM watchers that read RSS count those pages. Dropping them loses nothing: for
+    a shared file map the page stays in the page cache (a dirty one keeps its dirty bit and is
+    written back as usual; the mapping's data is the file's), and the next access maps it again
+    (a minor fault). Private maps (shared libraries, copy-on-write maps) are never touched.
+
+    Called from the thread that maps and unmaps (the stage's loop), never from a watcher thread:
+    between reading `/proc/self/maps` and `madvise`, an address the same thread unmapped could
+    be reused by an anonymous allocation, which MADV_DONTNEED would zero. A no-op off Linux or
+    where libc has no `madvise`. `drops` counts the drops made."""
+
+    def __init__(self, budget: int = MAP_BUDGET) -> None:
+        self.budget, self.drops = int(budget), 0
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        self._madvise = None
+        if sys.platform.startswith("linux"):
+            try:
+                import ctypes
+
+                madvise = ctypes.CDLL(None, use_errno=True).madvise
+                madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                madvise.restype = ctypes.c_int
+                self._madvise = madvise
+            except (OSError, AttributeError):
+                pass
+        self.floor = self.shared() or 0
+
+    def shared(self) -> int | None:
+        """Resident shared pages of this process in bytes (file-backed and shmem: statm's third
+        field), or None where there is no /proc."""
+        try:
+            fd = os.open("/proc/self/statm", os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            return int(os.read(fd, 256).split()[2]) * self._page
+        except (OSError, IndexError, ValueError):
+            return None
+        finally:
+            os.close(fd)
+
+    def check(self) -> bool:
+        """Drop the shared file maps' pages if they grew past the budget; returns whether it did."""
+        if self._madvise is None:
+            return False
+        now = self.shared()
+        if now is None:
+            return False
+        if now - self.floor <= self.budget:
+            self.floor = min(self.floor, now)
+            return False
+        self.drop()
+        self.floor = self.shared() or 0
+        return True
+
+    def drop(self) -> int:
+        """`madvise(MADV_DONTNEED)` every shared mapping of a regular file now; returns how many
+        mappings were advised (0 off Linux)."""
+        if self._madvise is None:
+            return 0
+        try:
+            with open("/proc/self/maps", "rb") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return 0
+        n = 0
+        for line in lines:
+            parts = line.split(None, 5)
+            if len(parts) < 6 or parts[1][3:4] != b"s" or parts[4] == b"0":
+                continue
+            path = parts[5]
+            if not path.startswith(b"/") or path.startswith(b"/dev/"):
+                continue
+            lo, hi = (int(x, 16) for x in parts[0].split(b"-"))
+            if self._madvise(lo, hi - lo, _MADV_DONTNEED) == 0:  # EINVAL (a locked map): left as is
+                n += 1
+        self.drops += 1
+        return n
+
+
+_MAPS: tuple[MappedPages, int] | None = None  # (the bound, the thread it belongs to)
+
+
+@contextlib.contextmanager
+def bounded_maps(budget: int = MAP_BUDGET) -> Iterator[MappedPages]:
+    """While inside, `trim_maps()` calls from this thread keep the resident pages of the
+    process's shared file maps within `budget` bytes of their floor (`MappedPages`)."""
+    import threading
+
+    global _MAPS
+    before, _MAPS = _MAPS, (MappedPages(budget), threading.get_ident())
+    try:
+        yield _MAPS[0]
+    finally:
+        _MAPS = before
+
+
+def trim_maps() -> None:
+    """`MappedPages.check()` of the enclosing `bounded_maps`, from its own thread only; a no-op
+    outside one. Cheap enough to call once per block or per cluster of a streaming loop."""
+    if _MAPS is not None:
+        import threading
+
+        if threading.get_ident() == _MAPS[1]:
+            _MAPS[0].check()
+
+
+def take_rows(a, rows, *, chunk: int = 4096) -> np.ndarray:
+    """`np.asarray(a[rows])` for an integer index `rows`, without mapping `a`'s pages when `a`
+    is a memory map of a file (`np.load(..., mmap_mode=...)`, `np.memmap`): its rows are read with
+    positioned reads (`os.preadv`), which leave them in the page cache, not in the process's RSS.
+
+    Why: a row read through a map maps the whole page-cache folio around it (up to 2 MB on
+    this kernel: 100 scattered rows of a 256 MB map mapped ~90 MB, docs/benchmarks.md 7g), so
+    a scattered gather (the k-means sample, a cluster's members) maps most of the file. Other
+    arrays are indexed as usual, `chunk` rows at a time with `trim_maps()` between chunks.
+    Out-of-range rows raise IndexError, as numpy does."""
+    rows = np.asarray(rows, np.int64).reshape(-1)
+    n = len(a)
+    if len(rows) and (rows.min() < -n or rows.max() >= n):
+        bad = rows[(rows < -n) | (rows >= n)][0]
+        raise IndexError(f"index {bad} is out of bounds for axis 0 with size {n}")
+    rows = np.where(rows < 0, rows + n, rows)
+    first = np.asarray(a[:0])
+    out = np.empty((len(rows), *first.shape[1:]), first.dtype)
+    where = _file_rows(a)
+    if where is None:
+        for lo in range(0, len(rows), chunk):
+            out[lo : lo + chunk] = a[rows[lo : lo + chunk]]
+            trim_maps()
+        return out
+    path, base, row_bytes = where
+    if not len(rows) or not row_bytes:
+        return out
+    buf = memoryview(out.reshape(-1).view(np.uint8))
+    # runs of consecutive rows: one read each
+    cut = np.flatnonzero(np.diff(rows) != 1) + 1
+    runs = np.split(rows, cut)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        at = 0
+        for run in runs:
+            r0, nb = int(run[0]), len(run) * row_bytes
+            got = os.preadv(fd, [buf[at : at + nb]], base + r0 * row_bytes)
+            if got != nb:
+                raise OSError(errno.EIO, f"{path}: short read of rows {r0}..{r0 + len(run) - 1}")
+            at += nb
+    finally:
+        os.close(fd)
+    return out
+
+
+def _file_rows(a) -> tuple[str, int, int] | None:
+    """(file, byte offset of row 0, bytes a row) when `a` is a C-contiguous `np.memmap` whose row
+    0 is the map's first row (the array `np.load` mapped, or a slice of it from row 0), so that
+    row r lies at offset + r x row bytes in the file; None otherwise (and off Linux, without
+    `os.preadv`)."""
+    import mmap as _mmap
+
+    if not isinstance(a, np.memmap) or not hasattr(os, "preadv") or a.ndim == 0:
+        return None
+    mm, path = getattr(a, "_mmap", None), getattr(a, "filename", None)
+    if mm is None or path is None or not a.flags.c_contiguous or a.dtype.hasobject:
+        return None
+    try:
+        mm_start = np.frombuffer(mm, np.uint8, count=1).ctypes.data
+    except (ValueError, TypeError, BufferError):
+        return None
+    skip = a.offset % _mmap.ALLOCATIONGRANULARITY  # np.memmap maps from an aligned start
+    if a.ctypes.data != mm_start + skip:
+        return None
+    return str(path), int(a.offset), int(a.itemsize * math.prod(a.shape[1:]))
 
 
 def human_bytes(n: float) -> str:

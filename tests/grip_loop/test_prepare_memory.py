@@ -96,3 +96,152 @@ def test_sigma_streamed_equals_eq3_whatever_the_blocks(seed):
     bad[5] *= 2
     with pytest.raises(ValueError, match="L2-normalised"):
         sigma_streamed(bad, labels, np.ones(n, bool), cent, rows=64)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field}")
+
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and madvise: Linux")
+
+
+def _big_npy(path, mb: int) -> np.ndarray:
+    a = np.lib.format.open_memmap(path, "w+", np.float32, (mb << 18,))
+    a[:] = np.arange(len(a), dtype=np.float32) % 1000.0
+    a.flush()
+    del a
+    return np.load(path, mmap_mode="r")
+
+
+def _stream(m, block: int, trim: bool) -> tuple[float, int]:
+    """(sum of m read block by block, the largest growth of RssFile seen, KiB)."""
+    base, grew, total = _status_kib("RssFile"), 0, 0.0
+    for lo in range(0, len(m), block):
+        total += float(np.asarray(m[lo : lo + block], np.float64).sum())
+        if trim:
+            workdir.trim_maps()
+        grew = max(grew, _status_kib("RssFile") - base)
+    return total, grew
+
+
+@linux_only
+def test_trim_maps_keeps_a_streamed_maps_pages_within_the_budget(tmp_path):
+    """Reading a 96 MB map block by block keeps every page mapped (the control), but with
+    `trim_maps` after each block the process's file-backed resident pages stay within the budget
+    plus a block, and the values read are the same."""
+    m = _big_npy(tmp_path / "big.npy", 96)
+    block = 1 << 18  # 1 MB of float32
+    with workdir.bounded_maps(16 << 20) as bound:
+        trimmed, grew_trimmed = _stream(m, block, trim=True)
+    assert bound.drops >= 4
+    assert grew_trimmed <= (16 + 2 + 4) * 1024, grew_trimmed  # budget + a block + slack, KiB
+    del m  # a fresh map: its pages are resident again only when read
+    m = np.load(tmp_path / "big.npy", mmap_mode="r")
+    plain, grew_plain = _stream(m, block, trim=False)
+    assert grew_plain >= 80 * 1024, grew_plain  # the control: without it the whole file stays mapped
+    assert trimmed == plain
+
+
+@linux_only
+def test_dropping_pages_keeps_what_was_written_through_shared_and_private_maps(tmp_path):
+    """MADV_DONTNEED on a shared file map loses nothing (a dirty page stays in the page cache);
+    private (copy-on-write) maps, whose pages it would throw away, are left alone."""
+    path = tmp_path / "w.npy"
+    np.save(path, np.zeros(1 << 20, np.float32))
+    shared = np.load(path, mmap_mode="r+")
+    private = np.load(path, mmap_mode="c")
+    shared[:1000] = 7.0  # dirty, not flushed
+    private[-1000:] = 3.0  # copy-on-write: only this process's pages hold it
+    with workdir.bounded_maps(0) as bound:
+        assert bound.drop() >= 1  # the shared map at least (the private one is not counted)
+    assert (shared[:1000] == 7.0).all() and (private[-1000:] == 3.0).all()
+    assert (np.fromfile(path, np.float32, offset=128)[:1000] == 7.0).all()  # (past the .npy header)
+    del shared, private
+
+
+@linux_only
+def test_trim_maps_acts_only_in_its_own_thread_and_inside_bounded_maps(tmp_path):
+    import threading
+
+    m = _big_npy(tmp_path / "big.npy", 8)
+    workdir.trim_maps()  # outside: a no-op, nothing to check but that it does not fail
+    with workdir.bounded_maps(0) as bound:
+        np.asarray(m).sum()  # 8 MB more resident than when the bound began
+        t = threading.Thread(target=workdir.trim_maps)
+        t.start()
+        t.join()
+        assert bound.drops == 0  # another thread never drops (an address it races could be reused)
+        workdir.trim_maps()
+        assert bound.drops == 1
+    with workdir.bounded_maps(1 << 40) as bound:  # a budget never reached
+        bound.drop()
+        bound.drops = 0
+        np.asarray(m).sum()
+        workdir.trim_maps()
+        assert bound.drops == 0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_take_rows_is_fancy_indexing(tmp_path, seed):
+    """`take_rows` equals `a[rows]` for sorted, unsorted, repeated and empty rows, 1-D and 2-D,
+    on a memory map and an array, whatever the chunk."""
+    rng = np.random.default_rng(seed)
+    a2 = rng.standard_normal((1000, 7)).astype(np.float32)
+    np.save(tmp_path / "a.npy", a2)
+    mapped = np.load(tmp_path / "a.npy", mmap_mode="r")
+    raw = np.memmap(tmp_path / "b.bin", np.int64, "w+", shape=(1000,))  # a scratch array's kind
+    raw[:] = rng.integers(-(2**40), 2**40, 1000)
+    assert workdir._file_rows(mapped) is not None and workdir._file_rows(raw) is not None  # read, not mapped
+    assert workdir._file_rows(mapped[5:]) is None  # row 0 is not the file's first: indexed as usual
+    for a in (a2, mapped, mapped[5:], mapped[:900], a2[:, 0].copy(), raw):
+        n = len(a)
+        for rows in (
+            np.sort(rng.choice(n, 300, replace=False)),
+            rng.integers(0, n, 500),
+            np.zeros(0, np.int64),
+            np.array([n - 1, 0, n - 1, -1, -n]),
+            np.arange(10, 60),  # one run of consecutive rows: one read
+        ):
+            for chunk in (1, 7, 8192):
+                got = workdir.take_rows(a, rows, chunk=chunk)
+                assert got.dtype == a.dtype and got.shape == a[rows].shape
+                assert np.array_equal(got, np.asarray(a[rows]))
+        for bad in ([n], [0, -n - 1]):
+            with pytest.raises(IndexError):
+                workdir.take_rows(a, bad)
+
+
+@linux_only
+def test_take_rows_of_a_map_leaves_its_pages_unmapped(tmp_path):
+    """A scattered gather through the map maps far more than the rows (the control); through
+    `take_rows` the process's file-backed pages do not grow."""
+    m = _big_npy(tmp_path / "big.npy", 64)
+    rows = np.sort(np.random.default_rng(0).choice(len(m), 2000, replace=False))
+    before = _status_kib("RssFile")
+    got = workdir.take_rows(m, rows)
+    assert _status_kib("RssFile") - before < 1024
+    want = m[rows]
+    assert _status_kib("RssFile") - before > 4 * 1000  # KiB: a page for most of the 2000 rows, at least
+    assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_encoded_token_bytes_are_each_documents_ids(tmp_path, seed):
+    """`TokenStore.encoded` (positioned reads) gives each document's ids as little-endian bytes of
+    the shard dtype, in the order asked, across parts; ids that do not fit the dtype raise."""
+    corpus = synthetic_corpus(tmp_path / "c.jsonl", 120, seed=seed)
+    prepare(_cfg(corpus, tmp_path / "o", ingest_part_docs=32, k=2, orders=["grip"]))
+    _, tokens = open_work(tmp_path / "o" / "work")
+    n = int(tokens.starts[-1])
+    ids = np.random.default_rng(seed).permutation(n)[: n // 2]
+    for dtype in ("uint16", "uint32", "int64"):
+        want = [tokens.tokens(int(i)).astype(np.dtype(dtype).newbyteorder("<")).tobytes() for i in ids]
+        assert list(tokens.encoded(ids, dtype)) == want
+    assert list(tokens.encoded(np.zeros(0, np.int64), "uint16")) == []
+    big = next(int(i) for i in range(n) if tokens.tokens(i).size and tokens.tokens(i).max() > 255)
+    with pytest.raises(ValueError, match="out of range"):
+        list(tokens.encoded([big], "uint8"))
