@@ -307,8 +307,9 @@ class TokenStore:
         for p in np.unique(parts).tolist():
             sel = parts == p
             off = self._part(p)[1]
-            lo[sel] = workdir.take_rows(off, ids[sel] - self.starts[p])
-            hi[sel] = workdir.take_rows(off, ids[sel] - self.starts[p] + 1)
+            j = ids[sel] - self.starts[p]
+            both = workdir.take_rows(off, np.stack([j, j + 1], axis=1).reshape(-1)).reshape(-1, 2)
+            lo[sel], hi[sel] = both[:, 0], both[:, 1]
         files: dict[int, tuple[int, int, np.dtype]] = {}  # part -> (descriptor, data offset, dtype)
         try:
             for p, a, b in zip(parts.tolist(), lo.tolist(), hi.tolist(), strict=True):

@@ -237,22 +237,35 @@ def take_rows(a, rows, *, chunk: int = 4096) -> np.ndarray:
     path, base, row_bytes = where
     if not len(rows) or not row_bytes:
         return out
-    buf = memoryview(out.reshape(-1).view(np.uint8))
-    # runs of consecutive rows: one read each
-    cut = np.flatnonzero(np.diff(rows) != 1) + 1
-    runs = np.split(rows, cut)
+    flat = out.reshape(len(rows), -1).view(np.uint8)  # (rows, row bytes)
+    # The rows in file order, grouped by the WINDOW-byte stretch of the file they fall in: one
+    # read a stretch (of its first to its last row), so dense rows cost a read a megabyte and
+    # sparse ones a read a row.
+    order = np.argsort(rows, kind="stable")
+    srt = rows[order]
+    ends = np.flatnonzero(np.diff(srt * row_bytes // _WINDOW)) + 1
+    bounds = np.concatenate([[0], ends, [len(srt)]]).tolist()
     fd = os.open(path, os.O_RDONLY)
     try:
-        at = 0
-        for run in runs:
-            r0, nb = int(run[0]), len(run) * row_bytes
-            got = os.preadv(fd, [buf[at : at + nb]], base + r0 * row_bytes)
-            if got != nb:
-                raise OSError(errno.EIO, f"{path}: short read of rows {r0}..{r0 + len(run) - 1}")
-            at += nb
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            r0, r1 = int(srt[a]), int(srt[b - 1])
+            nb = (r1 - r0 + 1) * row_bytes
+            if b - a == 1:  # straight into its place
+                dest = memoryview(flat[order[a]])
+            else:
+                span = np.empty((r1 - r0 + 1, row_bytes), np.uint8)
+                dest = memoryview(span.reshape(-1))
+            if os.preadv(fd, [dest], base + r0 * row_bytes) != nb:
+                raise OSError(errno.EIO, f"{path}: short read of rows {r0}..{r1}")
+            if b - a > 1:
+                flat[order[a:b]] = span[srt[a:b] - r0]
     finally:
         os.close(fd)
     return out
+
+
+#: `take_rows` reads the rows that fall in one stretch of this many bytes of a file at once.
+_WINDOW = 1 << 20
 
 
 def _file_rows(a) -> tuple[str, int, int] | None:
