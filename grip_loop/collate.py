@@ -1,5 +1,6 @@
 """Batching GRIP blocks: `collate_blocks`, the DataLoader `collate_fn` that hands a worker's batch
-to the main process in one shared-memory storage (docs/benchmarks.md), and `token_clusters`, which
+to the main process as one buffer (through the worker's pipe, `PipedBatch`, or, when large, one
+shared-memory storage; docs/benchmarks.md section 1), and `token_clusters`, which
 expands a block's (or batch's) `cluster_spans` into the cluster of every token where a consumer
 needs it.
 
@@ -60,16 +61,17 @@ def _stack(values: list, out: torch.Tensor | None = None) -> torch.Tensor:
 
 def collate_blocks(samples: list, *, pack: bool | None = None) -> dict[str, torch.Tensor] | object:
     """`collate_fn` for GRIP blocks: `default_collate`'s batch, in a worker with every tensor in
-    ONE storage.
+    ONE buffer.
 
     The batch holds the same keys, values, shapes and dtypes as `default_collate` produces (for
     GRIP blocks `input_ids` [B, T], `cluster_spans` [B, S, 2] with S the most pieces of a block
     in the batch, (0, 0) rows padding the others, `cluster_ids` [B], `weights_version` [B]),
     each contiguous. In a DataLoader worker (or with `pack=True`) they are views into a single
-    shared-memory buffer, field after field: a worker hands a batch to the main process
-    through shared memory one storage at a time, and that hand-over, not the reading, bounds a
-    worker's throughput (one storage instead of one per field measured 1.6-1.9x the tokens/s
-    with 1-2 workers, docs/benchmarks.md). In the main process (`pack=None`, no workers)
+    buffer, field after field: the hand-over of a batch to the main process, not the reading,
+    bounds a worker's throughput. In a worker a batch of at most `PIPE_BYTES` is a `PipedBatch`,
+    which goes through the worker's pipe as bytes (no shared memory: docs/benchmarks.md section
+    1); a larger one is allocated in shared memory, one storage for the batch (instead of one
+    per field: 1.6-1.9x the tokens/s with 1-2 workers). In the main process (`pack=None`, no workers)
     nothing is handed over and plain `default_collate` is faster. Samples that are not dicts of
     same-shaped, same-dtype tensors (spans aside) always go to `default_collate`.
     """
@@ -105,14 +107,83 @@ def collate_blocks(samples: list, *, pack: bool | None = None) -> dict[str, torc
     ):
         return default_collate(samples)
     sizes = {k: b * math.prod(shapes[k]) for k in first}
-    if in_worker:  # as default_collate does in a worker: allocated shared, no copy when it is sent
+    total = sum(sizes.values())
+    piped = in_worker and total * dtype.itemsize <= PIPE_BYTES and not first[next(iter(first))].is_cuda
+    if in_worker and not piped:  # as default_collate does in a worker: allocated shared, no copy when sent
         head = first[next(iter(first))]
-        buf = head.new(head._typed_storage()._new_shared(sum(sizes.values()), device=head.device))
+        buf = head.new(head._typed_storage()._new_shared(total, device=head.device))
     else:
-        buf = torch.empty(sum(sizes.values()), dtype=dtype)
-    out, off = {}, 0
+        buf = torch.empty(total, dtype=dtype)
+    off, layout = 0, []
     for k in first:
-        view = buf[off : off + sizes[k]].view(b, *shapes[k])
-        out[k] = _fill_spans(view, spans) if k == SPANS else _stack(values[k], out=view)
+        layout.append((k, off, (b, *shapes[k])))
         off += sizes[k]
+    out = PipedBatch.of(buf, tuple(layout)) if piped else {}
+    for k, off, shape in layout:
+        view = out[k] if piped else buf[off : off + sizes[k]].view(shape)
+        out[k] = _fill_spans(view, spans) if k == SPANS else _stack(values[k], out=view)
     return out
+
+
+#: A worker's batch of at most this many bytes goes to the main process through the worker's
+#: pipe, as bytes (`PipedBatch`); a larger one through shared memory, as torch sends tensors.
+PIPE_BYTES = 4 << 20
+
+
+class PipedBatch(dict):
+    """A worker's batch (a plain dict to its reader) whose tensors are views of one flat CPU
+    tensor, and which pickles as that tensor's bytes and the layout.
+
+    Why: torch sends a tensor from a DataLoader worker through shared memory: the worker creates
+    a shared-memory file, the main process fetches its descriptor over a socket from the
+    worker's resource-sharer thread (connect, accept, send the descriptor), maps it, and unmaps
+    and closes it when the batch is freed. For a batch of a few hundred kilobytes that costs
+    more than copying the bytes through the worker's pipe (docs/benchmarks.md section 1, "Issue
+    16: a worker's batch through its pipe"). Unpickled, the batch is a `PipedBatch` again: the
+    same keys, shapes, dtypes and values, contiguous views of one writable buffer.
+
+    Once a value is replaced or a key added or removed (a device transfer, pinning), it pickles
+    as the plain dict it holds (each tensor as torch sends it)."""
+
+    __slots__ = ("_flat", "_layout")
+
+    @classmethod
+    def of(cls, flat: torch.Tensor, layout: tuple) -> PipedBatch:
+        """The batch of `layout` ((key, offset, shape) per field, in order) over `flat`."""
+        batch = cls((k, flat[off : off + math.prod(shape)].view(shape)) for k, off, shape in layout)
+        batch._flat, batch._layout = flat, layout
+        return batch
+
+    def _intact(self) -> bool:
+        layout = getattr(self, "_layout", None)
+        if layout is None or len(self) != len(layout):
+            return False
+        flat = self._flat
+        at, size = flat.data_ptr(), flat.element_size()
+        for k, off, shape in layout:
+            v = self.get(k)
+            if (
+                not isinstance(v, torch.Tensor)
+                or v.data_ptr() != at + off * size
+                or v.dtype != flat.dtype
+                or tuple(v.shape) != tuple(shape)
+                or not v.is_contiguous()
+            ):
+                return False
+        return True
+
+    def __reduce__(self):
+        if self._intact():
+            flat = self._flat.numpy()
+            return (_piped, (flat.tobytes(), flat.dtype.str, self._layout))
+        return (dict, (dict(self),))
+
+    def __copy__(self):  # shallow, as dict.copy: the same tensors (pinning copies, then replaces)
+        if self._intact():
+            return PipedBatch.of(self._flat, self._layout)
+        return dict(self)
+
+
+def _piped(raw: bytes, dtype: str, layout: tuple) -> PipedBatch:
+    flat = torch.from_numpy(np.frombuffer(bytearray(raw), np.dtype(dtype)))  # writable: a bytearray
+    return PipedBatch.of(flat, layout)

@@ -358,6 +358,97 @@ def test_collate_blocks_falls_back_to_default_collate():
     assert all(torch.equal(plain[k], v) for k, v in default_collate(blocks).items())
 
 
+def _descriptors_passed(batch) -> int:
+    """How many file descriptors pickling `batch` for another process passes (torch's reductions
+    wrap each shared-memory storage's in a `multiprocessing.reduction.DupFd`)."""
+    import io
+    import multiprocessing.reduction as mpr
+    from unittest import mock
+
+    import torch.multiprocessing  # noqa: F401 - registers torch's reductions with ForkingPickler
+
+    calls, real = [], mpr.DupFd
+
+    def counting(fd):
+        calls.append(fd)
+        return real(fd)
+
+    with mock.patch.object(mpr, "DupFd", counting):
+        mpr.ForkingPickler(io.BytesIO(), 2).dump(batch)
+    return len(calls)
+
+
+def _piped_batch(blocks):
+    """`collate_blocks` as a DataLoader worker runs it (get_worker_info() is set there)."""
+    from unittest import mock
+
+    with mock.patch("grip_loop.collate.get_worker_info", lambda: object()):
+        return collate_blocks(blocks)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_workers_batch_goes_through_the_pipe_as_bytes(seed):
+    """A worker's batch is a `PipedBatch`: pickled for the main process it passes no shared-memory
+    descriptor (the same fields as plain tensors pass one, the control), and unpickles to the
+    same keys, values, dtypes and shapes, contiguous, writable, in one buffer."""
+    import copy
+    import pickle
+
+    from torch.utils.data import default_collate
+
+    from grip_loop.collate import PipedBatch
+
+    rng = np.random.default_rng(seed)
+    blocks = _random_blocks(rng, int(rng.integers(1, 9)), int(rng.integers(1, 300)))
+    batch, ref = _piped_batch(blocks), default_collate(blocks)
+    assert type(batch) is PipedBatch and list(batch) == list(ref)
+    assert _descriptors_passed(batch) == 0
+    assert _descriptors_passed({k: v.clone().share_memory_() for k, v in batch.items()}) == len(batch)
+    back = pickle.loads(pickle.dumps(batch))
+    assert type(back) is PipedBatch and list(back) == list(ref)
+    for k in ref:
+        assert back[k].dtype == ref[k].dtype and back[k].shape == ref[k].shape
+        assert back[k].is_contiguous() and torch.equal(back[k], ref[k])
+    assert len({v.untyped_storage().data_ptr() for v in back.values()}) == 1
+    back["labels"].fill_(-7)  # writable, and the fields do not overlap
+    assert torch.equal(back["input_ids"], ref["input_ids"]) and (back["labels"] == -7).all()
+    shallow, deep = copy.copy(batch), copy.deepcopy(batch)
+    assert all(shallow[k].data_ptr() == batch[k].data_ptr() for k in batch)
+    assert all(deep[k].data_ptr() != batch[k].data_ptr() and torch.equal(deep[k], batch[k]) for k in batch)
+    # changed, it is sent as the plain dict it holds
+    batch["labels"] = batch["labels"].clone()
+    plain = pickle.loads(pickle.dumps(batch))
+    assert type(plain) is dict and all(torch.equal(plain[k], batch[k]) for k in batch)
+    del batch["labels"]
+    assert type(pickle.loads(pickle.dumps(batch))) is dict
+    assert type(pickle.loads(pickle.dumps(PipedBatch({"a": torch.zeros(2)})))) is dict  # rebuilt as a dict
+
+
+def test_a_batch_over_the_pipe_limit_goes_through_shared_memory(monkeypatch):
+    from torch.utils.data import default_collate
+
+    from grip_loop import collate
+
+    blocks = _random_blocks(np.random.default_rng(0), 4, 50)
+    monkeypatch.setattr(collate, "PIPE_BYTES", 4 * 50 * 8 * 3)  # under the batch's bytes
+    batch = _piped_batch(blocks)
+    assert type(batch) is dict and all(v.is_shared() for v in batch.values())
+    assert len({v.untyped_storage().data_ptr() for v in batch.values()}) == 1
+    assert all(torch.equal(batch[k], v) for k, v in default_collate(blocks).items())
+
+
+def test_a_piped_batch_moves_like_a_dict():
+    """Lightning moves a batch with `apply_to_collection`, which rebuilds a mapping with its type:
+    the result holds the same tensors and is sent, if ever, as a plain dict."""
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    blocks = _random_blocks(np.random.default_rng(1), 3, 20)
+    batch = _piped_batch(blocks)
+    moved = move_data_to_device(batch, torch.device("cpu"))
+    assert isinstance(moved, dict) and list(moved) == list(batch)
+    assert all(torch.equal(moved[k], batch[k]) for k in batch)
+
+
 def _pad_naive(samples):
     """default_collate of the blocks with their spans padded to the longest by (0, 0) rows."""
     from torch.utils.data import default_collate
@@ -377,8 +468,11 @@ def test_collate_blocks_through_two_workers_matches_default_collate(prepared):
         ds = GripIterableDataset(prepared, seq_len=16, seed=3)
         return list(itertools.islice(DataLoader(ds, batch_size=3, num_workers=2, collate_fn=collate), 10))
 
+    from grip_loop.collate import PipedBatch
+
     for a, b in zip(batches(_pad_naive), batches(collate_blocks), strict=True):
         assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+        assert type(b) is PipedBatch  # through the workers' pipes, as bytes
         assert len({v.untyped_storage().data_ptr() for v in b.values()}) == 1
 
 
