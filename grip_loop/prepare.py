@@ -368,7 +368,9 @@ def _rank0_stages(cfg, out, work, store, emb, ingest, tok_info, timer, dtype, st
     if cfg.cluster_by:
         held_lang = np.array([store.meta(int(i))["lang"] for i in held], dtype=object)
     else:  # ingest's stratum codes are the languages: no metadata read per held-out document
-        held_lang = np.asarray(st["strata"], dtype=object)[workdir.take_rows(st["codes"], held).astype(np.int64)]
+        held_lang = np.asarray(st["strata"], dtype=object)[
+            workdir.take_rows(st["codes"], held).astype(np.int64)
+        ]
     held_langs: dict[str, int] = {}
     held_streams = []
     for lang, prefix in heldout_prefixes(sorted(set(held_lang.tolist()))).items():

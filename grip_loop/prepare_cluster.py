@@ -399,5 +399,10 @@ def _pathology(cfg: PrepareConfig, out: Path, emb: np.ndarray, lengths: np.ndarr
     d2, _ = knn(workdir.take_rows(emb, pick), cfg.knn_k)
     dist = np.sqrt(d2).mean(axis=1) if d2.shape[1] else np.zeros(len(pick))
     (out / "stats").mkdir(exist_ok=True)
-    _atomic_npz(out / "stats" / "length_knn.npz", index=pick, length=workdir.take_rows(lengths, pick), knn_distance=dist)
+    _atomic_npz(
+        out / "stats" / "length_knn.npz",
+        index=pick,
+        length=workdir.take_rows(lengths, pick),
+        knn_distance=dist,
+    )
     return "stats/length_knn.npz"

@@ -32,6 +32,7 @@ import os
 import shutil
 import socket
 import sys
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -234,8 +235,22 @@ def take_rows(a, rows, *, chunk: int = 4096) -> np.ndarray:
             out[lo : lo + chunk] = a[rows[lo : lo + chunk]]
             trim_maps()
         return out
-    path, base, row_bytes = where
+    path, base, row_bytes, ident = where
     if not len(rows) or not row_bytes:
+        return out
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        fd = None
+    if fd is not None:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != ident:  # not the file that is mapped any more: use the map
+            os.close(fd)
+            fd = None
+    if fd is None:
+        for lo in range(0, len(rows), chunk):
+            out[lo : lo + chunk] = a[rows[lo : lo + chunk]]
+            trim_maps()
         return out
     flat = out.reshape(len(rows), -1).view(np.uint8)  # (rows, row bytes)
     # The rows in file order, grouped by the WINDOW-byte stretch of the file they fall in: one
@@ -245,20 +260,19 @@ def take_rows(a, rows, *, chunk: int = 4096) -> np.ndarray:
     srt = rows[order]
     ends = np.flatnonzero(np.diff(srt * row_bytes // _WINDOW)) + 1
     bounds = np.concatenate([[0], ends, [len(srt)]]).tolist()
-    fd = os.open(path, os.O_RDONLY)
     try:
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            r0, r1 = int(srt[a]), int(srt[b - 1])
+        for i, j in zip(bounds[:-1], bounds[1:], strict=True):
+            r0, r1 = int(srt[i]), int(srt[j - 1])
             nb = (r1 - r0 + 1) * row_bytes
-            if b - a == 1:  # straight into its place
-                dest = memoryview(flat[order[a]])
+            if j - i == 1:  # straight into its place
+                dest = memoryview(flat[order[i]])
             else:
                 span = np.empty((r1 - r0 + 1, row_bytes), np.uint8)
                 dest = memoryview(span.reshape(-1))
             if os.preadv(fd, [dest], base + r0 * row_bytes) != nb:
                 raise OSError(errno.EIO, f"{path}: short read of rows {r0}..{r1}")
-            if b - a > 1:
-                flat[order[a:b]] = span[srt[a:b] - r0]
+            if j - i > 1:
+                flat[order[i:j]] = span[srt[i:j] - r0]
     finally:
         os.close(fd)
     return out
@@ -268,11 +282,11 @@ def take_rows(a, rows, *, chunk: int = 4096) -> np.ndarray:
 _WINDOW = 1 << 20
 
 
-def _file_rows(a) -> tuple[str, int, int] | None:
-    """(file, byte offset of row 0, bytes a row) when `a` is a C-contiguous `np.memmap` whose row
-    0 is the map's first row (the array `np.load` mapped, or a slice of it from row 0), so that
-    row r lies at offset + r x row bytes in the file; None otherwise (and off Linux, without
-    `os.preadv`)."""
+def _file_rows(a) -> tuple[str, int, int, tuple[int, int]] | None:
+    """(file, byte offset of row 0, bytes a row, (st_dev, st_ino) of the mapped file) when `a` is
+    a C-contiguous `np.memmap` whose row 0 is the map's first row (the array `np.load` mapped, or
+    a slice of it from row 0), so that row r lies at offset + r x row bytes in the file; None
+    otherwise (and off Linux, without `os.preadv`, or when the mapped file is not known)."""
     import mmap as _mmap
 
     if not isinstance(a, np.memmap) or not hasattr(os, "preadv") or a.ndim == 0:
@@ -287,7 +301,38 @@ def _file_rows(a) -> tuple[str, int, int] | None:
     skip = a.offset % _mmap.ALLOCATIONGRANULARITY  # np.memmap maps from an aligned start
     if a.ctypes.data != mm_start + skip:
         return None
-    return str(path), int(a.offset), int(a.itemsize * math.prod(a.shape[1:]))
+    ident = _mapped_file(mm, mm_start)
+    if ident is None:
+        return None
+    return str(path), int(a.offset), int(a.itemsize * math.prod(a.shape[1:])), ident
+
+
+_MAPPED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # mmap -> (st_dev, st_ino) | None
+
+
+def _mapped_file(mm, start: int) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file the map at `start` maps, from `/proc/self/maps` (once per
+    map): `take_rows` reads the file at the array's `filename` only while it is that file (a
+    scratch file of the same name may have replaced it since it was mapped)."""
+    try:
+        return _MAPPED[mm]
+    except KeyError:
+        pass
+    ident = None
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            for line in f:
+                parts = line.split(None, 5)
+                lo, hi = (int(x, 16) for x in parts[0].split(b"-"))
+                if lo <= start < hi:
+                    major, minor = (int(x, 16) for x in parts[3].split(b":"))
+                    if int(parts[4]):
+                        ident = (os.makedev(major, minor), int(parts[4]))
+                    break
+    except (OSError, ValueError, IndexError):
+        ident = None
+    _MAPPED[mm] = ident
+    return ident
 
 
 def human_bytes(n: float) -> str:

@@ -245,3 +245,20 @@ def test_encoded_token_bytes_are_each_documents_ids(tmp_path, seed):
     big = next(int(i) for i in range(n) if tokens.tokens(i).size and tokens.tokens(i).max() > 255)
     with pytest.raises(ValueError, match="out of range"):
         list(tokens.encoded([big], "uint8"))
+
+
+@linux_only
+def test_take_rows_never_reads_a_file_that_replaced_the_mapped_one(tmp_path):
+    """A scratch file of the same name may replace a mapped one (`Scratch.path` unlinks, then
+    creates): the rows then come from the map, not from the new file at the array's filename."""
+    path = tmp_path / "s.bin"
+    old = np.memmap(path, np.int64, "w+", shape=(100,))
+    old[:] = np.arange(100)
+    old.flush()
+    path.unlink()
+    new = np.memmap(path, np.int64, "w+", shape=(100,))
+    new[:] = -1
+    new.flush()
+    rows = np.array([3, 50, 99, 4])
+    assert workdir.take_rows(old, rows).tolist() == [3, 50, 99, 4]
+    assert workdir.take_rows(new, rows).tolist() == [-1, -1, -1, -1]
