@@ -9,7 +9,8 @@ Batch contract (every dataset feeding `MoELM` yields these per block; the loader
     cluster_spans (S, 2) int64, optional (GRIP blocks): (cluster, tokens) of each document piece,
                 in order; GripCallback's accounting reads them (`grip_loop.collate`)
 The loader stacks blocks with `grip_loop.collate.collate_blocks`: `default_collate`'s batch with
-every field in one storage, so a worker sends one shared-memory buffer per batch, not one per field.
+every field in one buffer, which a worker sends through its pipe (a batch of up to 4 MB) or as one
+shared-memory storage, not one per field.
 
 Resumability: the DataModule builds a `torchdata` StatefulDataLoader, whose state (including each
 worker's dataset state when the dataset has `state_dict`/`load_state_dict`) Lightning saves in
