@@ -42,8 +42,9 @@ TOOLS = ("grip", "webdataset", "torchdata.nodes", "streaming", "litdata")
 # Not in the default run, for attributions: GRIP batched by torch's default_collate (after
 # `collate_blocks` pads the spans: one shared-memory storage per field instead of one per batch:
 # what packing buys), and GRIP
-# reduced to `input_ids` in the worker (what shipping the cluster attribution costs).
-VARIANTS = ("grip-default-collate", "grip-ids-only")
+# reduced to `input_ids` in the worker (what shipping the cluster attribution costs), and GRIP with
+# every batch sent through shared memory, as before `PipedBatch` (what the pipe buys).
+VARIANTS = ("grip-default-collate", "grip-ids-only", "grip-shm")
 
 
 class IdsOnly(IterableDataset):
@@ -163,7 +164,11 @@ def make_dataset(tool: str, root: Path, weights: np.ndarray, seq_len: int, batch
         ds = GripIterableDataset(root, budgets, seq_len=seq_len, seed=seed)
         if tool == "grip-ids-only":
             return IdsOnly(ds), {"fields": "input_ids"}
-        collate = "collate_blocks" if tool == "grip" else "collate_blocks(pack=False)"
+        collate = {
+            "grip": "collate_blocks",
+            "grip-shm": "collate_blocks(pipe_bytes=0)",
+            "grip-default-collate": "collate_blocks(pack=False)",
+        }[tool]
         return ds, {"collate_fn": collate}
     if tool == "webdataset":
         urls = [u for urls in per_cluster for u in urls]
@@ -224,7 +229,8 @@ def measure(tool, root, weights, *, seq_len, batch, workers, warmup, seconds, se
         from grip_loop.collate import collate_blocks
 
         pack = False if settings["collate_fn"].endswith("(pack=False)") else None
-        kw["collate_fn"] = functools.partial(collate_blocks, pack=pack)
+        pipe = 0 if settings["collate_fn"].endswith("(pipe_bytes=0)") else None
+        kw["collate_fn"] = functools.partial(collate_blocks, pack=pack, pipe_bytes=pipe)
     if workers:
         # fork for everyone (Linux default; litdata may switch the global default to spawn)
         kw.update(prefetch_factor=4, multiprocessing_context="fork")

@@ -59,7 +59,9 @@ def _stack(values: list, out: torch.Tensor | None = None) -> torch.Tensor:
     return torch.stack(values, out=out)
 
 
-def collate_blocks(samples: list, *, pack: bool | None = None) -> dict[str, torch.Tensor] | object:
+def collate_blocks(
+    samples: list, *, pack: bool | None = None, pipe_bytes: int | None = None
+) -> dict[str, torch.Tensor] | object:
     """`collate_fn` for GRIP blocks: `default_collate`'s batch, in a worker with every tensor in
     ONE buffer.
 
@@ -68,7 +70,8 @@ def collate_blocks(samples: list, *, pack: bool | None = None) -> dict[str, torc
     in the batch, (0, 0) rows padding the others, `cluster_ids` [B], `weights_version` [B]),
     each contiguous. In a DataLoader worker (or with `pack=True`) they are views into a single
     buffer, field after field: the hand-over of a batch to the main process, not the reading,
-    bounds a worker's throughput. In a worker a batch of at most `PIPE_BYTES` is a `PipedBatch`,
+    bounds a worker's throughput. In a worker a batch of at most `pipe_bytes` (default
+    `PIPE_BYTES`; 0: never) is a `PipedBatch`,
     which goes through the worker's pipe as bytes (no shared memory: docs/benchmarks.md section
     1); a larger one is allocated in shared memory, one storage for the batch (instead of one
     per field: 1.6-1.9x the tokens/s with 1-2 workers). In the main process (`pack=None`, no workers)
@@ -108,7 +111,8 @@ def collate_blocks(samples: list, *, pack: bool | None = None) -> dict[str, torc
         return default_collate(samples)
     sizes = {k: b * math.prod(shapes[k]) for k in first}
     total = sum(sizes.values())
-    piped = in_worker and total * dtype.itemsize <= PIPE_BYTES and not first[next(iter(first))].is_cuda
+    limit = PIPE_BYTES if pipe_bytes is None else pipe_bytes
+    piped = in_worker and total * dtype.itemsize <= limit and not first[next(iter(first))].is_cuda
     if in_worker and not piped:  # as default_collate does in a worker: allocated shared, no copy when sent
         head = first[next(iter(first))]
         buf = head.new(head._typed_storage()._new_shared(total, device=head.device))
