@@ -253,19 +253,23 @@ def take_rows(a, rows, *, chunk: int = 4096) -> np.ndarray:
             trim_maps()
         return out
     flat = out.reshape(len(rows), -1).view(np.uint8)  # (rows, row bytes)
-    # The rows in file order, grouped by the WINDOW-byte stretch of the file they fall in: one
-    # read a stretch (of its first to its last row), so dense rows cost a read a megabyte and
-    # sparse ones a read a row.
+    # The rows in file order, cut into runs: a run goes on while the next row starts at most
+    # _GAP bytes after the end of the one before, and stays within a _WINDOW-byte stretch of the
+    # file. One read a run: dense rows cost a read a megabyte, sparse ones a read a row, and no
+    # read carries more than _GAP wasted bytes a row.
     order = np.argsort(rows, kind="stable")
     srt = rows[order]
-    ends = np.flatnonzero(np.diff(srt * row_bytes // _WINDOW)) + 1
+    gap = (np.diff(srt) - 1) * row_bytes
+    ends = np.flatnonzero((gap > _GAP) | (np.diff(srt * row_bytes // _WINDOW) != 0)) + 1
     bounds = np.concatenate([[0], ends, [len(srt)]]).tolist()
+    mv, srt_l, order_l = memoryview(flat.reshape(-1)), srt.tolist(), order.tolist()
     try:
         for i, j in zip(bounds[:-1], bounds[1:], strict=True):
-            r0, r1 = int(srt[i]), int(srt[j - 1])
+            r0, r1 = srt_l[i], srt_l[j - 1]
             nb = (r1 - r0 + 1) * row_bytes
             if j - i == 1:  # straight into its place
-                dest = memoryview(flat[order[i]])
+                at = order_l[i] * row_bytes
+                dest = mv[at : at + nb]
             else:
                 span = np.empty((r1 - r0 + 1, row_bytes), np.uint8)
                 dest = memoryview(span.reshape(-1))
@@ -278,8 +282,8 @@ def take_rows(a, rows, *, chunk: int = 4096) -> np.ndarray:
     return out
 
 
-#: `take_rows` reads the rows that fall in one stretch of this many bytes of a file at once.
-_WINDOW = 1 << 20
+#: `take_rows` reads rows closer than _GAP bytes apart in one read, of at most _WINDOW bytes.
+_WINDOW, _GAP = 1 << 20, 32 << 10
 
 
 def _file_rows(a) -> tuple[str, int, int, tuple[int, int]] | None:

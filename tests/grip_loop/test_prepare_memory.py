@@ -1,6 +1,7 @@
 """What `grip prepare` holds in memory: texts read a batch at a time, token ids equal to the
 tokenizer's per document, and the allocator's freed memory handed back between stages."""
 
+import json
 import sys
 
 import numpy as np
@@ -235,9 +236,13 @@ def test_encoded_token_bytes_are_each_documents_ids(tmp_path, seed):
     the shard dtype, in the order asked, across parts; ids that do not fit the dtype raise."""
     corpus = synthetic_corpus(tmp_path / "c.jsonl", 120, seed=seed)
     prepare(_cfg(corpus, tmp_path / "o", ingest_part_docs=32, k=2, orders=["grip"]))
-    _, tokens = open_work(tmp_path / "o" / "work")
+    store, tokens = open_work(tmp_path / "o" / "work")
     n = int(tokens.starts[-1])
     ids = np.random.default_rng(seed).permutation(n)[: n // 2]
+    # the documents' index rows are read, not mapped: the same texts and records as one by one
+    lines = [json.loads(x) for x in corpus.read_text().splitlines()]
+    assert [store.text(i) for i in range(n)] == [d["text"] for d in lines[:n]]
+    assert list(store.encoded(ids)) == [(store.text(int(i)).encode(), store.meta(int(i))) for i in ids]
     for dtype in ("uint16", "uint32", "int64"):
         want = [tokens.tokens(int(i)).astype(np.dtype(dtype).newbyteorder("<")).tobytes() for i in ids]
         assert list(tokens.encoded(ids, dtype)) == want
