@@ -203,7 +203,12 @@ class LLMJudge:
                 raise JudgeFailure("timeout", f"no complete reply within {self.timeout_s} s") from None
             raise JudgeFailure("truncated", f"reply cut short after {len(exc.partial)} bytes") from None
         except (OSError, http.client.HTTPException, ValueError) as exc:  # URLError is an OSError
-            if deadline.expired:
+            # the socket's own timeout can fire before the deadline's timer does (a loaded
+            # machine, a connect that never completes): a timeout too, not a connection failure
+            timed_out = isinstance(exc, TimeoutError) or isinstance(
+                getattr(exc, "reason", None), TimeoutError
+            )
+            if deadline.expired or timed_out:
                 raise JudgeFailure("timeout", f"no complete reply within {self.timeout_s} s") from None
             raise JudgeFailure("connection", f"{type(exc).__name__}: {exc}") from None
         finally:
