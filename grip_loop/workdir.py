@@ -229,29 +229,16 @@ def take_rows(a, rows, *, chunk: int = 4096) -> np.ndarray:
     rows = np.where(rows < 0, rows + n, rows)
     first = np.asarray(a[:0])
     out = np.empty((len(rows), *first.shape[1:]), first.dtype)
+    if not len(rows):
+        return out
     where = _file_rows(a)
-    if where is None:
+    fd = _open_mapped(where[0], where[3]) if where is not None and where[2] else None
+    if fd is None:  # not a map of a file (or rows of 0 bytes), or its file was replaced: index it
         for lo in range(0, len(rows), chunk):
             out[lo : lo + chunk] = a[rows[lo : lo + chunk]]
             trim_maps()
         return out
-    path, base, row_bytes, ident = where
-    if not len(rows) or not row_bytes:
-        return out
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        fd = None
-    if fd is not None:
-        st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) != ident:  # not the file that is mapped any more: use the map
-            os.close(fd)
-            fd = None
-    if fd is None:
-        for lo in range(0, len(rows), chunk):
-            out[lo : lo + chunk] = a[rows[lo : lo + chunk]]
-            trim_maps()
-        return out
+    path, base, row_bytes, _ = where
     flat = out.reshape(len(rows), -1).view(np.uint8)  # (rows, row bytes)
     # The rows in file order, cut into runs: a run goes on while the next row starts at most
     # _GAP bytes after the end of the one before, and stays within a _WINDOW-byte stretch of the
@@ -284,6 +271,20 @@ def take_rows(a, rows, *, chunk: int = 4096) -> np.ndarray:
 
 #: `take_rows` reads rows closer than _GAP bytes apart in one read, of at most _WINDOW bytes.
 _WINDOW, _GAP = 1 << 20, 32 << 10
+
+
+def _open_mapped(path: str, ident: tuple[int, int]) -> int | None:
+    """A descriptor of `path` if it is still the file with (st_dev, st_ino) `ident`, else None
+    (a scratch file of the same name may have replaced the mapped one)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != ident:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _file_rows(a) -> tuple[str, int, int, tuple[int, int]] | None:
