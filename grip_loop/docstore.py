@@ -292,6 +292,19 @@ class TokenStore:
         self.starts = np.asarray(starts, np.int64)
         self._ids: dict[int, np.ndarray] = {}
         self._off: dict[int, np.ndarray] = {}
+        self._fds: dict[int, tuple[int, int, np.dtype]] = {}  # part -> (descriptor, data offset, dtype)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_ids": {}, "_off": {}, "_fds": {}}
+
+    def _ids_file(self, p: int) -> tuple[int, int, np.dtype]:
+        """(descriptor, data offset, dtype) of part p's ids, opened once and kept until close()."""
+        f = self._fds.get(p)
+        if f is None:
+            m = self._part(p)[0]
+            fd = os.open(m.filename, os.O_RDONLY)
+            f = self._fds[p] = (fd, int(m.offset), m.dtype)
+        return f
 
     def _part(self, p: int) -> tuple[np.ndarray, np.ndarray]:
         if p not in self._ids:
@@ -320,31 +333,24 @@ class TokenStore:
             j = ids[sel] - self.starts[p]
             both = workdir.take_rows(off, np.stack([j, j + 1], axis=1).reshape(-1)).reshape(-1, 2)
             lo[sel], hi[sel] = both[:, 0], both[:, 1]
-        files: dict[int, tuple[int, int, np.dtype]] = {}  # part -> (descriptor, data offset, dtype)
-        try:
-            for p, a, b in zip(parts.tolist(), lo.tolist(), hi.tolist(), strict=True):
-                f = files.get(p)
-                if f is None:
-                    m = self._part(p)[0]
-                    fd = os.open(m.filename, os.O_RDONLY)
-                    f = files[p] = (fd, int(m.offset), m.dtype)
-                fd, base, have = f
-                size = have.itemsize
-                raw = os.pread(fd, (b - a) * size, base + a * size) if b > a else b""
-                if len(raw) != (b - a) * size:
-                    raise OSError(errno.EIO, f"{self.folder / self.names[p]}.ids.npy: short read")
-                if have == want:
-                    yield raw
-                    continue
-                chunk = np.frombuffer(raw, have)
-                if chunk.size and int(chunk.max()) > np.iinfo(want).max:
-                    raise ValueError(f"tokens: ids out of range for {want.name} (document {ids[0]}...)")
-                yield chunk.astype(want).tobytes()
-        finally:
-            for fd, _, _ in files.values():
-                os.close(fd)
+        for p, a, b in zip(parts.tolist(), lo.tolist(), hi.tolist(), strict=True):
+            fd, base, have = self._ids_file(p)
+            size = have.itemsize
+            raw = os.pread(fd, (b - a) * size, base + a * size) if b > a else b""
+            if len(raw) != (b - a) * size:
+                raise OSError(errno.EIO, f"{self.folder / self.names[p]}.ids.npy: short read")
+            if have == want:
+                yield raw
+                continue
+            chunk = np.frombuffer(raw, have)
+            if chunk.size and int(chunk.max()) > np.iinfo(want).max:
+                raise ValueError(f"tokens: ids out of range for {want.name} (document {ids[0]}...)")
+            yield chunk.astype(want).tobytes()
 
     def close(self) -> None:
+        for fd, _, _ in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
         self._ids.clear()
         self._off.clear()
 

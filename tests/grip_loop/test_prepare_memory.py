@@ -2,6 +2,8 @@
 tokenizer's per document, and the allocator's freed memory handed back between stages."""
 
 import json
+import os
+import pickle
 import sys
 
 import numpy as np
@@ -250,6 +252,20 @@ def test_encoded_token_bytes_are_each_documents_ids(tmp_path, seed):
     big = next(int(i) for i in range(n) if tokens.tokens(i).size and tokens.tokens(i).max() > 255)
     with pytest.raises(ValueError, match="out of range"):
         list(tokens.encoded([big], "uint8"))
+    # one descriptor per part, kept across calls (a write unit calls once per shard), closed by close()
+    fds = {p: f[0] for p, f in tokens._fds.items()}
+    assert len(fds) == len(tokens.names) > 1
+    list(tokens.encoded(ids, "uint32"))
+    assert {p: f[0] for p, f in tokens._fds.items()} == fds
+    copy = pickle.loads(pickle.dumps(tokens))  # without descriptors or maps: it opens its own
+    assert copy._fds == {} and list(copy.encoded(ids, "uint32")) == list(tokens.encoded(ids, "uint32"))
+    copy.close()
+    tokens.close()
+    store.close()
+    assert tokens._fds == {}
+    for fd in fds.values():
+        with pytest.raises(OSError):
+            os.fstat(fd)
 
 
 @linux_only
