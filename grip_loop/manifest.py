@@ -18,6 +18,8 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from grip_loop.workdir import file_sha256
+
 SCHEMA_VERSION = 2  # 2: shards carry a memory-mappable index `<shard>.idx.npy` (grip_loop.shards)
 _EPS = 1e-9  # rounding slack on [0, 1] and [0, 10] scores
 MANIFEST_NAME = "manifest.json"
@@ -350,12 +352,6 @@ def _check_schema(d: dict, path: Path, fix: str) -> None:
 
 def _is_hex64(s: str) -> bool:
     return len(s) == 64 and all(c in "0123456789abcdef" for c in s)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file, streamed (about 1-2 GB/s)."""
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def check_shard_sha256(root: str | os.PathLike, shard: ShardInfo) -> None:

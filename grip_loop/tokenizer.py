@@ -12,12 +12,13 @@ Cost: training reads every document once more; on a huge corpus pass a tokenizer
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from grip_loop.workdir import file_sha256  # noqa: F401 (callers use tk.file_sha256)
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -89,7 +90,3 @@ def encode(tok, texts: Sequence[str], batch_size: int = 1024) -> list[np.ndarray
         enc = tok.encode_batch(list(texts[i : i + batch_size]), add_special_tokens=False)
         out.extend(np.asarray(e.ids, dtype=np.uint32) for e in enc)
     return out
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

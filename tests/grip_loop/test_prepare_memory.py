@@ -283,3 +283,18 @@ def test_take_rows_never_reads_a_file_that_replaced_the_mapped_one(tmp_path):
     rows = np.array([3, 50, 99, 4])
     assert workdir.take_rows(old, rows).tolist() == [3, 50, 99, 4]
     assert workdir.take_rows(new, rows).tolist() == [-1, -1, -1, -1]
+
+
+@pytest.mark.parametrize("size", [0, 1, (1 << 20) + 7])
+def test_file_sha256_is_one_function_and_hashes_the_bytes(tmp_path, size):
+    """The project records one hash of a file (work units, shards, the tokenizer): manifest and
+    tokenizer use workdir's, and it is sha256 of the file's bytes, streamed."""
+    import hashlib
+
+    from grip_loop import manifest
+
+    path = tmp_path / "f.bin"
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    path.write_bytes(data)
+    assert manifest.file_sha256 is tk.file_sha256 is workdir.file_sha256
+    assert workdir.file_sha256(path) == hashlib.sha256(data).hexdigest()
