@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,11 +15,15 @@ from grip_loop.idset import SeenIds, id_hash
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 @pytest.mark.parametrize("buffer", [1, 3, 64])
 @pytest.mark.parametrize("spill", [False, True])
-def test_add_and_contains_match_a_python_set(tmp_path, seed, buffer, spill):
+def test_add_and_contains_match_a_python_set(tmp_path, seed, buffer, spill, monkeypatch):
+    import grip_loop.idset as idset
+
+    monkeypatch.setattr(idset, "STEP", 8)  # many fence pages (the real one is 512 hashes)
     rng = np.random.default_rng(seed)
     # few distinct strings, so repeats hit both the recent set and the merged sorted array
     words = [f"doc-{i}" for i in rng.integers(0, 300, 2000)] + ["", "é/ü", "\udcff"]
-    seen, ref = SeenIds(tmp_path / "spill" if spill else None, buffer=buffer), set()
+    # block 7: a merge reads the old file in many blocks
+    seen, ref = SeenIds(tmp_path / "spill" if spill else None, buffer=buffer, block=7), set()
     for w in words:
         assert seen.add(w) == (w not in ref)
         ref.add(w)
@@ -26,7 +31,9 @@ def test_add_and_contains_match_a_python_set(tmp_path, seed, buffer, spill):
     assert len(seen) == len(ref)
     for i in range(300, 400):  # never added
         assert f"doc-{i}" not in seen
-    assert np.all(np.diff(seen._sorted.astype(np.uint64)) > 0)  # sorted, no repeats
+    merged = seen.sorted_hashes()
+    assert np.all(np.diff(merged) > 0)  # sorted, no repeats
+    assert set(merged.tolist()) | seen._recent == {id_hash(w) for w in ref}
     seen.close()
     assert not list((tmp_path / "spill").glob("*")) if spill else True
 
@@ -37,7 +44,7 @@ def test_spill_keeps_one_file_and_close_removes_it(tmp_path):
     for i in range(50):
         seen.add(str(i))
     files = list(spill.glob("*"))
-    assert len(files) == 1 and files[0].suffix == ".bin" and isinstance(seen._sorted, np.memmap)
+    assert len(files) == 1 and files[0].suffix == ".bin"
     assert np.array_equal(
         np.fromfile(files[0], np.uint64), np.sort(np.array([id_hash(str(i)) for i in range(48)], np.uint64))
     )
@@ -80,3 +87,26 @@ def test_reader_ids_with_many_repeats_are_unique_and_as_before(tmp_path, scratch
     assert ids == want and len(set(ids)) == len(ids)
     assert reader.stats.duplicate_ids == sum(a != r["id"] for a, r in zip(ids, rows, strict=True))
     assert not list((tmp_path / "work").glob("*")) if scratch else True
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
+def test_the_spill_file_is_never_mapped(tmp_path, monkeypatch):
+    """Merges and lookups read and write the spill file with positioned reads: a map would keep
+    every page they touched resident (whole folios: 160 MB at 10^7 ids, docs/benchmarks.md 7g)."""
+    import grip_loop.idset as idset
+
+    mapped = []
+    real = idset.SeenIds._has
+
+    def has(self, h):
+        maps = Path("/proc/self/maps").read_text()
+        mapped.append(str(self._scratch.folder) in maps)
+        return real(self, h)
+
+    monkeypatch.setattr(idset.SeenIds, "_has", has)
+    seen = SeenIds(tmp_path / "spill", buffer=16, block=5)
+    for i in range(200):
+        seen.add(f"id-{i}")
+    assert seen._fd is not None and len(seen.sorted_hashes()) == 192 and not any(mapped)
+    assert all(f"id-{i}" in seen for i in range(200)) and "id-200" not in seen
+    seen.close()

