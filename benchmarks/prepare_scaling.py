@@ -229,7 +229,8 @@ def end_to_end(n: int, nproc: int, scratch: Path, docs_per_cluster: int = 1000) 
             ends.append((time.monotonic(), line.split()[2]))
             print(  # a long run's progress, on the benchmark's stderr
                 f"  N={n} nproc={nproc}: {ends[-1][1]} done at {time.perf_counter() - t0:.0f} s, "
-                f"largest RssAnon so far {anon.peak_kib / 1024:.0f} MB",
+                f"largest RssAnon so far {anon.peak_kib / 1024:.0f} MB, "
+                f"VmRSS {anon.peak_rss_kib / 1024:.0f} MB",
                 file=sys.stderr,
                 flush=True,
             )
