@@ -363,7 +363,9 @@ def _create_npy(path: Path, shape: tuple[int, ...], dtype) -> None:
 
 def _unit_rows(emb: np.ndarray, lo: int, hi: int) -> bool:
     rows = np.asarray(emb[lo:hi], np.float64)
-    return bool(np.all(np.abs(np.einsum("ij,ij->i", rows, rows) - 1.0) < 1e-4))
+    ok = bool(np.all(np.abs(np.einsum("ij,ij->i", rows, rows) - 1.0) < 1e-4))
+    workdir.trim_maps()  # a resume checks every block: the whole file would stay mapped
+    return ok
 
 
 def _resumable(

@@ -298,3 +298,39 @@ def test_file_sha256_is_one_function_and_hashes_the_bytes(tmp_path, size):
     path.write_bytes(data)
     assert manifest.file_sha256 is tk.file_sha256 is workdir.file_sha256
     assert workdir.file_sha256(path) == hashlib.sha256(data).hexdigest()
+
+
+@linux_only
+def test_a_resumed_embed_stage_checks_its_blocks_without_mapping_the_file(tmp_path, monkeypatch):
+    """A resume reads every finished block of the embeddings to check its rows are unit vectors:
+    inside `bounded_maps` the file does not stay mapped (a 10^7 resume mapped all 2.5 GB)."""
+    import grip_loop.embed as embed
+
+    n, dim, block = 96 << 12, 64, 4096  # 96 MB of float32 rows
+    path = tmp_path / "embeddings.npy"
+    a = np.lib.format.open_memmap(path, "w+", np.float32, (n, dim))
+    for lo in range(0, n, 1 << 16):
+        a[lo : lo + (1 << 16)] = 1.0 / 8.0  # unit rows (64 x 1/64)
+    a.flush()
+    del a
+    n_blocks = n // block
+    np.save(tmp_path / "done.npy", np.ones(n_blocks, np.uint8))
+    (tmp_path / "meta.json").write_text(json.dumps({"key": "k", "dim": dim}))
+    grew, real = [], embed._unit_rows
+
+    def unit_rows(emb, lo, hi):
+        ok = real(emb, lo, hi)
+        grew.append(_status_kib("RssFile") - base)
+        return ok
+
+    monkeypatch.setattr(embed, "_unit_rows", unit_rows)
+    args = (path, tmp_path / "done.npy", tmp_path / "meta.json", "k", n, n_blocks, block)
+    base = _status_kib("RssFile")
+    with workdir.bounded_maps(16 << 20):
+        done, why = embed._resumable(*args)
+    assert why is None and done.all() and len(grew) == n_blocks
+    assert max(grew) <= (16 + 1 + 4) * 1024, max(grew)  # budget + a block + slack, KiB
+    grew.clear()
+    base = _status_kib("RssFile")
+    embed._resumable(*args)  # the control: outside a bound, the whole file stays mapped
+    assert max(grew) >= 80 * 1024, max(grew)
