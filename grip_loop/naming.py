@@ -114,7 +114,7 @@ class CodedValues(Sequence):
 
     def counts(self, rows: np.ndarray) -> Counter:
         """Counter(self[i] for i in rows), with its keys in the same (first-seen) order."""
-        codes = np.asarray(self.codes[np.asarray(rows, np.int64)], np.int64)
+        codes = np.asarray(workdir.take_rows(self.codes, np.asarray(rows, np.int64)), np.int64)
         present, first, n = np.unique(codes, return_index=True, return_counts=True)
         counts: Counter = Counter()
         for j in np.argsort(first, kind="stable"):
@@ -186,7 +186,8 @@ def describe_clusters(
     with tempfile.TemporaryFile(dir=spill_dir) as spill:
         for c, m in enumerate(members):
             if gis is not None:
-                r = m[np.lexsort((m, -np.asarray(gis[m], np.float64)))]  # GIS descending, ties by index
+                # GIS descending, ties by index; read, not mapped (a cluster's members are all over N)
+                r = m[np.lexsort((m, -np.asarray(workdir.take_rows(gis, m), np.float64)))]
                 influential.append([int(i) for i in r[:n_influential]])
                 # the cluster's core: its more influential half (at least 10, at most `sample`)
                 pick = np.sort(r[: min(sample, max(10, -(-len(r) // 2)))])
@@ -222,11 +223,12 @@ def describe_clusters(
             else:
                 languages.append(_language([langs[i] for i in m])[1])
             if len(pick):
-                lang = _language([langs[i] for i in pick])[0] if gis is not None else _majority(langs, pick)
+                lang = _language(_counts(langs, pick))[0] if gis is not None else _majority(langs, pick)
                 prefix, n_prefix = Counter(_prefix(paths[i]) for i in pick).most_common(1)[0]
                 named_by.append((lang, prefix, n_prefix))
             else:
                 named_by.append(None)
+            workdir.trim_maps()  # the members' slices of the scratch maps read so far
         words = list(vocab)  # id -> word
         del vocab
         n_all = max(1, int(n_named.sum()))
@@ -246,6 +248,7 @@ def describe_clusters(
     names, terms = [], []
     for c in range(k):
         terms.append(top_terms(c, n_terms) if n_named[c] else [])
+        workdir.trim_maps()  # the pairs' map, read cluster after cluster
         if named_by[c] is None:
             names.append(f"empty#{c}")
             continue
@@ -280,6 +283,12 @@ def _read_pairs(fh, n: int) -> np.ndarray:
     return np.memmap(fh, np.int32, "r", shape=(n, 2))
 
 
+def _counts(langs: Sequence[str], rows) -> Counter:
+    """Counter(langs[i] for i in rows), keys in first-seen order; one read of the codes for
+    `CodedValues` (a lookup per document would map the page-cache folio around each)."""
+    return langs.counts(rows) if isinstance(langs, CodedValues) else Counter(langs[i] for i in rows)
+
+
 def _majority(langs: Sequence[str], pick) -> str:
-    lang, n_lang = Counter(langs[i] for i in pick).most_common(1)[0]
+    lang, n_lang = _counts(langs, pick).most_common(1)[0]
     return lang if n_lang >= len(pick) / 2 else "mixed"

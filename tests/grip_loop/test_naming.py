@@ -127,7 +127,7 @@ def test_top_terms_equal_a_counter_of_words_per_cluster(seed, tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_languages_from_codes_equal_languages_from_strings(seed):
+def test_languages_from_codes_equal_languages_from_strings(seed, tmp_path):
     """prepare hands describe_clusters ingest's language codes (a bincount per cluster, no
     metadata read per document): the shares, their order (ties: first seen first) and the
     names are those of the list of language strings."""
@@ -149,3 +149,14 @@ def test_languages_from_codes_equal_languages_from_strings(seed):
         got = describe_clusters(labels, k, CodedValues(codes, values), paths, texts, gis=g, seed=seed)
         assert got == want
         assert [list(d["languages"]) for d in got] == [list(d["languages"]) for d in want]
+    # codes and GIS as memory-mapped files (what prepare passes: scratch maps, read by `take_rows`)
+    mapped = []
+    for name, a in (("codes", codes), ("gis", gis)):
+        m = np.lib.format.open_memmap(tmp_path / f"{name}.npy", "w+", a.dtype, a.shape)
+        m[:] = a
+        m.flush()
+        mapped.append(np.load(tmp_path / f"{name}.npy", mmap_mode="r"))
+    for g in (None, mapped[1]):
+        want = describe_clusters(labels, k, strings, paths, texts, gis=None if g is None else gis, seed=seed)
+        got = describe_clusters(labels, k, CodedValues(mapped[0], values), paths, texts, gis=g, seed=seed)
+        assert got == want
