@@ -121,7 +121,7 @@ class SeenIds:
                 old = self._read(lo, hi)
                 k = len(new) if hi == self._n else int(new.searchsorted(old[-1], side="right"))
                 out = _merge_sorted(old, new[j:k])
-                fence.append(out[(-at) % STEP :: STEP])
+                fence.append(out[(-at) % STEP :: STEP].copy())  # a view would keep every block alive
                 _pwrite_all(fd, out, at * 8, path)
                 at, lo, j = at + len(out), hi, k
                 if hi == self._n:

@@ -110,3 +110,26 @@ def test_the_spill_file_is_never_mapped(tmp_path, monkeypatch):
     assert seen._fd is not None and len(seen.sorted_hashes()) == 192 and not any(mapped)
     assert all(f"id-{i}" in seen for i in range(200)) and "id-200" not in seen
     seen.close()
+
+
+def test_a_spilled_merge_holds_a_block_not_the_array(tmp_path):
+    """A merge streams the old file a block at a time: its private memory is a few blocks, not
+    the merged array (the fence once kept a view of every block written: 80 MB at 10^7 ids)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    hashes = np.unique(rng.integers(1, 2**63, 2_000_050, dtype=np.uint64))
+    new, first = hashes[:50], hashes[50:]  # 16 MB on file, then 50 more merged in
+    seen = SeenIds(tmp_path / "spill", block=1 << 15)  # 256 KB blocks
+    seen._merge_file(first)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        seen._merge_file(new)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * (1 << 15) * 8 + (1 << 20), peak  # a few blocks and the fence (~31 KB)
+    assert np.array_equal(seen.sorted_hashes(), hashes)
+    assert all(seen._has(int(h)) for h in hashes[::997]) and not seen._has(0)
+    seen.close()
