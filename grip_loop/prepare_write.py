@@ -139,9 +139,12 @@ def plan(
             f_docs.write(members.tobytes())
             f_clusters.write(np.broadcast_to(cluster, len(members)).astype(np.int64).tobytes())
             hi, first_unit = lo + len(members), len(rows) // len(UNIT_COLUMNS)
+            # the stream's bounds, read, not mapped: its documents are all over N, and a gather
+            # through the maps would map the page-cache folio around each (docs/benchmarks.md 7h)
+            low = workdir.take_rows(lower, members)
             pieces = (
                 range(lo, hi, max_docs)
-                if _cut(upper[members], max_docs, MAX_SHARD_BYTES)
+                if _cut(workdir.take_rows(upper, members), max_docs, MAX_SHARD_BYTES)
                 else [lo]
                 if hi > lo
                 else []
@@ -150,7 +153,7 @@ def plan(
                 whole = len(pieces) == 1
                 end = hi if whole else min(p + max_docs, hi)
                 first = (p - lo) // max_docs if not whole else 0
-                cost = int(lower[members[p - lo : end - lo]].sum())
+                cost = int(low[p - lo : end - lo].sum())
                 rows.extend((len(table), first, int(whole), p, end, cost))
             table.append(
                 {
