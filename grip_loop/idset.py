@@ -73,11 +73,7 @@ class SeenIds:
         if j < 0:
             return False
         lo = j * STEP
-        size = (min(lo + STEP, self._n) - lo) * 8
-        raw = os.pread(self._fd, size, lo * 8)
-        if len(raw) != size:
-            raise OSError(errno.EIO, f"{self._scratch.folder}: the ids seen so far were cut short")
-        page = memoryview(raw).cast("Q")  # native byte order, as written
+        page = memoryview(self._pread(lo, min(lo + STEP, self._n))).cast("Q")  # native order, as written
         i = bisect.bisect_left(page, h)
         return i < len(page) and page[i] == h
 
@@ -139,10 +135,14 @@ class SeenIds:
         """Hashes lo..hi-1 of the spill file."""
         if hi <= lo:
             return np.zeros(0, np.uint64)
+        return np.frombuffer(self._pread(lo, hi), np.uint64)
+
+    def _pread(self, lo: int, hi: int) -> bytes:
+        """The bytes of hashes lo..hi-1 of the spill file; a short read is an error, not a miss."""
         raw = os.pread(self._fd, (hi - lo) * 8, lo * 8)
         if len(raw) != (hi - lo) * 8:
             raise OSError(errno.EIO, f"{self._scratch.folder}: the ids seen so far were cut short")
-        return np.frombuffer(raw, np.uint64)
+        return raw
 
     def _spill_name(self, turn: int) -> str:
         return f"seen-ids.{os.getpid()}.{turn % 2}.bin"  # two files, alternating

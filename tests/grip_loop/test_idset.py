@@ -52,6 +52,25 @@ def test_spill_keeps_one_file_and_close_removes_it(tmp_path):
     assert not spill.exists()
 
 
+def test_a_spill_file_cut_short_is_an_error_not_a_miss(tmp_path):
+    """A truncated spill file (a full disk, another process) must not make seen ids look new."""
+    spill = tmp_path / "spill"
+    seen = SeenIds(spill, buffer=4)
+    for i in range(50):
+        seen.add(str(i))
+    (f,) = spill.glob("*.bin")
+    size = f.stat().st_size
+    with open(f, "r+b") as fh:
+        fh.truncate(size // 2)
+    with pytest.raises(OSError, match="cut short") as err:
+        [str(i) in seen for i in range(48)]  # some lookup lands past the cut
+    assert str(spill) in str(err.value)
+    with pytest.raises(OSError, match="cut short"):
+        for i in range(50, 60):  # the next merge reads the old file whole
+            seen.add(str(i))
+    seen.close()
+
+
 def test_a_hash_collision_renames_but_ids_stay_unique(tmp_path, monkeypatch):
     import grip_loop.idset as idset
 
