@@ -249,3 +249,47 @@ def test_ingest_spills_the_seen_ids_to_scratch_and_removes_them(tmp_path, monkey
             json.loads((tmp_path / run / "work" / "ingest.json").read_text())["read_stats"]["duplicate_ids"]
             == 1
         )
+
+
+def test_no_stage_gathers_scattered_rows_through_a_file_map(tmp_path, monkeypatch):
+    """Every gather of rows spread over a memory-mapped file goes through `workdir.take_rows`
+    (positioned reads), never through the map: one such gather maps the page-cache folio around
+    each row, most of the file at 10^7 documents, and only a 10^7-document run showed each one
+    (docs/benchmarks.md 7h: the naming's `gis[m]`, the write plan's `upper[members]`). Here every
+    integer or boolean index of an `np.memmap` of a file during a whole `grip prepare` is
+    checked: one whose rows span more than half of the file fails the test, naming the site.
+    Gathers inside a contiguous slice (one cluster's members) stay allowed."""
+    import traceback
+
+    found: list[str] = []
+    real = np.memmap.__getitem__
+
+    def spread(a, index) -> float:  # the fraction of a's file the index's rows span
+        i = index[0] if isinstance(index, tuple) and index else index
+        if isinstance(i, list):
+            i = np.asarray(i)
+        if not isinstance(i, np.ndarray) or i.ndim != 1 or not i.size or a.filename is None:
+            return 0.0
+        rows = np.flatnonzero(i) if i.dtype == bool else np.where(i < 0, i + len(a), i)
+        if not len(rows):
+            return 0.0
+        row_bytes = a.itemsize * int(np.prod(a.shape[1:]))
+        return (int(rows.max()) - int(rows.min()) + 1) * row_bytes / max(1, os.path.getsize(a.filename))
+
+    def getitem(self, index):
+        if spread(self, index) > 0.5:
+            site = traceback.extract_stack(limit=2)[0]  # the line that indexed
+            found.append(
+                f"{Path(site.filename).name}:{site.lineno} ({site.name}): {Path(self.filename).name}"
+            )
+        return real(self, index)
+
+    monkeypatch.setattr(np.memmap, "__getitem__", getitem)
+    probe = np.memmap(tmp_path / "probe.bin", np.int64, "w+", shape=(4096,))
+    probe[np.array([0, 4095])]  # the check itself: a scattered gather is seen
+    assert len(found) == 1 and "probe.bin" in found.pop()
+    probe[np.arange(10, 20)]  # a contiguous run of rows is not
+    assert not found
+    corpus = synthetic_corpus(tmp_path / "c.jsonl", 1500)
+    prepare(_cfg(corpus, tmp_path / "out", k=6, knn_approx_above=40))
+    assert not found, "gathers through a file map (use workdir.take_rows):\n" + "\n".join(sorted(set(found)))
