@@ -218,10 +218,8 @@ def describe_clusters(
             del df, pairs
             if not len(m):
                 languages.append({})
-            elif isinstance(langs, CodedValues):
-                languages.append(_language(langs.counts(m))[1])
             else:
-                languages.append(_language([langs[i] for i in m])[1])
+                languages.append(_language(_counts(langs, m))[1])
             if len(pick):
                 lang = _language(_counts(langs, pick))[0] if gis is not None else _majority(langs, pick)
                 prefix, n_prefix = Counter(_prefix(paths[i]) for i in pick).most_common(1)[0]
